@@ -1,0 +1,150 @@
+"""A bundle: one folder per trained model, loadable offline from a local path.
+
+BUNDLE/
+  bundle.json          resolution, schedule, split, data fingerprint, training, metrics, defaults
+  dpm/                 Stage I UNet2DModel (EMA weights), diffusers save_pretrained, safetensors
+  segmenter/           Stage II NoisySegmenter, save_pretrained, safetensors
+  filter/              Stage IV FilterSegmenter (MONAI UNet), config.json + model.safetensors
+  .checkpoints/        training state for exact resumption (not needed to sample)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel
+
+from models import __version__
+from models.filtering import DEFAULT_ETA
+from models.networks import FilterSegmenter, NoisySegmenter
+from models.sampling import SamplingParams
+from models.schedule import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
+
+BUNDLE_FORMAT = 1
+META_FILE = "bundle.json"
+STAGES = {"dpm": "train-dpm", "segmenter": "train-segmenter", "filter": "train-filter"}
+
+# Nothing is ever fetched from a model hub: weights come from local folders only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class BundleError(ValueError):
+    """A bundle folder is missing, incomplete or unreadable; the message says which part."""
+
+
+def new_meta(resolution: int) -> dict[str, Any]:
+    return {
+        "format": BUNDLE_FORMAT,
+        "package_version": __version__,
+        "resolution": resolution,
+        "schedule": {
+            "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+            "beta_schedule": "linear",
+            "beta_start": BETA_START,
+            "beta_end": BETA_END,
+            "prediction_type": "epsilon",
+        },
+        "training": {},
+        "metrics": {},
+        "sampling_defaults": SamplingParams().to_dict(),
+        "eta_default": DEFAULT_ETA,
+    }
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise BundleError(f"{path}: not a bundle (no {META_FILE}); create one with `diffuseexpand train`")
+    try:
+        meta: dict[str, Any] = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{meta_file}: unreadable JSON ({exc})") from exc
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{meta_file}: bundle format {meta.get('format')} is not supported (need {BUNDLE_FORMAT})"
+        )
+    return meta
+
+
+def write_meta(path: str | Path, meta: dict[str, Any]) -> None:
+    """Write bundle.json atomically, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path / META_FILE)
+
+
+def missing_stages(path: str | Path) -> list[str]:
+    path = Path(path)
+    return [s for s in STAGES if not (path / s).is_dir()]
+
+
+@dataclass
+class Bundle:
+    """The trained networks of one bundle, in eval mode on one device."""
+
+    path: Path
+    meta: dict[str, Any]
+    dpm: UNet2DModel
+    segmenter: NoisySegmenter
+    filter: FilterSegmenter
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def resolution(self) -> int:
+        return int(self.meta["resolution"])
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def default_params(self) -> SamplingParams:
+        d = dict(self.meta.get("sampling_defaults", {}))
+        known = set(SamplingParams.__dataclass_fields__)
+        return SamplingParams(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def default_eta(self) -> float:
+        return float(self.meta.get("eta_default", DEFAULT_ETA))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+        path = Path(path)
+        meta = read_meta(path)
+        missing = missing_stages(path)
+        if missing:
+            hints = ", ".join(f"{m} (run `diffuseexpand {STAGES[m]}`)" for m in missing)
+            raise BundleError(f"{path}: incomplete bundle, missing {hints}")
+        dev = torch.device(device)
+        try:
+            dpm = UNet2DModel.from_pretrained(path / "dpm", local_files_only=True, low_cpu_mem_usage=False)
+            segmenter = NoisySegmenter.from_pretrained(
+                path / "segmenter", local_files_only=True, low_cpu_mem_usage=False
+            )
+            filt = FilterSegmenter.from_pretrained(path / "filter")
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise BundleError(f"{path}: cannot load the networks ({exc})") from exc
+        for net in (dpm, segmenter, filt):
+            net.to(dev).eval()
+            net.requires_grad_(False)  # guidance needs input gradients only
+        return cls(path=path, meta=meta, dpm=dpm, segmenter=segmenter, filter=filt, device=dev)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/"auto" picks CUDA when present; anything else must be a valid torch device."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid device {device!r} ({exc})") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return dev

@@ -1,0 +1,406 @@
+"""The ``diffuseexpand`` command line: train a bundle, expand a dataset, inspect a bundle."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from PIL import Image
+from tqdm import tqdm
+
+from models.bundle import Bundle, BundleError, new_meta, read_meta, resolve_device, write_meta
+from models.data import DatasetError, PairDataset, Split, find_pairs, load_folder, make_split
+from models.expand import Cancelled, expand
+from models.guidance import GuidanceMode
+from models.training import TrainConfig, train_dpm, train_filter, train_segmenter
+
+app = typer.Typer(
+    name="diffuseexpand",
+    help="Expand a small 2D image/mask segmentation dataset with diffusion models (DiffuseExpand).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str) -> typer.Exit:
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad data, bundles or values end the command with their message and exit code 2."""
+    try:
+        yield
+    except (DatasetError, BundleError, ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
+
+
+def _positive(name: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value is not None and value <= 0:
+            raise typer.BadParameter(f"must be > 0, got {value}", param_hint=name)
+        return value
+
+    return check
+
+
+def _progress(desc: str, total: int) -> tuple[tqdm, Callable[[int, int, float], None]]:
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(step: int, steps: int, loss: float) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.update(0)
+
+    return bar, update
+
+
+def _prepare_bundle(
+    data_dir: Path, out: Path, resolution: int | None, seed: int, test_fraction: float
+) -> tuple[PairDataset, PairDataset, dict[str, Any]]:
+    """Create the bundle's bundle.json and split on first use; later stages must use the same data."""
+    pairs = find_pairs(data_dir)
+    if (out / "bundle.json").exists():
+        meta = read_meta(out)
+        if resolution is not None and resolution != meta["resolution"]:
+            raise ValueError(
+                f"--resolution {resolution} differs from the bundle's {meta['resolution']}; use a new --out folder"
+            )
+        split = Split.from_dict(meta["split"])
+    else:
+        if resolution is None:
+            resolution = 64
+        meta = new_meta(resolution)
+        split = make_split([p[0] for p in pairs], test_fraction=test_fraction, seed=seed)
+        meta["split"] = split.to_dict()
+    data = load_folder(data_dir, int(meta["resolution"]))
+    if "data" in meta and meta["data"]["fingerprint"] != data.fingerprint:
+        raise ValueError(
+            f"{data_dir} is not the data this bundle was trained on (fingerprint differs); use a new --out folder"
+        )
+    meta["data"] = {
+        "folder": str(data_dir),
+        "fingerprint": data.fingerprint,
+        "pairs": len(data),
+        "licence_files": [],
+    }
+    write_meta(out, meta)
+    # Keep the data's provenance and licence notes beside the weights trained on it.
+    for note in ("SOURCE.md", "pairs.csv", "LICENSE", "LICENSE.md"):
+        if (data_dir / note).is_file():
+            shutil.copyfile(data_dir / note, out / f"data-{note}")
+            meta["data"]["licence_files"].append(f"data-{note}")
+    write_meta(out, meta)
+    return data.subset(split.train), data.subset(split.test), meta
+
+
+DataArg = Annotated[Path, typer.Argument(help="Dataset folder with images/NAME.ext and masks/NAME.ext.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to create or continue.")]
+ResOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Square training resolution in pixels (default 64).", callback=_positive("--resolution")
+    ),
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the split and of every training draw.")]
+BatchOpt = Annotated[int, typer.Option(help="Training batch size.", callback=_positive("--batch-size"))]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+TestFracOpt = Annotated[
+    float, typer.Option(help="Share of pairs held out for testing (saved in the bundle).")
+]
+
+
+def _device(device: str) -> Any:
+    try:
+        return resolve_device(device)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from None
+
+
+def _run_dpm(train: PairDataset, out: Path, steps: int, batch: int, seed: int, lr: float, cf: float,
+             pretrained: Path | None, dev: Any) -> None:  # fmt: skip
+    bar, cb = _progress("Stage I  DPM      ", steps)
+    with bar:
+        s = train_dpm(train, out, TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed),
+                      cf_dropout=cf, pretrained=pretrained, device=dev, callback=cb)  # fmt: skip
+    if s["reinitialised_from_pretrained"]:
+        typer.echo(
+            f"re-initialised from scratch (shape differs): {', '.join(s['reinitialised_from_pretrained'])}"
+        )
+
+
+def _run_segmenter(train: PairDataset, out: Path, steps: int, batch: int, seed: int, dev: Any) -> None:
+    bar, cb = _progress("Stage II segmenter", steps)
+    with bar:
+        train_segmenter(
+            train,
+            out,
+            TrainConfig(steps=steps, batch_size=batch, lr=5e-4, seed=seed),
+            device=dev,
+            callback=cb,
+        )
+
+
+def _run_filter(
+    train: PairDataset, test: PairDataset, out: Path, steps: int, batch: int, seed: int, dev: Any
+) -> None:
+    bar, cb = _progress("Stage IV filter   ", steps)
+    with bar:
+        s = train_filter(train, out, TrainConfig(steps=steps, batch_size=batch, lr=1e-3, seed=seed),
+                         test_data=test, device=dev, callback=cb)  # fmt: skip
+    if "test" in s:
+        t = s["test"]
+        typer.echo(
+            f"filter held-out Dice {t['dice_mean']:.4f} ± {t['dice_std']:.4f} on {t['n']} test pairs; "
+            f"real pairs passing eta={t['eta']}: {t['real_pass_rate']:.1%}"
+        )
+
+
+@app.command()
+def train(
+    data: DataArg,
+    out: OutOpt,
+    resolution: ResOpt = None,
+    train_steps: Annotated[
+        int, typer.Option(help="Stage I DPM steps.", callback=_positive("--train-steps"))
+    ] = 2400,
+    segmenter_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Stage II steps (default: train-steps / 2).", callback=_positive("--segmenter-steps")
+        ),
+    ] = None,
+    filter_steps: Annotated[
+        int | None,
+        typer.Option(help="Stage IV steps (default: train-steps / 2).", callback=_positive("--filter-steps")),
+    ] = None,
+    batch_size: BatchOpt = 16,
+    seed: SeedOpt = 0,
+    test_fraction: TestFracOpt = 0.2,
+    lr: Annotated[float, typer.Option(help="Stage I learning rate.", callback=_positive("--lr"))] = 2e-4,
+    cf_dropout: Annotated[float, typer.Option(help="Classifier-free dropout of the mask condition.")] = 0.2,
+    pretrained: Annotated[Path | None, typer.Option(help="Local DPM checkpoint to fine-tune from.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train all stages (I, II, IV) into a bundle; re-running continues from the checkpoints."""
+    dev = _device(device)
+    with user_errors():
+        tr, te, _ = _prepare_bundle(data, out, resolution, seed, test_fraction)
+        typer.echo(f"{len(tr)} training pairs, {len(te)} held out, device {dev}")
+        _run_dpm(tr, out, train_steps, batch_size, seed, lr, cf_dropout, pretrained, dev)
+        _run_segmenter(tr, out, segmenter_steps or max(1, train_steps // 2), batch_size, seed, dev)
+        _run_filter(tr, te, out, filter_steps or max(1, train_steps // 2), batch_size, seed, dev)
+    typer.echo(f"bundle ready: {out}")
+
+
+@app.command("train-dpm")
+def train_dpm_cmd(
+    data: DataArg,
+    out: OutOpt,
+    resolution: ResOpt = None,
+    train_steps: Annotated[int, typer.Option(callback=_positive("--train-steps"))] = 2400,
+    batch_size: BatchOpt = 16,
+    seed: SeedOpt = 0,
+    test_fraction: TestFracOpt = 0.2,
+    lr: Annotated[float, typer.Option(callback=_positive("--lr"))] = 2e-4,
+    cf_dropout: float = 0.2,
+    pretrained: Annotated[Path | None, typer.Option(help="Local DPM checkpoint to fine-tune from.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Stage I only: the two-condition DPM."""
+    dev = _device(device)
+    with user_errors():
+        tr, _, _ = _prepare_bundle(data, out, resolution, seed, test_fraction)
+        _run_dpm(tr, out, train_steps, batch_size, seed, lr, cf_dropout, pretrained, dev)
+
+
+@app.command("train-segmenter")
+def train_segmenter_cmd(
+    data: DataArg,
+    out: OutOpt,
+    resolution: ResOpt = None,
+    train_steps: Annotated[int, typer.Option(callback=_positive("--train-steps"))] = 1200,
+    batch_size: BatchOpt = 16,
+    seed: SeedOpt = 0,
+    test_fraction: TestFracOpt = 0.2,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Stage II only: the noisy segmenter with its image/mask head."""
+    dev = _device(device)
+    with user_errors():
+        tr, _, _ = _prepare_bundle(data, out, resolution, seed, test_fraction)
+        _run_segmenter(tr, out, train_steps, batch_size, seed, dev)
+
+
+@app.command("train-filter")
+def train_filter_cmd(
+    data: DataArg,
+    out: OutOpt,
+    resolution: ResOpt = None,
+    train_steps: Annotated[int, typer.Option(callback=_positive("--train-steps"))] = 1200,
+    batch_size: BatchOpt = 16,
+    seed: SeedOpt = 0,
+    test_fraction: TestFracOpt = 0.2,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Stage IV only: the clean filter segmenter, with its held-out Dice."""
+    dev = _device(device)
+    with user_errors():
+        tr, te, _ = _prepare_bundle(data, out, resolution, seed, test_fraction)
+        _run_filter(tr, te, out, train_steps, batch_size, seed, dev)
+
+
+@app.command("expand")
+def expand_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder made by `diffuseexpand train`.")],
+    count: Annotated[int, typer.Option(help="Number of pairs to keep.", callback=_positive("--count"))],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (images/, masks/, manifest.csv).")],
+    tau: Annotated[
+        float | None, typer.Option(help="Temperature τ > 0 (guidance tau).", callback=_positive("--tau"))
+    ] = None,
+    scale: Annotated[
+        float | None,
+        typer.Option(help="Gradient scale s > 0 (guidance scale).", callback=_positive("--scale")),
+    ] = None,
+    eta: Annotated[
+        float | None, typer.Option(help="Stage IV threshold: keep Dice loss ≤ η, 0 < η ≤ 1.")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Solver steps per phase.", callback=_positive("--steps"))
+    ] = None,
+    order: Annotated[int | None, typer.Option(help="DPM-Solver++ order: 1, 2 or 3.")] = None,
+    w_cf: Annotated[float | None, typer.Option(help="Classifier-free weight.")] = None,
+    w_cg: Annotated[float | None, typer.Option(help="Classifier-guidance weight (≥ 0).")] = None,
+    guidance: Annotated[GuidanceMode | None, typer.Option(help="tau (paper) or scale (comparison).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Request seed (random if omitted; recorded).")] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Pairs per sampling batch.", callback=_positive("--batch-size"))
+    ] = 8,
+    max_attempts: Annotated[
+        int | None,
+        typer.Option(
+            help="Stop after this many generated pairs (default 20 x count).",
+            callback=_positive("--max-attempts"),
+        ),  # fmt: skip
+    ] = None,
+    keep_rejected: Annotated[bool, typer.Option(help="Also write discarded pairs under rejected/.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Generate pairs until COUNT pass the Stage IV filter; write them and a manifest of every attempt."""
+    dev = _device(device)
+    if eta is not None and not 0 < eta <= 1:
+        raise typer.BadParameter(f"must be in (0, 1], got {eta}", param_hint="--eta")
+    if order is not None and order not in (1, 2, 3):
+        raise typer.BadParameter(f"must be 1, 2 or 3, got {order}", param_hint="--order")
+    if w_cg is not None and w_cg < 0:
+        raise typer.BadParameter(f"must be >= 0, got {w_cg}", param_hint="--w-cg")
+    if out.exists() and (out / "manifest.csv").exists():
+        raise fail(
+            f"--out {out} already holds a manifest.csv; choose an empty folder so nothing is overwritten"
+        )
+    with user_errors():
+        b = Bundle.load(bundle, device=dev)
+        params = b.default_params().updated(
+            tau=tau, scale=scale, steps=steps, order=order, w_cf=w_cf, w_cg=w_cg, guidance=guidance
+        )
+        eta_used = b.default_eta if eta is None else eta
+        seed_used = seed if seed is not None else random.SystemRandom().randrange(2**31)
+        for sub in ("images", "masks") + (("rejected/images", "rejected/masks") if keep_rejected else ()):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        run = {
+            "bundle": str(bundle),
+            "count": count,
+            "seed": seed_used,
+            "eta": eta_used,
+            "batch_size": batch_size,
+            "max_attempts": max_attempts or 20 * count,
+            "params": params.to_dict(),
+        }
+        (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+        typer.echo(f"seed {seed_used}, eta {eta_used}, {params.to_dict()}")
+        bar = tqdm(total=count, desc="kept", unit="pair", dynamic_ncols=True, file=sys.stderr)
+        steps_bar = tqdm(desc="solver", unit="step", leave=False, dynamic_ncols=True, file=sys.stderr)
+        generated = kept = 0
+        t0 = time.perf_counter()
+
+        def on_event(e: dict[str, Any]) -> None:
+            if e["event"] == "step":
+                steps_bar.update(1)
+
+        manifest = (out / "manifest.csv").open("w", newline="")
+        writer = csv.writer(manifest)
+        writer.writerow(["name", "index", "seed", "dice_loss", "kept"])
+        try:
+            for pair in expand(b, count, seed=seed_used, params=params, eta=eta_used, batch_size=batch_size,
+                               max_attempts=max_attempts, callback=on_event):  # fmt: skip
+                generated += 1
+                folder = out if pair.kept else (out / "rejected" if keep_rejected else None)
+                if folder is not None:
+                    Image.fromarray(pair.image, mode="L").save(folder / "images" / f"{pair.name}.png")
+                    Image.fromarray(pair.mask, mode="L").save(folder / "masks" / f"{pair.name}.png")
+                writer.writerow([pair.name, pair.index, pair.seed, f"{pair.dice_loss:.6f}", int(pair.kept)])
+                manifest.flush()
+                if pair.kept:
+                    kept += 1
+                    bar.update(1)
+                bar.set_postfix(generated=generated, yield_=f"{kept / generated:.0%}", refresh=False)
+        except (KeyboardInterrupt, Cancelled):
+            typer.echo("interrupted: the pairs written so far are complete", err=True)
+            raise typer.Exit(130) from None
+        finally:
+            manifest.close()
+            steps_bar.close()
+            bar.close()
+    dt = time.perf_counter() - t0
+    typer.echo(
+        f"kept {kept} of {generated} generated ({kept / max(generated, 1):.1%}) in {dt:.1f} s -> {out}"
+    )
+    if kept < count:
+        typer.echo(f"warning: only {kept} of {count} pairs kept within max_attempts", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
+    """Print a bundle's metadata: resolution, split sizes, training, held-out metrics, defaults."""
+    with user_errors():
+        meta = read_meta(bundle)
+    split = meta.get("split", {})
+    summary = {
+        "bundle": str(bundle),
+        "resolution": meta["resolution"],
+        "package_version": meta.get("package_version"),
+        "data": dict(meta.get("data", {})),
+        "split": {
+            "seed": split.get("seed"),
+            "train": len(split.get("train", [])),
+            "test": len(split.get("test", [])),
+        },
+        "training": {
+            k: {kk: v.get(kk) for kk in ("steps", "final_loss", "parameters")}
+            for k, v in meta["training"].items()
+        },
+        "metrics": meta.get("metrics", {}),
+        "sampling_defaults": meta.get("sampling_defaults"),
+        "eta_default": meta.get("eta_default"),
+    }
+    typer.echo(json.dumps(summary, indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

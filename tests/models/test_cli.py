@@ -1,0 +1,99 @@
+"""The CLI end to end on a handful of pairs, as a new user would run it, and its exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from models.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.slow
+def test_train_then_expand_then_inspect(tmp_path: Path, shapes_dir: Path) -> None:
+    bundle = tmp_path / "bundle"
+    res = runner.invoke(app, ["train", str(shapes_dir), "--out", str(bundle), "--resolution", "16",
+                              "--train-steps", "20", "--batch-size", "4", "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "filter held-out Dice" in res.output
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["resolution"] == 16 and len(meta["split"]["test"]) == 2 and len(meta["split"]["train"]) == 6
+    assert set(meta["training"]) == {"dpm", "segmenter", "filter"}
+    assert meta["data"]["fingerprint"].startswith("sha256:")
+
+    out = tmp_path / "expanded"
+    res = runner.invoke(app, ["expand", str(bundle), "--count", "3", "--out", str(out), "--steps", "3",
+                              "--eta", "1.0", "--seed", "7", "--batch-size", "2", "--keep-rejected"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert [r["index"] for r in rows] == ["0", "1", "2"]
+    assert all(r["seed"] == "7" and r["kept"] == "1" and 0 <= float(r["dice_loss"]) <= 1 for r in rows)
+    for r in rows:
+        img = np.asarray(Image.open(out / "images" / f"{r['name']}.png"))
+        mask = np.asarray(Image.open(out / "masks" / f"{r['name']}.png"))
+        assert img.shape == mask.shape == (16, 16)
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+    assert json.loads((out / "run.json").read_text())["seed"] == 7
+
+    # a strict eta rejects, --keep-rejected writes the rejected pairs, exit 1 says the count was not reached
+    strict = tmp_path / "strict"
+    res = runner.invoke(app, ["expand", str(bundle), "--count", "1", "--out", str(strict), "--steps", "2",
+                              "--eta", "0.001", "--max-attempts", "2", "--keep-rejected"])  # fmt: skip
+    assert res.exit_code == 1
+    assert len(list((strict / "rejected" / "images").iterdir())) == 2
+    assert len(list(csv.DictReader((strict / "manifest.csv").open()))) == 2
+
+    res = runner.invoke(app, ["inspect", str(bundle)])
+    assert res.exit_code == 0 and '"resolution": 16' in res.output
+
+    # the same output folder is never overwritten
+    res = runner.invoke(app, ["expand", str(bundle), "--count", "1", "--out", str(out)])
+    assert res.exit_code == 2 and "already holds a manifest.csv" in res.output
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--count", "0"], "--count"),
+        (["--count", "2", "--eta", "1.5"], "--eta"),
+        (["--count", "2", "--eta", "0"], "--eta"),
+        (["--count", "2", "--tau", "0"], "--tau"),
+        (["--count", "2", "--steps", "-3"], "--steps"),
+        (["--count", "2", "--guidance", "magic"], "--guidance"),
+        (["--count", "2", "--order", "4"], "--order"),
+        (["--count", "2", "--w-cg", "-1"], "--w-cg"),
+        (["--count", "2", "--device", "quantum"], "--device"),
+    ],
+)
+def test_bad_expand_values_exit_2_naming_the_value(
+    tmp_path: Path, tiny_bundle: Path, args: list[str], needle: str
+) -> None:
+    res = runner.invoke(app, ["expand", str(tiny_bundle), "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output
+
+
+def test_missing_bundle_and_bad_data_exit_2(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["expand", str(tmp_path / "nope"), "--count", "1", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "not a bundle" in res.output
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    res = runner.invoke(app, ["train", str(tmp_path / "data"), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "missing the 'masks/' folder" in res.output
+
+
+def test_training_on_other_data_into_an_existing_bundle_is_refused(
+    tmp_path: Path, tiny_bundle: Path, shapes_dir: Path
+) -> None:
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    res = runner.invoke(app, ["train-filter", str(shapes_dir), "--out", str(bundle), "--train-steps", "1"])
+    assert res.exit_code == 2 and "fingerprint differs" in res.output

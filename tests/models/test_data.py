@@ -1,0 +1,143 @@
+"""Loading image/mask folders: formats, resizing, binarisation, errors that name the file, the split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.data import DatasetError, load_folder, make_split
+
+
+def write_pair(root: Path, name: str, image: Image.Image, mask: Image.Image, ext: str = ".png") -> None:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    image.save(root / "images" / f"{name}{ext}")
+    mask.save(root / "masks" / f"{name}{ext if ext != '.jpg' else '.png'}")
+
+
+def square_mask(size: int = 32, lo: int = 8, hi: int = 24, value: int = 255) -> Image.Image:
+    m = np.zeros((size, size), np.uint8)
+    m[lo:hi, lo:hi] = value
+    return Image.fromarray(m)
+
+
+def test_loads_8bit_grey_to_minus_one_one(tmp_path: Path) -> None:
+    img = np.full((32, 32), 255, np.uint8)
+    img[:, :16] = 0
+    write_pair(tmp_path, "a", Image.fromarray(img), square_mask())
+    ds = load_folder(tmp_path, 16)
+    assert ds.images.shape == (1, 1, 16, 16) and ds.masks.shape == (1, 1, 16, 16)
+    assert ds.images.min() == -1.0 and ds.images.max() == 1.0
+    assert set(ds.masks.unique().tolist()) == {-1.0, 1.0}
+    # 8..24 of 32 is 4..12 of 16 after nearest resizing
+    assert (ds.masks[0, 0, 4:12, 4:12] == 1).all() and ds.masks[0, 0].eq(1).sum() == 64
+
+
+@pytest.mark.parametrize(
+    "make_image",
+    [
+        lambda: Image.fromarray(
+            np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8), "RGB"
+        ),
+        lambda: Image.fromarray(
+            np.random.default_rng(0).integers(0, 255, (32, 32, 4), dtype=np.uint8), "RGBA"
+        ),
+        lambda: Image.fromarray(np.random.default_rng(0).integers(0, 4095, (32, 32), dtype=np.uint16)),
+    ],
+    ids=["rgb", "rgba", "16bit"],
+)
+def test_loads_colour_alpha_and_16bit_images(tmp_path: Path, make_image) -> None:  # type: ignore[no-untyped-def]
+    write_pair(tmp_path, "a", make_image(), square_mask())
+    ds = load_folder(tmp_path, 32)
+    assert ds.images.shape == (1, 1, 32, 32)
+    assert -1.0 <= float(ds.images.min()) and float(ds.images.max()) <= 1.0
+    assert float(ds.images.max() - ds.images.min()) > 1.0  # real contrast survived
+
+
+def test_16bit_is_min_max_scaled(tmp_path: Path) -> None:
+    arr = np.full((32, 32), 1000, np.uint16)
+    arr[:16] = 3000
+    write_pair(tmp_path, "a", Image.fromarray(arr), square_mask())
+    ds = load_folder(tmp_path, 32)
+    assert float(ds.images.min()) == -1.0 and float(ds.images.max()) == 1.0
+
+
+def test_jpeg_and_tiff_images(tmp_path: Path) -> None:
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32), dtype=np.uint8))
+    write_pair(tmp_path, "j", img, square_mask(), ext=".jpg")
+    write_pair(tmp_path, "t", img, square_mask(), ext=".tif")
+    ds = load_folder(tmp_path, 16)
+    assert ds.names == ["j", "t"]
+
+
+def test_binary_masks_saved_as_zero_one_and_mask_boundaries_kept(tmp_path: Path) -> None:
+    write_pair(tmp_path, "a", Image.fromarray(np.zeros((32, 32), np.uint8)), square_mask(value=1))
+    ds = load_folder(tmp_path, 32)
+    assert int(ds.masks.eq(1).sum()) == 16 * 16
+
+
+def test_area_filtering_when_shrinking(tmp_path: Path) -> None:
+    img = np.zeros((32, 32), np.uint8)
+    img[::2] = 255  # stripes average to grey under area filtering, not to black or white
+    write_pair(tmp_path, "a", Image.fromarray(img), square_mask())
+    ds = load_folder(tmp_path, 16)
+    np.testing.assert_allclose(ds.images.numpy(), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        ("missing_mask", "missing mask"),
+        ("unreadable", "unreadable image file"),
+        ("size_mismatch", "size mismatch"),
+        ("no_foreground", "mask with no foreground"),
+        ("empty", "empty folder"),
+        ("no_masks_dir", "missing the 'masks/' folder"),
+    ],
+)
+def test_errors_name_the_file_and_the_problem(tmp_path: Path, setup: str, message: str) -> None:
+    grey = Image.fromarray(np.zeros((32, 32), np.uint8))
+    if setup == "empty":
+        (tmp_path / "images").mkdir()
+        (tmp_path / "masks").mkdir()
+        culprit = "images"
+    elif setup == "no_masks_dir":
+        (tmp_path / "images").mkdir()
+        culprit = str(tmp_path)
+    else:
+        write_pair(tmp_path, "ok", grey, square_mask())
+        write_pair(tmp_path, "bad", grey, square_mask())
+        culprit = "bad"
+        if setup == "missing_mask":
+            (tmp_path / "masks" / "bad.png").unlink()
+        elif setup == "unreadable":
+            (tmp_path / "images" / "bad.png").write_bytes(b"not a png")
+        elif setup == "size_mismatch":
+            square_mask(size=40).save(tmp_path / "masks" / "bad.png")
+        elif setup == "no_foreground":
+            square_mask(value=0).save(tmp_path / "masks" / "bad.png")
+    with pytest.raises(DatasetError, match=message) as info:
+        load_folder(tmp_path, 16)
+    assert culprit in str(info.value)
+
+
+def test_split_is_seeded_disjoint_and_complete() -> None:
+    names = [f"n{i}" for i in range(50)]
+    a = make_split(names, test_fraction=0.2, seed=7)
+    b = make_split(list(reversed(names)), test_fraction=0.2, seed=7)
+    assert a == b
+    assert len(a.test) == 10 and not set(a.train) & set(a.test)
+    assert sorted(a.train + a.test) == sorted(names)
+    assert make_split(names, test_fraction=0.2, seed=8).test != a.test
+
+
+def test_fingerprint_changes_with_content(tmp_path: Path) -> None:
+    grey = Image.fromarray(np.zeros((32, 32), np.uint8))
+    write_pair(tmp_path, "a", grey, square_mask())
+    f1 = load_folder(tmp_path, 16).fingerprint
+    assert f1 == load_folder(tmp_path, 16).fingerprint
+    square_mask(lo=4).save(tmp_path / "masks" / "a.png")
+    assert load_folder(tmp_path, 16).fingerprint != f1

@@ -1,0 +1,104 @@
+"""Training: exact resumption from checkpoints, fine-tuning from a local checkpoint, Eq. 1/2 losses run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import load_file
+
+from models.bundle import new_meta, read_meta, write_meta
+from models.data import PairDataset, load_folder
+from models.networks import build_dpm
+from models.training import TrainConfig, load_pretrained_weights, train_dpm, train_filter, train_segmenter
+
+
+@pytest.fixture()
+def data(shapes_dir: Path) -> PairDataset:
+    return load_folder(shapes_dir, 16)
+
+
+def fresh_bundle(path: Path) -> Path:
+    write_meta(path, new_meta(16))
+    return path
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(next(folder.glob("*.safetensors"))))
+
+
+@pytest.mark.parametrize("stage", ["dpm", "segmenter", "filter"])
+def test_resumed_training_equals_uninterrupted(tmp_path: Path, data: PairDataset, stage: str) -> None:
+    fn = {"dpm": train_dpm, "segmenter": train_segmenter, "filter": train_filter}[stage]
+    straight = fresh_bundle(tmp_path / "straight")
+    fn(data, straight, TrainConfig(steps=4, batch_size=2, checkpoint_every=2))  # type: ignore[operator]
+
+    resumed = fresh_bundle(tmp_path / "resumed")
+    fn(data, resumed, TrainConfig(steps=2, batch_size=2, checkpoint_every=2))  # type: ignore[operator]
+    summary = fn(data, resumed, TrainConfig(steps=4, batch_size=2, checkpoint_every=2))  # type: ignore[operator]
+    assert summary["resumed_from"] == 2
+    a, b = weights(straight / stage), weights(resumed / stage)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert read_meta(resumed)["training"][stage]["steps"] == 4
+
+
+def test_changed_config_does_not_resume(tmp_path: Path, data: PairDataset) -> None:
+    b = fresh_bundle(tmp_path / "b")
+    train_segmenter(data, b, TrainConfig(steps=2, batch_size=2, checkpoint_every=2))
+    summary = train_segmenter(data, b, TrainConfig(steps=2, batch_size=2, lr=1e-3, checkpoint_every=2))
+    assert summary["resumed_from"] == 0
+
+
+def test_dpm_fine_tunes_from_local_checkpoint_and_lists_reinitialised_layers(
+    tmp_path: Path, data: PairDataset
+) -> None:
+    # An "ImageNet-like" source: RGB in/out and 1000 classes, otherwise the same architecture.
+    ours = build_dpm(16)
+    source = UNet2DModel(
+        **{**dict(ours.config), "in_channels": 3, "out_channels": 3, "num_class_embeds": 1000}
+    )
+    source.save_pretrained(tmp_path / "pretrained")
+    model = build_dpm(16)
+    reinit = load_pretrained_weights(model, tmp_path / "pretrained")
+    assert reinit == ["class_embedding.weight", "conv_in.weight", "conv_out.bias", "conv_out.weight"]
+    src = source.state_dict()
+    for k, v in model.state_dict().items():
+        if k not in reinit:
+            assert torch.equal(v, src[k]), k
+
+    b = fresh_bundle(tmp_path / "b")
+    summary = train_dpm(data, b, TrainConfig(steps=2, batch_size=2), pretrained=tmp_path / "pretrained")
+    assert summary["reinitialised_from_pretrained"] == reinit
+
+
+def test_missing_pretrained_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="pretrained checkpoint not found"):
+        load_pretrained_weights(build_dpm(16), tmp_path / "nope.safetensors")
+
+
+def test_dpm_loss_decreases_on_shapes(tmp_path: Path, data: PairDataset) -> None:
+    losses: list[float] = []
+    b = fresh_bundle(tmp_path / "b")
+    train_dpm(data, b, TrainConfig(steps=60, batch_size=4, lr=1e-3, warmup_steps=5),
+              callback=lambda s, n, loss: losses.append(loss))  # fmt: skip
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+
+
+def test_filter_reports_held_out_metrics(tmp_path: Path, data: PairDataset) -> None:
+    b = fresh_bundle(tmp_path / "b")
+    train, test = data.subset(data.names[:6]), data.subset(data.names[6:])
+    summary = train_filter(train, b, TrainConfig(steps=3, batch_size=2), test_data=test)
+    t = read_meta(b)["metrics"]["filter_test"]
+    assert (
+        t == summary["test"]
+        and t["n"] == 2
+        and 0.0 <= t["dice_mean"] <= 1.0
+        and 0.0 <= t["real_pass_rate"] <= 1.0
+    )
+    shutil.rmtree(b / ".checkpoints")
+    assert (b / "filter" / "model.safetensors").is_file()
