@@ -3,8 +3,8 @@
 A dataset folder holds ``images/NAME.ext`` and ``masks/NAME.ext`` with the same NAME. Images are
 read as greyscale (RGB through luminance, RGBA composited on black), 8-bit scaled by 255 and
 deeper formats min-max scaled, then resized with area filtering (bilinear when enlarging) and
-mapped to [-1, 1]. Masks are binarised at half their format's range *before* a nearest-neighbour
-resize, so no boundary pixel is lost to interpolation (original defect 7), and stored as -1/+1.
+mapped to [-1, 1]. Masks are binarised at half their full value (128 for 8-bit, 0.5 for 0/1
+masks, half the maximum for deeper formats) *before* a nearest-neighbour resize, so no boundary pixel is lost to interpolation (original defect 7), and stored as -1/+1.
 """
 
 from __future__ import annotations
@@ -172,15 +172,11 @@ def load_mask(path: Path, resolution: int) -> np.ndarray:
     """One mask as float32 ``[R, R]`` of -1 (background) / +1 (foreground)."""
     img = _open(path)
     arr, full = _to_grey_float(img, path)
-    if img.mode != "L" and arr.max() <= 1.0:
+    if arr.max() <= 1.0:
         full = 1.0  # masks stored as 0/1
-    elif img.mode == "L" and arr.max() <= 1.0:
-        full = 1.0
     binary = (arr >= full / 2.0).astype(np.uint8) * 255
     if not binary.any():
-        raise DatasetError(
-            f"{path}: mask with no foreground (every pixel is below half of the format's range)"
-        )
+        raise DatasetError(f"{path}: mask with no foreground (no pixel reaches half of the mask's full value)")
     pil = Image.fromarray(binary, mode="L").resize((resolution, resolution), Image.Resampling.NEAREST)
     out = np.asarray(pil) > 127
     if not out.any():

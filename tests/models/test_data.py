@@ -141,3 +141,11 @@ def test_fingerprint_changes_with_content(tmp_path: Path) -> None:
     assert f1 == load_folder(tmp_path, 16).fingerprint
     square_mask(lo=4).save(tmp_path / "masks" / "a.png")
     assert load_folder(tmp_path, 16).fingerprint != f1
+
+
+def test_loads_the_bundled_chest_xray_example() -> None:
+    root = Path(__file__).resolve().parents[2] / "examples" / "cxr-mini"
+    ds = load_folder(root, 32)
+    assert len(ds) == 6 and ds.images.shape == (6, 1, 32, 32)
+    foreground = ds.masks.eq(1).float().mean(dim=(1, 2, 3))
+    assert bool(((foreground > 0.1) & (foreground < 0.6)).all())  # two lungs, not the whole film
