@@ -398,6 +398,11 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> N
     typer.echo(json.dumps(summary, indent=2))
 
 
+from models.cli_evaluate import evaluate_cmd  # noqa: E402
+
+app.command("evaluate")(evaluate_cmd)
+
+
 def main() -> None:
     app()
 
