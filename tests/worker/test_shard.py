@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import csv
+import io
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.core.config import Settings
+from app.schemas import JobStatus
+from app.store import manifest_key
+from models.bundle import Bundle
+from models.expand import generate_pairs
+from tests.worker.conftest import Harness
+from worker import shard as shard_mod
+from worker.shard import Outcome, sampling_params
+
+ETA = 0.42  # the untrained tiny filter scores ~0.35-0.5: this rejects some pairs
+
+
+def manifest(h: Harness, job_id: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(h.store.storage.get(manifest_key(job_id)).decode())))
+
+
+def objects(h: Harness, job_id: str) -> dict[str, bytes]:
+    return {
+        k: h.store.storage.get(k) for k in h.store.storage.list_keys(f"jobs/{job_id}/") if k.endswith(".png")
+    }
+
+
+def test_job_keeps_exactly_count_lowest_kept_indices(harness: Harness) -> None:
+    job_id = harness.submit(count=5, eta=ETA, seed=11)
+    outcomes = harness.drain()
+    rec = harness.store.get(job_id)
+    assert rec["status"] == "succeeded", rec["error"]
+    assert Outcome.DONE in outcomes
+
+    # the reference: the same pairs generated directly, with the same batch size
+    p = rec["params"]
+    direct = list(
+        generate_pairs(harness.bundle, range(40), seed=11, params=sampling_params(p), eta=ETA, batch_size=2)
+    )
+    want = [pair for pair in direct if pair.kept][:5]
+    rows = manifest(harness, job_id)
+    assert [int(r["index"]) for r in rows] == [pair.index for pair in want]
+    assert all(float(r["dice_loss"]) <= ETA for r in rows)
+    assert rec["progress"] == {
+        "target": 5,
+        "generated": want[-1].index + 1,
+        "kept": 5,
+        "discarded": want[-1].index - 4,
+    }
+    for pair in want:
+        img = np.array(
+            Image.open(io.BytesIO(harness.store.storage.get(f"jobs/{job_id}/images/{pair.name}.png")))
+        )
+        mask = np.array(
+            Image.open(io.BytesIO(harness.store.storage.get(f"jobs/{job_id}/masks/{pair.name}.png")))
+        )
+        np.testing.assert_array_equal(img, pair.image)
+        np.testing.assert_array_equal(mask, pair.mask)
+        assert set(np.unique(mask)) <= {0, 255}
+
+
+@pytest.mark.parametrize("order", ["lifo", "random"])
+def test_result_does_not_depend_on_shard_order(harness: Harness, order: str) -> None:
+    a = harness.submit(count=5, eta=ETA, seed=3)
+    harness.drain("fifo")
+    b = harness.submit(count=5, eta=ETA, seed=3)
+    harness.drain(order, seed=1)
+    assert harness.store.get(b)["status"] == "succeeded"
+    names = [r["name"] for r in manifest(harness, a)]
+    assert names == [r["name"] for r in manifest(harness, b)]
+    for name in names:
+        for part in ("images", "masks"):
+            key = f"{part}/{name}.png"
+            assert harness.store.storage.get(f"jobs/{a}/{key}") == harness.store.storage.get(
+                f"jobs/{b}/{key}"
+            )
+
+
+def test_a_shard_run_again_overwrites_identical_objects(harness: Harness) -> None:
+    job_id = harness.submit(count=4, seed=2)  # eta 1: all kept, shards 0 and 1
+    assert harness.run(job_id, 0) is Outcome.DONE
+    first = objects(harness, job_id)
+    harness.store.r.hdel(harness.store._k(job_id, "done"), "0")  # as if the worker died before reporting
+    assert harness.run(job_id, 0) is Outcome.DONE
+    assert objects(harness, job_id) == first and len(first) == 4
+
+
+def test_cancel_stops_within_one_batch_and_keeps_finished_pairs(
+    settings_factory: Callable[..., Settings], loaded_bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness = Harness(settings_factory(shard_size=8), loaded_bundle)  # one shard of four batches
+    job_id = harness.submit(count=8, seed=4)
+    put_pair = harness.store.put_pair
+
+    def put_then_cancel(*args: object, **kwargs: object) -> None:
+        put_pair(*args, **kwargs)  # type: ignore[arg-type]
+        if harness.store.get(job_id)["status"] != "canceled":
+            harness.store.cancel(job_id)
+
+    monkeypatch.setattr(harness.store, "put_pair", put_then_cancel)
+    assert harness.run(job_id, 0) is Outcome.STOPPED
+    rec = harness.store.get(job_id)
+    assert rec["status"] == "canceled"
+    assert len(harness.store.kept_pairs(job_id)) == 2  # the batch being written, nothing after it
+    assert rec["progress"]["generated"] == 2
+    assert harness.drain() == [Outcome.SKIPPED]  # the other queued shard does nothing
+
+
+def test_crashing_shard_is_retried_then_fails_the_job(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(shard_mod, "generate_pairs", boom)
+    job_id = harness.submit(count=2, seed=1)
+    outcomes = harness.drain()
+    assert outcomes == [Outcome.RETRY, Outcome.RETRY, Outcome.FAILED]
+    rec = harness.store.get(job_id)
+    assert rec["status"] == "failed" and "failed 3 times" in rec["error"] and "out of memory" in rec["error"]
+
+
+def test_shard_whose_workers_keep_dying_fails_the_job(harness: Harness) -> None:
+    job_id = harness.submit(count=2, seed=1)
+    for _ in range(3):  # three deliveries that died (SIGKILL) after taking the shard
+        harness.store.bump_attempts(job_id, 0)
+    assert harness.run(job_id, 0) is Outcome.FAILED
+    rec = harness.store.get(job_id)
+    assert rec["status"] == "failed" and "did not finish in 3 attempts" in rec["error"]
+
+
+def test_duplicate_delivery_waits_for_the_live_lease(harness: Harness) -> None:
+    job_id = harness.submit(count=2, seed=1)
+    assert harness.store.acquire_lease(job_id, 0, "other-worker")
+    result: list[Outcome] = []
+    t = threading.Thread(target=lambda: result.append(harness.run(job_id, 0)))
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive()  # waiting, not running the shard a second time
+    harness.store.r.hset(harness.store._k(job_id, "done"), "0", '{"generated": 2, "kept": []}')
+    t.join(5)
+    assert result == [Outcome.SKIPPED]
+    assert int(harness.store.r.hget(harness.store._k(job_id, "attempts"), "0") or 0) == 0
+
+
+def test_max_attempts_reached_fails_with_all_kept(harness: Harness) -> None:
+    job_id = harness.submit(count=3, eta=0.36, seed=9, max_attempts=5)
+    harness.drain()
+    rec = harness.store.get(job_id)
+    assert rec["status"] == "failed" and rec["error"] == "max_attempts reached"
+    assert rec["progress"]["generated"] == 5 and rec["progress"]["kept"] < 3
+    assert len(manifest(harness, job_id)) == rec["progress"]["kept"]
+
+
+def test_unloadable_model_fails_the_job(harness: Harness) -> None:
+    job_id = harness.submit(count=2)
+
+    def broken(name: str) -> None:
+        raise OSError("bundle weights missing")
+
+    assert shard_mod.run_shard(harness.store, broken, job_id, 0) is Outcome.FAILED  # type: ignore[arg-type]
+    assert "bundle weights missing" in harness.store.get(job_id)["error"]
+
+
+def test_finished_job_survives_the_loss_of_redis(harness: Harness) -> None:
+    job_id = harness.submit(count=2, seed=6)
+    harness.drain()
+    before = harness.store.get(job_id)
+    for key in harness.store.r.scan_iter(f"{harness.settings.redis_prefix}:*"):
+        harness.store.r.delete(key)
+    after = harness.store.get(job_id)
+    assert after["status"] == JobStatus.SUCCEEDED and after["progress"] == before["progress"]
+    rows, final = harness.store.result_rows(job_id, partial=False) or ([], False)
+    assert final and len(rows) == 2
