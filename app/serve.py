@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    # Set both explicitly: a shell that starts us in the background leaves SIGINT ignored.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     atexit.register(stop_all)
     var = args.var.resolve()
     (var / "logs").mkdir(parents=True, exist_ok=True)

@@ -35,15 +35,21 @@ def main() -> None:
     bundle = Bundle.load(args.bundle)
     eta = bundle.default_eta if args.eta is None else args.eta
     base = bundle.default_params()
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads; bundle {args.bundle.name}, eta {eta}")
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads; bundle {args.bundle.name}, eta {eta}"
+    )
     print(f"defaults: {base.to_dict()}")
-    print(f"{'steps':>5} {'guidance':>9} {'generated/s':>12} {'kept/s':>8} {'yield':>7} {'mean dice loss':>15}")
+    print(
+        f"{'steps':>5} {'guidance':>9} {'generated/s':>12} {'kept/s':>8} {'yield':>7} {'mean dice loss':>15}"
+    )
     for steps in args.steps:
         for guided in (False, True):
             params = base.updated(steps=steps, w_cg=base.w_cg if guided else 0.0)
             t0 = time.perf_counter()
             pairs = list(
-                generate_pairs(bundle, range(args.pairs), seed=0, params=params, eta=eta, batch_size=args.batch_size)
+                generate_pairs(
+                    bundle, range(args.pairs), seed=0, params=params, eta=eta, batch_size=args.batch_size
+                )
             )
             dt = time.perf_counter() - t0
             kept = sum(p.kept for p in pairs)
