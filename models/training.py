@@ -121,6 +121,63 @@ def _batch_rows(n: int, batch_size: int, g: torch.Generator) -> torch.Tensor:
     return torch.randint(0, n, (batch_size,), generator=g)
 
 
+LossAt = Callable[[torch.Generator], torch.Tensor]  # the loss of one step, from that step's generator
+
+
+def _optimise(
+    stage: str,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    config: dict[str, Any],
+    bundle_dir: Path,
+    loss_at: LossAt,
+    *,
+    ema: EMAModel | None = None,
+    callback: ProgressCallback | None = None,
+) -> tuple[int, float]:
+    """The training loop every stage shares: resume, warm-up lr, clip, (EMA), checkpoint.
+
+    Returns ``(step resumed from, last loss)``.
+    """
+    ckpt_path = bundle_dir / ".checkpoints" / f"{stage}.pt"
+    start = 0
+    state = _load_checkpoint(ckpt_path, config)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start = int(state["step"])
+    model.train()
+    loss_value = float("nan")
+    for step in range(start, cfg.steps):
+        loss = loss_at(step_generator(cfg.seed, stage, step))
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.step(model.parameters())
+        loss_value = float(loss.detach())
+        if callback is not None:
+            callback(step + 1, cfg.steps, loss_value)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            checkpoint = {
+                "step": step + 1,
+                "config": config,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+            }
+            if ema is not None:
+                checkpoint["ema"] = ema.state_dict()
+            _save_checkpoint(ckpt_path, checkpoint)
+    model.eval()
+    return start, loss_value
+
+
 def train_dpm(
     data: PairDataset,
     bundle_dir: str | Path,
@@ -153,66 +210,36 @@ def train_dpm(
         "ema_max_decay": ema_max_decay,
         "pretrained": str(pretrained),
     }
-    ckpt_path = bundle_dir / ".checkpoints" / "dpm.pt"
-    start = 0
-    state = _load_checkpoint(ckpt_path, config)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["step"])
     acp = alphas_cumprod().to(dev)
     images, masks = data.images.to(dev), data.masks.to(dev)
-    model.train()
-    loss_value = float("nan")
-    t0 = time.perf_counter()
-    for step in range(start, cfg.steps):
-        g = step_generator(cfg.seed, "dpm", step)
-        rows = _batch_rows(len(data), cfg.batch_size, g)
-        is_image = torch.rand(cfg.batch_size, generator=g) < 0.5
-        dropped = torch.rand(cfg.batch_size, generator=g) < cf_dropout
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (cfg.batch_size,), generator=g)
-        noise = torch.randn((cfg.batch_size, 1, data.resolution, data.resolution), generator=g)
-        is_image, dropped, t, noise = is_image.to(dev), dropped.to(dev), t.to(dev), noise.to(dev)
+    b, r = cfg.batch_size, data.resolution
+
+    def loss_at(g: torch.Generator) -> torch.Tensor:
+        rows = _batch_rows(len(data), b, g)
+        is_image = (torch.rand(b, generator=g) < 0.5).to(dev)
+        dropped = (torch.rand(b, generator=g) < cf_dropout).to(dev)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=g).to(dev)
+        noise = torch.randn((b, 1, r, r), generator=g).to(dev)
         x0 = torch.where(is_image.view(-1, 1, 1, 1), images[rows], masks[rows])
-        keep_cond = (is_image & ~dropped).view(-1, 1, 1, 1)
-        cond = torch.where(keep_cond, masks[rows], torch.zeros_like(x0))
+        cond = torch.where((is_image & ~dropped).view(-1, 1, 1, 1), masks[rows], torch.zeros_like(x0))
         labels = torch.where(
             is_image,
             torch.where(dropped, int(Condition.IMAGE_UNCOND), int(Condition.IMAGE_GIVEN_MASK)),
             int(Condition.MASK),
         )
-        x_t = add_noise(x0, noise, t, acp)
-        pred = model(torch.cat([x_t, cond], dim=1), t, class_labels=labels).sample
-        loss = F.mse_loss(pred, noise)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.step(model.parameters())
-        loss_value = float(loss.detach())
-        if callback is not None:
-            callback(step + 1, cfg.steps, loss_value)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_checkpoint(
-                ckpt_path,
-                {
-                    "step": step + 1,
-                    "config": config,
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": opt.state_dict(),
-                },
-            )
+        pred = model(torch.cat([add_noise(x0, noise, t, acp), cond], dim=1), t, class_labels=labels).sample
+        return F.mse_loss(pred, noise)
+
+    t0 = time.perf_counter()
+    start, loss_value = _optimise(
+        "dpm", model, opt, cfg, config, bundle_dir, loss_at, ema=ema, callback=callback
+    )
     ema_model = build_dpm(data.resolution)
     ema_model.load_state_dict(model.state_dict())
     ema.copy_to(ema_model.parameters())
     ema_model.save_pretrained(bundle_dir / "dpm", safe_serialization=True)
     summary = {
         **config,
-        "steps": cfg.steps,
         "resumed_from": start,
         "final_loss": loss_value,
         "parameters": count_parameters(model),
@@ -249,50 +276,28 @@ def train_segmenter(
     ).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     config = {**asdict(cfg), "downsample": model.downsample}
-    ckpt_path = bundle_dir / ".checkpoints" / "segmenter.pt"
-    start = 0
-    state = _load_checkpoint(ckpt_path, config)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["step"])
     acp = alphas_cumprod().to(dev)
     dice = DiceLoss(sigmoid=True)
     images, masks = data.images.to(dev), data.masks.to(dev)
-    model.train()
-    loss_value = float("nan")
-    for step in range(start, cfg.steps):
-        g = step_generator(cfg.seed, "segmenter", step)
-        rows = _batch_rows(len(data), cfg.batch_size, g)
-        is_image = (torch.rand(cfg.batch_size, generator=g) < 0.5).to(dev)
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (cfg.batch_size,), generator=g).to(dev)
-        noise = torch.randn((cfg.batch_size, 1, data.resolution, data.resolution), generator=g).to(dev)
+    b, r = cfg.batch_size, data.resolution
+
+    def loss_at(g: torch.Generator) -> torch.Tensor:
+        rows = _batch_rows(len(data), b, g)
+        is_image = (torch.rand(b, generator=g) < 0.5).to(dev)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=g).to(dev)
+        noise = torch.randn((b, 1, r, r), generator=g).to(dev)
         x0 = torch.where(is_image.view(-1, 1, 1, 1), images[rows], masks[rows])
         out = model(add_noise(x0, noise, t, acp), t)
         loss = F.binary_cross_entropy_with_logits(out.y1_logit, is_image.float())
         if is_image.any():
             target = (masks[rows][is_image] > 0).float()
             loss = loss + _segmentation_loss(out.mask_logits[is_image], target, dice)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        loss_value = float(loss.detach())
-        if callback is not None:
-            callback(step + 1, cfg.steps, loss_value)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_checkpoint(
-                ckpt_path,
-                {
-                    "step": step + 1,
-                    "config": config,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                },
-            )
-    model.eval().save_pretrained(bundle_dir / "segmenter", safe_serialization=True)
+        return loss
+
+    start, loss_value = _optimise(
+        "segmenter", model, opt, cfg, config, bundle_dir, loss_at, callback=callback
+    )
+    model.save_pretrained(bundle_dir / "segmenter", safe_serialization=True)
     summary = {
         **config,
         "resumed_from": start,
@@ -347,42 +352,14 @@ def train_filter(
     model = _seeded_init(cfg.seed, "filter", FilterSegmenter).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     config = asdict(cfg)
-    ckpt_path = bundle_dir / ".checkpoints" / "filter.pt"
-    start = 0
-    state = _load_checkpoint(ckpt_path, config)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["step"])
     dice = DiceLoss(sigmoid=True)
     images, masks = data.images.to(dev), data.masks.to(dev)
-    model.train()
-    loss_value = float("nan")
-    for step in range(start, cfg.steps):
-        g = step_generator(cfg.seed, "filter", step)
+
+    def loss_at(g: torch.Generator) -> torch.Tensor:
         rows = _batch_rows(len(data), cfg.batch_size, g)
-        x = _jitter_intensity(images[rows], g)
-        loss = _segmentation_loss(model(x), (masks[rows] > 0).float(), dice)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        loss_value = float(loss.detach())
-        if callback is not None:
-            callback(step + 1, cfg.steps, loss_value)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_checkpoint(
-                ckpt_path,
-                {
-                    "step": step + 1,
-                    "config": config,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                },
-            )
-    model.eval()
+        return _segmentation_loss(model(_jitter_intensity(images[rows], g)), (masks[rows] > 0).float(), dice)
+
+    start, loss_value = _optimise("filter", model, opt, cfg, config, bundle_dir, loss_at, callback=callback)
     model.cpu().save_pretrained(bundle_dir / "filter")
     summary: dict[str, Any] = {
         **config,
