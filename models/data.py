@@ -176,7 +176,9 @@ def load_mask(path: Path, resolution: int) -> np.ndarray:
         full = 1.0  # masks stored as 0/1
     binary = (arr >= full / 2.0).astype(np.uint8) * 255
     if not binary.any():
-        raise DatasetError(f"{path}: mask with no foreground (no pixel reaches half of the mask's full value)")
+        raise DatasetError(
+            f"{path}: mask with no foreground (no pixel reaches half of the mask's full value)"
+        )
     pil = Image.fromarray(binary, mode="L").resize((resolution, resolution), Image.Resampling.NEAREST)
     out = np.asarray(pil) > 127
     if not out.any():
