@@ -39,7 +39,11 @@ def random_bundle(resolution: int) -> Bundle:
 def seconds_per_pair(bundle: Bundle, steps: int, batch: int, guided: bool, pairs: int) -> float:
     params = SamplingParams(steps=steps, w_cf=2.0, w_cg=1.0 if guided else 0.0)
     n = max(pairs, batch)
-    list(generate_pairs(bundle, range(batch), seed=0, params=SamplingParams(steps=1), eta=1.0, batch_size=batch))
+    list(
+        generate_pairs(
+            bundle, range(batch), seed=0, params=SamplingParams(steps=1), eta=1.0, batch_size=batch
+        )
+    )
     t0 = time.perf_counter()
     list(generate_pairs(bundle, range(n), seed=1, params=params, eta=1.0, batch_size=batch))
     return (time.perf_counter() - t0) / n
@@ -51,12 +55,16 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 20, 30])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--pairs", type=int, default=16, help="pairs timed per configuration (at least one batch)")
+    ap.add_argument(
+        "--pairs", type=int, default=16, help="pairs timed per configuration (at least one batch)"
+    )
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bundle = Bundle.load(args.bundle) if args.bundle else random_bundle(args.resolution)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
     print(f"bundle: {args.bundle or 'random weights'}, {bundle.resolution}x{bundle.resolution}, "
           f"DPM {sum(p.numel() for p in bundle.dpm.parameters()) / 1e6:.2f}M params, "
           f"segmenter {sum(p.numel() for p in bundle.segmenter.parameters()) / 1e6:.2f}M")  # fmt: skip
