@@ -61,11 +61,11 @@ class Storage(ABC):
         """A URL that downloads ``key`` without credentials, or None when the backend has none."""
         return None
 
+    @abstractmethod
     def put_stream(
         self, key: str, chunks: Iterator[bytes], content_type: str = "application/octet-stream"
     ) -> None:
         """Write an object from a stream of chunks (a big zip), never holding it whole."""
-        raise NotImplementedError
 
 
 class LocalStorage(Storage):
