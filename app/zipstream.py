@@ -31,19 +31,13 @@ def job_zip(
         yield "manifest.csv", now, MODE, deflate, manifest
         yield "job.json", now, MODE, deflate, storage.iter_chunks(record_key(job_id))
         for row in rows:  # PNGs are compressed already
-            yield (
-                f"images/{row['name']}.png",
-                now,
-                MODE,
-                store,
-                storage.iter_chunks(image_key(job_id, row["name"])),
-            )
-            yield (
-                f"masks/{row['name']}.png",
-                now,
-                MODE,
-                store,
-                storage.iter_chunks(mask_key(job_id, row["name"])),
-            )
+            for folder, key in (("images", image_key), ("masks", mask_key)):
+                yield (
+                    f"{folder}/{row['name']}.png",
+                    now,
+                    MODE,
+                    store,
+                    storage.iter_chunks(key(job_id, row["name"])),
+                )
 
     return iter(stream_zip(members()))

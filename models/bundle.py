@@ -106,9 +106,7 @@ class Bundle:
         return self.path.name
 
     def default_params(self) -> SamplingParams:
-        d = dict(self.meta.get("sampling_defaults", {}))
-        known = set(SamplingParams.__dataclass_fields__)
-        return SamplingParams(**{k: v for k, v in d.items() if k in known})
+        return SamplingParams.from_dict(self.meta.get("sampling_defaults", {}))
 
     @property
     def default_eta(self) -> float:

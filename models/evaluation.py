@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from models.bundle import Bundle, new_meta, read_meta, write_meta
 from models.data import PairDataset, load_folder, to_uint8
 from models.expand import GeneratedPair, generate_pairs
-from models.filtering import dice_score
+from models.filtering import score_pairs
 from models.guidance import GuidanceMode
 from models.sampling import SamplingParams
 from models.training import (
@@ -325,11 +325,13 @@ def test_dice(model: torch.nn.Module, data: PairDataset, batch_size: int = 64) -
     """Per-image Dice at threshold 0.5 on ``data`` (no test-time augmentation)."""
     model.eval()
     dev = next(model.parameters()).device
-    scores = []
-    for i in range(0, len(data), batch_size):
-        pred = (torch.sigmoid(model(data.images[i : i + batch_size].to(dev))) > 0.5).float()
-        scores.append(dice_score(pred, (data.masks[i : i + batch_size].to(dev) > 0).float()).cpu())
-    return torch.cat(scores).double().numpy()
+    losses = [
+        score_pairs(
+            model, data.images[i : i + batch_size].to(dev), data.masks[i : i + batch_size].to(dev)
+        ).cpu()
+        for i in range(0, len(data), batch_size)
+    ]
+    return (1.0 - torch.cat(losses).double()).numpy()
 
 
 def summarise(values: Sequence[float]) -> dict[str, Any]:

@@ -82,6 +82,12 @@ class SamplingParams:
         d["scale"] = self.strength if self.guidance is GuidanceMode.SCALE else self.scale
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
+        """Settings from ``to_dict()`` output (a bundle's or a job's); keys it does not know are ignored."""
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
     def updated(self, **changes: Any) -> SamplingParams:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from models.bundle import read_meta, write_meta
 from models.data import PairDataset
-from models.filtering import DEFAULT_ETA, dice_loss
+from models.filtering import DEFAULT_ETA, score_pairs
 from models.networks import (
     Condition,
     FilterSegmenter,
@@ -322,12 +322,12 @@ def evaluate_filter(model: FilterSegmenter, data: PairDataset, eta: float = DEFA
     """Held-out Dice of the filter (threshold 0.5) and the share of real pairs it would keep at η."""
     model.eval()
     dev = next(model.parameters()).device
-    losses = []
-    for i in range(0, len(data), 32):
-        img = data.images[i : i + 32].to(dev)
-        pred = (torch.sigmoid(model(img)) > 0.5).float()
-        losses.append(dice_loss(pred, (data.masks[i : i + 32].to(dev) > 0).float()).cpu())
-    loss = torch.cat(losses)
+    loss = torch.cat(
+        [
+            score_pairs(model, data.images[i : i + 32].to(dev), data.masks[i : i + 32].to(dev)).cpu()
+            for i in range(0, len(data), 32)
+        ]
+    )
     return {
         "dice_mean": float((1 - loss).mean()),
         "dice_std": float((1 - loss).std()) if len(loss) > 1 else 0.0,

@@ -48,8 +48,7 @@ def shard_indices(params: dict[str, Any], shard: int) -> range:
 
 
 def sampling_params(params: dict[str, Any]) -> SamplingParams:
-    known = set(SamplingParams.__dataclass_fields__)
-    return SamplingParams(**{k: v for k, v in params["sampling"].items() if k in known})
+    return SamplingParams.from_dict(params["sampling"])
 
 
 def run_shard(
