@@ -12,14 +12,16 @@ from tqdm import tqdm
 
 from models.bundle import BundleError, read_meta, resolve_device
 from models.data import DatasetError
-from models.evaluation import PRESETS, VARIANTS, EvalConfig, EvaluationError, run_evaluation
+from models.evaluation import PRESETS, EvalConfig, EvaluationError, run_evaluation
+from models.variants import VARIANTS
 
 PRESET_HELP = (
     "Settings to start from; explicit options override them. 'paper': N=500, 3 seeds, 50 epochs, "
-    "lr 1e-2, every variant, few-shot 10/25/50/100 %. 'cpu': about 30-40 min on one CPU core for "
-    "~340 train / ~85 test 64x64 pairs: N=100, 3 seeds, 12 epochs (~336 steps), lr 3e-3, UNet "
-    "(16,32,64,128) with 1 residual unit, 10 solver steps, CF+CG+CS stops at 2xN generated, "
-    "few-shot 10/25/50/100 % (not retrained)."
+    "lr 1e-2, every variant, few-shot 10/25/50/100 % with retrained bundles. 'cpu': Table 1 only, "
+    "about 15 min on two CPU cores for ~340 train / ~85 test 64x64 pairs: N=100, 3 seeds, 12 epochs, "
+    "lr 3e-3, UNet (16,32,64,128) with 1 residual unit, 10 solver steps. 'fewshot-cpu': the "
+    "few-shot protocol only at 10 % and 100 %, 300 steps per row, bundles retrained per fraction "
+    "(docs/results.md gives its wall time)."
 )
 
 
@@ -85,8 +87,61 @@ def evaluate_cmd(
     fewshot_variant: Annotated[
         str | None, typer.Option(help="Synthetic variant of the few-shot rows.")
     ] = None,
-    retrain: Annotated[bool, typer.Option(help="Retrain the bundle on each few-shot subset.")] = False,
+    retrain: Annotated[
+        bool,
+        typer.Option(
+            help="Retrain the bundle on each few-shot subset (--no-retrain reuses the given bundle: "
+            "an upper bound, labelled as such)."
+        ),
+    ] = True,
     retrain_steps: Annotated[int | None, typer.Option(help="Stage I steps of a retrained bundle.")] = None,
+    retrain_segmenter_steps: Annotated[
+        int | None, typer.Option(help="Stage II steps of a retrained bundle.")
+    ] = None,
+    retrain_filter_steps: Annotated[
+        int | None, typer.Option(help="Stage IV steps of a retrained bundle.")
+    ] = None,
+    retrain_augment: Annotated[
+        bool | None, typer.Option(help="Geometric augmentation while retraining Stage I.")
+    ] = None,
+    group_by: Annotated[
+        str | None,
+        typer.Option(
+            help="Group-aware split: the group of a pair is the first match of this regex in its name "
+            "(its first capture group if any); a group never straddles train and test."
+        ),
+    ] = None,
+    group_column: Annotated[
+        str | None,
+        typer.Option(
+            help="Group-aware split by this column of the data's pairs.csv (default: 'group' if present)."
+        ),
+    ] = None,
+    table: Annotated[
+        bool | None, typer.Option(help="Run the Table-1 part (variants at the full train split).")
+    ] = None,
+    synthetic_sets: Annotated[
+        int | None, typer.Option(help="Synthetic sets per few-shot fraction (different request seeds).")
+    ] = None,
+    synthetic_multiple: Annotated[
+        float | None, typer.Option(help="Few-shot N as a multiple of the fraction's real pairs.")
+    ] = None,
+    sweep: Annotated[
+        str | None, typer.Option(help="N multiples tried at the smallest fraction, e.g. 1,3,10 (or none).")
+    ] = None,
+    synthetic_ratio: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of synthetic pairs in each few-shot batch, in (0, 1) (default: concatenate)."
+        ),
+    ] = None,
+    augment: Annotated[bool | None, typer.Option(help="Train the augmentation rows.")] = None,
+    flip: Annotated[
+        bool, typer.Option(help="Left/right flips in the augmentation (off: chest X-rays are not symmetric).")
+    ] = False,
+    fewshot_steps: Annotated[
+        int | None, typer.Option(help="Downstream steps of every few-shot row (equal steps).")
+    ] = None,
     inception_fid: Annotated[bool, typer.Option(help="Compute the Inception FID (offline weights).")] = True,
     gen_seed: Annotated[int | None, typer.Option(help="Request seed of the synthetic pairs.")] = None,
     gen_batch_size: Annotated[int | None, typer.Option(help="Pairs per sampling batch.")] = None,
@@ -123,11 +178,23 @@ def evaluate_cmd(
         "fewshot": _floats(fewshot, "--fewshot"),
         "fewshot_variant": fewshot_variant,
         "retrain_steps": retrain_steps,
+        "retrain_segmenter_steps": retrain_segmenter_steps,
+        "retrain_filter_steps": retrain_filter_steps,
+        "retrain_augment": retrain_augment,
+        "group_by": group_by,
+        "group_column": group_column,
+        "table": table,
+        "synthetic_sets": synthetic_sets,
+        "synthetic_multiple": synthetic_multiple,
+        "sweep": _floats(sweep, "--sweep"),
+        "synthetic_ratio": synthetic_ratio,
+        "augment": augment,
+        "fewshot_steps": fewshot_steps,
         "gen_seed": gen_seed,
         "gen_batch_size": gen_batch_size,
     }
     settings.update({k: v for k, v in given.items() if v is not None})
-    settings.update({"retrain": retrain, "inception_fid": inception_fid, "device": str(dev)})
+    settings.update({"retrain": retrain, "flip": flip, "inception_fid": inception_fid, "device": str(dev)})
     try:
         cfg = EvalConfig(**settings)
     except ValueError as exc:
@@ -140,9 +207,11 @@ def evaluate_cmd(
             if not folder:
                 raise fail("no DATA folder given and the bundle records none")
             data = Path(folder)
-        if cfg.fewshot and cfg.fewshot_variant not in (cfg.variants or VARIANTS):
+        fv = VARIANTS.get(cfg.fewshot_variant)
+        if cfg.fewshot and (fv is None or not fv.synthetic or not fv.downstream):
+            synthetic = ", ".join(k for k, v in VARIANTS.items() if v.synthetic and v.downstream)
             raise fail(
-                f"--fewshot-variant {cfg.fewshot_variant} is not among --variants; add it or pass --fewshot none"
+                f"--fewshot-variant {cfg.fewshot_variant!r} is not a synthetic variant; choose one of {synthetic}"
             )
         typer.echo(f"evaluate {bundle} on {data} -> {out} ({preset} preset, device {dev})")
         bar = tqdm(total=0, unit="work", dynamic_ncols=True, file=sys.stderr)

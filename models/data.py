@@ -9,8 +9,10 @@ masks, half the maximum for deeper formats) *before* a nearest-neighbour resize,
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,41 +53,154 @@ class PairDataset:
 
 @dataclass(frozen=True)
 class Split:
-    """A seeded train/test split by pair name, saved in the bundle so evaluation never trains on test pairs."""
+    """A seeded train/test split by pair name, saved in the bundle so evaluation never trains on test pairs.
+
+    ``grouping`` says how pairs were grouped (``{"by": "regex"|"column", "value": ...}``, or None
+    for one group per pair): every group lies wholly in train or wholly in test.
+    """
 
     seed: int
     test_fraction: float
     train: list[str] = field(default_factory=list)
     test: list[str] = field(default_factory=list)
+    grouping: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        d: dict[str, object] = {
             "seed": self.seed,
             "test_fraction": self.test_fraction,
             "train": self.train,
             "test": self.test,
         }
+        if self.grouping is not None:
+            d["grouping"] = dict(self.grouping)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> Split:
+        grouping = d.get("grouping")
         return cls(
             seed=int(d["seed"]),  # type: ignore[call-overload]
             test_fraction=float(d["test_fraction"]),  # type: ignore[arg-type]
             train=list(d["train"]),  # type: ignore[call-overload]
             test=list(d["test"]),  # type: ignore[call-overload]
+            grouping=dict(grouping) if isinstance(grouping, dict) else None,
         )
 
 
-def make_split(names: Sequence[str], *, test_fraction: float = 0.2, seed: int = 0) -> Split:
-    """Shuffle the sorted names with ``seed`` and hold out ``round(test_fraction * N)`` (at least one) for test."""
+def make_split(
+    names: Sequence[str],
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    groups: dict[str, str] | None = None,
+    grouping: dict[str, str] | None = None,
+) -> Split:
+    """Hold out about ``test_fraction`` of the pairs for test, seeded.
+
+    Without ``groups`` every pair is its own group: the sorted names are shuffled and the first
+    ``round(test_fraction * N)`` (at least one) go to test. With ``groups`` (name -> group) the
+    groups are shuffled and taken into test in that order, skipping any group that would push
+    the test split past its target, so no group straddles the split (a patient, or the panels of
+    one source figure, never sits on both sides).
+    """
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     ordered = sorted(names)
-    random.Random(seed).shuffle(ordered)
     n_test = round(test_fraction * len(ordered))
     if test_fraction > 0:
         n_test = min(max(n_test, 1), len(ordered) - 1)
-    return Split(seed, test_fraction, train=sorted(ordered[n_test:]), test=sorted(ordered[:n_test]))
+    if groups is None:
+        random.Random(seed).shuffle(ordered)
+        return Split(seed, test_fraction, train=sorted(ordered[n_test:]), test=sorted(ordered[:n_test]))
+    members: dict[str, list[str]] = {}
+    for name in ordered:
+        members.setdefault(groups[name], []).append(name)
+    keys = sorted(members)
+    random.Random(seed).shuffle(keys)
+    test: list[str] = []
+    for key in keys:
+        if len(test) >= n_test:
+            break
+        if len(test) + len(members[key]) <= n_test or not test:
+            test.extend(members[key])
+    if len(test) == len(ordered):
+        raise ValueError("one group holds every pair: a group-aware split cannot hold any pair out")
+    held = set(test)
+    return Split(
+        seed,
+        test_fraction,
+        train=[n for n in ordered if n not in held],
+        test=sorted(test),
+        grouping=grouping,
+    )
+
+
+def groups_from_regex(names: Sequence[str], pattern: str) -> dict[str, str]:
+    """Group of each name: the first match of ``pattern`` in it (its first capture group if it has one).
+
+    A name the pattern does not match is its own group (and is listed in no error: a pattern
+    that groups only some names, such as the panels of multi-panel figures, is normal).
+    """
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"--group-by {pattern!r} is not a valid regular expression ({exc})") from None
+    out = {}
+    for name in names:
+        m = rx.search(name)
+        if m is None:
+            out[name] = name
+        else:
+            out[name] = m.group(1) if rx.groups and m.group(1) is not None else m.group(0)
+    return out
+
+
+def groups_from_csv(root: str | Path, names: Sequence[str], column: str = "group") -> dict[str, str]:
+    """Group of each name from ``root/pairs.csv`` (columns ``name`` and ``column``); empty cells are their own group."""
+    path = Path(root) / "pairs.csv"
+    if not path.is_file():
+        raise DatasetError(f"{path}: no pairs.csv, so no '{column}' column to group pairs by")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        if "name" not in fields or column not in fields:
+            raise DatasetError(
+                f"{path}: needs the columns 'name' and '{column}' to group pairs (has: {', '.join(fields)})"
+            )
+        table = {row["name"]: (row[column] or "").strip() for row in reader}
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise DatasetError(f"{path}: no row for {len(missing)} pairs ({', '.join(missing[:3])})")
+    return {n: table[n] or n for n in names}
+
+
+def pair_groups(
+    root: str | Path, names: Sequence[str], *, group_by: str | None = None, group_column: str | None = None
+) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+    """``(groups, grouping)`` for a split: by regex on the name, by a pairs.csv column, or none.
+
+    With neither option, a ``group`` column in pairs.csv is used when it exists.
+    """
+    if group_by and group_column:
+        raise ValueError("give either --group-by REGEX or --group-column NAME, not both")
+    if group_by:
+        return groups_from_regex(names, group_by), {"by": "regex", "value": group_by}
+    csv_path = Path(root) / "pairs.csv"
+    if group_column is None and csv_path.is_file():
+        with csv_path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if "group" in header:
+            group_column = "group"
+    if group_column:
+        return groups_from_csv(root, names, group_column), {"by": "column", "value": group_column}
+    return None, None
+
+
+def groups_straddling(split: Split, groups: dict[str, str]) -> list[str]:
+    """Groups with pairs on both sides of ``split`` (empty for a group-aware split)."""
+    train_groups = {groups[n] for n in split.train if n in groups}
+    return sorted({groups[n] for n in split.test if n in groups} & train_groups)
 
 
 def find_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:

@@ -25,9 +25,12 @@ class Condition(IntEnum):
     IMAGE_UNCOND = 2  # y1 = 1 with the mask dropped (classifier-free), mask channel zeros
 
 
+DEFAULT_DPM_CHANNELS = (32, 64, 96, 128)
+
+
 def build_dpm(
     resolution: int,
-    block_out_channels: tuple[int, ...] = (32, 64, 96, 128),
+    block_out_channels: tuple[int, ...] = DEFAULT_DPM_CHANNELS,
     layers_per_block: int = 1,
     attention: bool = True,
 ) -> UNet2DModel:

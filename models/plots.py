@@ -69,14 +69,24 @@ def dice_loss_histogram(path: Path, losses: Mapping[str, Sequence[float]], eta: 
     return path
 
 
-def fewshot_curve(path: Path, entries: Sequence[Mapping[str, Any]], variant: str) -> Path:
-    """Fig. 2 right: test Dice (mean ± std over seeds) vs share of the train split, origin vs expanded."""
+def fewshot_rows(path: Path, entries: Sequence[Mapping[str, Any]]) -> Path:
+    """Fig. 2 right, extended: test Dice (mean ± std over runs) of the five rows vs share of the train split."""
     fr = np.array([e["fraction"] * 100 for e in entries])
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for key, label, marker in (("origin", "origin", "o"), ("expanded", f"origin + {variant}", "s")):
-        m = np.array([e[key]["mean"] for e in entries])
-        s = np.array([e[key]["std"] for e in entries])
-        ax.errorbar(fr, m, yerr=s, marker=marker, capsize=3, label=label)
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    styles = {
+        "origin": ("origin", "o"),
+        "augment": ("+ augmentation", "^"),
+        "synthetic": ("+ synthetic", "s"),
+        "synthetic_augment": ("+ synthetic + augmentation", "D"),
+        "duplicates": ("+ duplicates (control)", "x"),
+    }
+    for key, (label, marker) in styles.items():
+        pts = [(f, e["rows"][key]) for f, e in zip(fr, entries, strict=True) if key in e["rows"]]
+        if not pts:
+            continue
+        x = np.array([p[0] for p in pts])
+        ax.errorbar(x, [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts], marker=marker,
+                    capsize=3, label=label)  # fmt: skip
     retrained = all(e.get("retrained") for e in entries)
     ax.set_xscale("log")
     ax.set_xticks(fr)
@@ -84,10 +94,38 @@ def fewshot_curve(path: Path, entries: Sequence[Mapping[str, Any]], variant: str
     ax.set_xlabel("share of the train split")
     ax.set_ylabel("test Dice")
     ax.set_title(
-        f"Few-shot, equal steps (bundle {'retrained' if retrained else 'not retrained'} per split)",
+        f"Few-shot, equal steps (bundle {'retrained' if retrained else 'not retrained'} per fraction)",
         fontsize=9,
     )
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def memorisation_histogram(path: Path, mem: Mapping[str, Any], fraction: float) -> Path:
+    """Nearest-training-mask Dice of synthetic pairs beside real held-out pairs (the reference)."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    vals = mem["values"]
+    for ax, key, xlabel in (
+        (axes[0], "mask_dice", "Dice of the mask to its nearest training mask"),
+        (axes[1], "image_ssim", "SSIM of the image to its nearest training image"),
+    ):
+        bins = np.linspace(
+            min(0.5, *(vals[f"synthetic_{key}"] or [1]), *(vals[f"real_{key}"] or [1])), 1.0, 26
+        )
+        ax.hist(vals[f"synthetic_{key}"], bins=bins, alpha=0.6, density=True, label="synthetic (kept)")
+        ax.hist(vals[f"real_{key}"], bins=bins, alpha=0.6, density=True, label="real test pairs")
+        if key == "mask_dice":
+            ax.axvline(mem["threshold"], color="k", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("density")
+    fig.suptitle(
+        f"Memorisation at {fraction:.0%}: against the {mem['n_train_reference']} pairs the bundle saw",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -20,10 +20,12 @@ from monai.losses import DiceLoss
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
+from models.augment import Augmenter, AugmentRecipe
 from models.bundle import read_meta, write_meta
 from models.data import PairDataset
 from models.filtering import DEFAULT_ETA, score_pairs
 from models.networks import (
+    DEFAULT_DPM_CHANNELS,
     Condition,
     FilterSegmenter,
     NoisySegmenter,
@@ -186,19 +188,24 @@ def train_dpm(
     cf_dropout: float = 0.2,
     ema_max_decay: float = 0.9999,
     pretrained: str | Path | None = None,
+    block_out_channels: tuple[int, ...] | None = None,
+    augment: AugmentRecipe | None = None,
     device: torch.device | str = "cpu",
     callback: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Stage I (Eq. 1): y1 ~ Bernoulli(0.5), ε-prediction MSE, mask condition dropped with ``cf_dropout``.
 
     Saves the EMA weights (diffusers EMAModel with warmup, so a short run is not dominated by the
-    random initial weights) to ``bundle_dir/dpm``.
+    random initial weights) to ``bundle_dir/dpm``. ``block_out_channels`` sizes the UNet (default:
+    ``build_dpm``'s); ``augment`` applies the augmentation recipe to each batch's pairs (geometry to
+    image and mask together), for few-pair training sets the DPM would otherwise memorise.
     """
     if not 0.0 <= cf_dropout < 1.0:
         raise ValueError(f"cf_dropout must be in [0, 1), got {cf_dropout}")
     bundle_dir = Path(bundle_dir)
     dev = torch.device(device)
-    model = _seeded_init(cfg.seed, "dpm", lambda: build_dpm(data.resolution)).to(dev)
+    channels = tuple(block_out_channels) if block_out_channels else DEFAULT_DPM_CHANNELS
+    model = _seeded_init(cfg.seed, "dpm", lambda: build_dpm(data.resolution, channels)).to(dev)
     reinitialised: list[str] = []
     if pretrained is not None:
         reinitialised = load_pretrained_weights(model, pretrained)
@@ -210,6 +217,11 @@ def train_dpm(
         "ema_max_decay": ema_max_decay,
         "pretrained": str(pretrained),
     }
+    if block_out_channels:  # recorded only when set, so checkpoints of earlier bundles still resume
+        config["block_out_channels"] = list(channels)
+    if augment is not None:
+        config["augment"] = augment.to_dict()
+    augmenter = Augmenter(augment, data.resolution) if augment is not None else None
     acp = alphas_cumprod().to(dev)
     images, masks = data.images.to(dev), data.masks.to(dev)
     b, r = cfg.batch_size, data.resolution
@@ -220,8 +232,12 @@ def train_dpm(
         dropped = (torch.rand(b, generator=g) < cf_dropout).to(dev)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=g).to(dev)
         noise = torch.randn((b, 1, r, r), generator=g).to(dev)
-        x0 = torch.where(is_image.view(-1, 1, 1, 1), images[rows], masks[rows])
-        cond = torch.where((is_image & ~dropped).view(-1, 1, 1, 1), masks[rows], torch.zeros_like(x0))
+        img, msk = images[rows], masks[rows]
+        if augmenter is not None:
+            aug_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+            img, msk = augmenter.batch(img, msk, aug_seed)
+        x0 = torch.where(is_image.view(-1, 1, 1, 1), img, msk)
+        cond = torch.where((is_image & ~dropped).view(-1, 1, 1, 1), msk, torch.zeros_like(x0))
         labels = torch.where(
             is_image,
             torch.where(dropped, int(Condition.IMAGE_UNCOND), int(Condition.IMAGE_GIVEN_MASK)),
@@ -234,7 +250,7 @@ def train_dpm(
     start, loss_value = _optimise(
         "dpm", model, opt, cfg, config, bundle_dir, loss_at, ema=ema, callback=callback
     )
-    ema_model = build_dpm(data.resolution)
+    ema_model = build_dpm(data.resolution, channels)
     ema_model.load_state_dict(model.state_dict())
     ema.copy_to(ema_model.parameters())
     ema_model.save_pretrained(bundle_dir / "dpm", safe_serialization=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data import DatasetError, load_folder, make_split
+from models.data import DatasetError, Split, load_folder, make_split
 
 
 def write_pair(root: Path, name: str, image: Image.Image, mask: Image.Image, ext: str = ".png") -> None:
@@ -149,3 +149,35 @@ def test_loads_the_bundled_chest_xray_example() -> None:
     assert len(ds) == 6 and ds.images.shape == (6, 1, 32, 32)
     foreground = ds.masks.eq(1).float().mean(dim=(1, 2, 3))
     assert bool(((foreground > 0.1) & (foreground < 0.6)).all())  # two lungs, not the whole film
+
+
+def test_group_aware_split_never_straddles_a_group(tmp_path: Path) -> None:
+    from models.data import groups_from_regex, groups_straddling, pair_groups
+
+    names = [f"fig{i // 3}-{'abc'[i % 3]}" for i in range(30)] + [f"single{i}" for i in range(10)]
+    groups = groups_from_regex(names, r"^(fig\d+)-[a-c]$")
+    assert groups["fig2-b"] == "fig2" and groups["single3"] == "single3"  # no match: its own group
+    split = make_split(
+        names, test_fraction=0.2, seed=1, groups=groups, grouping={"by": "regex", "value": "x"}
+    )
+    assert not groups_straddling(split, groups) and len(split.test) == 8
+    assert sorted(split.train + split.test) == sorted(names)
+    assert split == make_split(list(reversed(names)), test_fraction=0.2, seed=1, groups=groups,
+                               grouping={"by": "regex", "value": "x"})  # fmt: skip
+    plain = make_split(names, test_fraction=0.2, seed=1)
+    assert groups_straddling(plain, groups)  # what the grouping prevents
+    assert Split.from_dict(split.to_dict()) == split and split.to_dict()["grouping"] == {
+        "by": "regex",
+        "value": "x",
+    }
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        groups_from_regex(names, "fig(")
+    with pytest.raises(ValueError, match="one group holds every pair"):
+        make_split(names, test_fraction=0.2, seed=0, groups=dict.fromkeys(names, "all"))
+    # a pairs.csv 'group' column is used without any option; a missing row is an error naming it
+    (tmp_path / "pairs.csv").write_text("name,group\n" + "".join(f"{n},{groups[n]}\n" for n in names))
+    g, info = pair_groups(tmp_path, names)
+    assert g == groups and info == {"by": "column", "value": "group"}
+    with pytest.raises(DatasetError, match="no row for 1 pairs"):
+        pair_groups(tmp_path, [*names, "stray"])
+    assert pair_groups(tmp_path / "none", names) == (None, None)

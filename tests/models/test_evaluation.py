@@ -17,19 +17,12 @@ from typer.testing import CliRunner
 from models.bundle import read_meta
 from models.cli import app
 from models.data import load_folder
-from models.evaluation import (
-    EvalConfig,
-    EvaluationError,
-    Variant,
-    check_bundle_data,
-    duplicate_rows,
-    fewshot_subset,
-    make_synthetic,
-    plan_steps,
-    select_variants,
-    train_downstream,
-)
+from models.downstream import DownstreamConfig, mixed_batches, train_downstream
+from models.evaluation import EvalConfig, EvaluationError, check_bundle_data, plan_steps
+from models.fewshot import fewshot_subset
 from models.sampling import SamplingParams
+from models.synthetic import duplicate_rows, make_synthetic
+from models.variants import Variant, select_variants
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -41,7 +34,8 @@ def test_evaluate_end_to_end_on_the_tiny_bundle(tmp_path: Path, tiny_bundle: Pat
     res = runner.invoke(app, ["evaluate", str(tiny_bundle), data_dir, "--out", str(out), "--n-synthetic", "4",
                               "--seeds", "0", "--steps", "4", "--batch-size", "4", "--sample-steps", "2",
                               "--variants", "origin_epochs,duplicates,cf,cfcg_tau2,cfcgcs_tau2,cfcg_s2",
-                              "--fewshot", "0.5,1", "--fewshot-variant", "cfcgcs_tau2", "--device", "cpu"])  # fmt: skip
+                              "--fewshot", "0.5,1", "--fewshot-variant", "cfcgcs_tau2", "--no-retrain",
+                              "--synthetic-sets", "1", "--sweep", "none", "--no-augment", "--device", "cpu"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "wall time" in res.output
     r = json.loads((out / "results.json").read_text())
@@ -72,15 +66,18 @@ def test_evaluate_end_to_end_on_the_tiny_bundle(tmp_path: Path, tiny_bundle: Pat
     assert 0.0 <= r["bundle"]["filter_real_test"]["real_pass_rate"] <= 1.0
     fs = r["fewshot"]
     assert [e["fraction"] for e in fs] == [0.5, 1.0] and [e["n_real"] for e in fs] == [4, 8]
-    assert all(e["retrained"] is False and 0 <= e["expanded"]["mean"] <= 1 for e in fs)
-    assert fs[1]["origin"] == v["origin"]["downstream"]["dice"]  # 100 % reuses the main table
+    # --no-retrain: the 50 % rows used the bundle trained on the whole split (labelled upper bound);
+    # at 100 % that bundle *is* the one trained on exactly this train split
+    assert [e["retrained"] for e in fs] == [False, True]
+    assert all(set(e["rows"]) == {"origin", "synthetic", "duplicates"} for e in fs)  # --no-augment
+    assert all(0 <= e["rows"]["synthetic"]["mean"] <= 1 for e in fs)
 
     md = (out / "results.md").read_text()
     dice_row = next(line for line in md.splitlines() if line.startswith("| Dice ↑ |"))
     assert dice_row.count("|") == len(trained) + 2
     assert "| origin (equal steps) | origin (equal epochs) | origin + N duplicates | CF |" in md
-    assert "not** retrained" in md
-    for name in ("samples.png", "dice_loss_tau_vs_s.png", "fewshot.png"):
+    assert "**not retrained** (upper bound)" in md
+    for name in ("samples.png", "dice_loss_tau_vs_s.png", "fewshot.png", "memorisation.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size[0] > 100
 
@@ -115,6 +112,7 @@ def test_split_names_missing_from_the_folder_are_refused(tiny_bundle: Path) -> N
 
 def test_equal_steps_origin_trains_as_many_optimiser_steps_as_an_expanded_run() -> None:
     cfg = EvalConfig(epochs=2, batch_size=4, channels=(4, 8), num_res_units=0, seeds=(0,), n_synthetic=5)
+    dcfg = cfg.downstream()
     budget = plan_steps(n_real=6, n_synthetic=5, cfg=cfg)
     assert budget == {"expanded": 2 * 3, "origin_epochs": 2 * 2}  # ceil(11/4) = 3, ceil(6/4) = 2 per epoch
     counted: list[int] = []
@@ -129,7 +127,7 @@ def test_equal_steps_origin_trains_as_many_optimiser_steps_as_an_expanded_run() 
         for key, n, steps in (("origin", 6, budget["expanded"]), ("expanded", 11, budget["expanded"]),
                               ("origin_epochs", 6, budget["origin_epochs"])):  # fmt: skip
             counted.append(0)
-            _, taken = train_downstream(x[:n], y[:n], steps, cfg, 0, key)
+            _, taken = train_downstream(x[:n], y[:n], steps, dcfg, 0, key)
             results[key] = (taken, counted[-1])
     finally:
         handle.remove()
@@ -185,3 +183,96 @@ def test_subsets_duplicates_and_variant_selection() -> None:
     assert [v.key for v in select_variants(["cf"])] == ["origin", "cf"]
     with pytest.raises(ValueError, match="unknown variant"):
         select_variants(["cf", "magic"])
+
+
+def test_fewshot_protocol_end_to_end_with_groups_retraining_and_cache(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """Section 1 of the protocol at tiny scale: group-aware split, retrained bundles, five rows, sweep, memorisation."""
+    data_dir = read_meta(tiny_bundle)["data"]["folder"]
+    out = tmp_path / "fs"
+    args = ["evaluate", str(tiny_bundle), data_dir, "--out", str(out), "--no-table", "--seeds", "0,1",
+            "--batch-size", "4", "--sample-steps", "2", "--fewshot", "0.5,1", "--group-by", "^shape00[0-2]",
+            "--retrain-steps", "3", "--retrain-segmenter-steps", "2", "--retrain-filter-steps", "2",
+            "--synthetic-sets", "2", "--sweep", "1,2", "--fewshot-steps", "3", "--eta", "1",
+            "--max-attempts-factor", "2", "--no-inception-fid", "--device", "cpu"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "results.json").read_text())
+    grouped = {f"shape00{i}" for i in range(3)}
+    test_names = set(r["split"]["test"])
+    assert r["split"]["grouping"] == {"by": "regex", "value": "^shape00[0-2]"}
+    assert grouped <= test_names or not grouped & test_names  # the group never straddles the split
+    fs = r["fewshot"]
+    assert [e["fraction"] for e in fs] == [0.5, 1.0] and all(e["retrained"] for e in fs)
+    for e in fs:
+        assert set(e["rows"]) == {"origin", "augment", "synthetic", "synthetic_augment", "duplicates"}
+        assert (
+            len(e["rows"]["origin"]["runs"]) == 2 and len(e["rows"]["synthetic"]["runs"]) == 4
+        )  # sets x seeds
+        assert {row["steps"] for row in e["rows"].values()} == {3}  # equal steps
+        for key in ("vs_augment", "vs_origin"):
+            p = e["paired"][key]
+            assert p["ci_low"] <= p["mean"] <= p["ci_high"]
+        assert 0 <= e["memorisation"]["synthetic_share_over_0.95"] <= 1
+        # each retrained bundle records the subset it saw, inside the evaluation's train split
+        if not e["bundle"].startswith("given"):
+            meta = read_meta(e["bundle"])
+            assert len(meta["split"]["train"]) == e["n_real"] and set(meta["split"]["train"]).isdisjoint(
+                test_names
+            )
+            assert meta["split"]["grouping"] == r["split"]["grouping"]
+    assert [sw["multiple"] for sw in fs[0]["sweep"]] == [1.0, 2.0] and fs[1]["sweep"][0]["multiple"] == 1.0
+    assert r["memorisation"]["fraction"] == 0.5
+    md = (out / "results.md").read_text()
+    assert "origin + N synthetic + augmentation" in md and "N sweep at 50%" in md and "Memorisation" in md
+
+    # a rerun with the same settings retrains nothing, generates nothing and trains nothing
+    first = r
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    again = json.loads((out / "results.json").read_text())
+    assert again["fewshot"][0]["rows"] == first["fewshot"][0]["rows"]
+    assert all(st["seconds"] == 0 for e in again["fewshot"] for st in e["synthetic_sets"])
+
+
+def test_no_retrain_is_refused_when_the_bundle_did_not_see_this_split(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    meta = read_meta(tiny_bundle)
+    data_dir = tmp_path / "data"
+    shutil.copytree(meta["data"]["folder"], data_dir)  # same images and masks: same fingerprint
+    t, u = meta["split"]["test"][0], meta["split"]["train"][0]
+    rows = ["name,group"] + [
+        f"{n},{'g' if n in (t, u) else n}" for n in meta["split"]["train"] + meta["split"]["test"]
+    ]
+    (data_dir / "pairs.csv").write_text("\n".join(rows) + "\n")  # t (test) and u (train) are one patient
+    res = runner.invoke(app, ["evaluate", str(tiny_bundle), str(data_dir), "--out", str(tmp_path / "o"),
+                              "--no-table", "--no-retrain", "--fewshot", "0.5", "--seeds", "0",
+                              "--fewshot-steps", "1"])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "--no-retrain" in res.output and "group-aware" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_mixed_batches_hold_the_synthetic_ratio() -> None:
+    rows = list(mixed_batches(n_real=5, n_synthetic=40, ratio=0.75, batch_size=8, steps=6, seed=0, key="k"))
+    assert len(rows) == 6
+    for b in rows:
+        assert len(b) == 8 and int((b >= 5).sum()) == 6  # round(0.75 * 8) synthetic rows
+    real = torch.cat([b[b < 5] for b in rows]).tolist()
+    assert sorted(real[:5]) == list(range(5))  # real rows cycle through whole permutations
+    assert torch.equal(torch.cat(rows), torch.cat(list(mixed_batches(5, 40, 0.75, 8, 6, 0, "k"))))
+
+
+def test_augmented_downstream_training_is_repeatable() -> None:
+    from models.augment import Augmenter, AugmentRecipe
+
+    cfg = DownstreamConfig(batch_size=4, channels=(4, 8), num_res_units=0, lr=1e-2)
+    x, y = torch.randn(6, 1, 16, 16).clamp(-1, 1), torch.where(torch.rand(6, 1, 16, 16) > 0.5, 1.0, -1.0)
+    aug = Augmenter(AugmentRecipe(), 16)
+    a, _ = train_downstream(x, y, 3, cfg, 0, "k", augmenter=aug)
+    b, _ = train_downstream(x, y, 3, cfg, 0, "k", augmenter=aug)
+    c, _ = train_downstream(x, y, 3, cfg, 0, "k")
+    pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)

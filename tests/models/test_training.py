@@ -102,3 +102,60 @@ def test_filter_reports_held_out_metrics(tmp_path: Path, data: PairDataset) -> N
     )
     shutil.rmtree(b / ".checkpoints")
     assert (b / "filter" / "model.safetensors").is_file()
+
+
+def test_augmented_small_dpm_resumes_exactly_and_records_its_shape(tmp_path: Path, data: PairDataset) -> None:
+    from models.augment import AugmentRecipe
+
+    kw = {"block_out_channels": (8, 16, 32, 32), "augment": AugmentRecipe(intensity=False)}
+    straight = fresh_bundle(tmp_path / "straight")
+    train_dpm(data, straight, TrainConfig(steps=4, batch_size=2, checkpoint_every=2), **kw)  # type: ignore[arg-type]
+    resumed = fresh_bundle(tmp_path / "resumed")
+    train_dpm(data, resumed, TrainConfig(steps=2, batch_size=2, checkpoint_every=2), **kw)  # type: ignore[arg-type]
+    s = train_dpm(data, resumed, TrainConfig(steps=4, batch_size=2, checkpoint_every=2), **kw)  # type: ignore[arg-type]
+    assert (
+        s["resumed_from"] == 2
+        and s["block_out_channels"] == [8, 16, 32, 32]
+        and s["augment"]["flip"] is False
+    )
+    a, b = weights(straight / "dpm"), weights(resumed / "dpm")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert list(UNet2DModel.from_pretrained(straight / "dpm").config.block_out_channels) == [8, 16, 32, 32]
+    plain = fresh_bundle(tmp_path / "plain")
+    train_dpm(
+        data,
+        plain,
+        TrainConfig(steps=4, batch_size=2, checkpoint_every=2),
+        block_out_channels=(8, 16, 32, 32),
+    )
+    assert any(
+        not torch.equal(a[k], v) for k, v in weights(plain / "dpm").items()
+    )  # augmentation changed the run
+
+
+def test_retrained_bundle_is_cached_and_a_changed_recipe_is_refused(
+    tmp_path: Path, data: PairDataset
+) -> None:
+    from models.data import make_split
+    from models.retrain import RetrainMismatch, RetrainRecipe, retrain_bundle
+
+    split = make_split(data.names, test_fraction=0.25, seed=0)
+    sub, test = data.subset(split.train[:4]), data.subset(split.test)
+    recipe = RetrainRecipe(
+        dpm_steps=2, segmenter_steps=1, filter_steps=1, batch_size=2, dpm_channels=(8, 16, 32, 32)
+    )
+    kw = {"fraction": 0.5, "data_meta": {"fingerprint": data.fingerprint}, "sampling_defaults": {"steps": 2},
+          "eta_default": 1.0}  # fmt: skip
+    out = tmp_path / "fraction-0.5"
+    b = retrain_bundle(sub, test, split, out, recipe, **kw)  # type: ignore[arg-type]
+    assert b.meta["split"]["train"] == sub.names and b.meta["split"]["test"] == split.test
+    assert b.meta["retrain_recipe"]["dpm_channels"] == [8, 16, 32, 32]
+    stamp = (out / "dpm" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    retrain_bundle(sub, test, split, out, recipe, **kw)  # type: ignore[arg-type]
+    assert (
+        out / "dpm" / "diffusion_pytorch_model.safetensors"
+    ).stat().st_mtime_ns == stamp  # loaded, not retrained
+    with pytest.raises(RetrainMismatch, match="another recipe or split"):
+        retrain_bundle(sub, test, split, out, RetrainRecipe(dpm_steps=3, batch_size=2), **kw)  # type: ignore[arg-type]
+    with pytest.raises(RetrainMismatch):
+        retrain_bundle(data.subset(split.train[:3]), test, split, out, recipe, **kw)  # type: ignore[arg-type]
