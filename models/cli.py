@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from models.bundle import Bundle, BundleError, new_meta, read_meta, resolve_device, write_meta
-from models.data import DatasetError, PairDataset, Split, find_pairs, load_folder, make_split
+from models.data import DatasetError, PairDataset, Split, find_pairs, load_folder, make_split, pair_groups
 from models.expand import Cancelled, expand
 from models.guidance import GuidanceMode
 from models.training import TrainConfig, train_dpm, train_filter, train_segmenter
@@ -67,9 +67,19 @@ def _progress(desc: str, total: int) -> tuple[tqdm, Callable[[int, int, float], 
 
 
 def _prepare_bundle(
-    data_dir: Path, out: Path, resolution: int | None, seed: int, test_fraction: float
+    data_dir: Path,
+    out: Path,
+    resolution: int | None,
+    seed: int,
+    test_fraction: float,
+    group_by: str | None = None,
+    group_column: str | None = None,
 ) -> tuple[PairDataset, PairDataset, dict[str, Any]]:
-    """Create the bundle's bundle.json and split on first use; later stages must use the same data."""
+    """Create the bundle's bundle.json and split on first use; later stages must use the same data.
+
+    The split is group-aware with ``group_by``/``group_column`` (or a ``group`` column in the
+    data's pairs.csv): no group straddles train and test, and the split records the grouping.
+    """
     pairs = find_pairs(data_dir)
     if (out / "bundle.json").exists():
         meta = read_meta(out)
@@ -82,7 +92,9 @@ def _prepare_bundle(
         if resolution is None:
             resolution = 64
         meta = new_meta(resolution)
-        split = make_split([p[0] for p in pairs], test_fraction=test_fraction, seed=seed)
+        names = [p[0] for p in pairs]
+        groups, grouping = pair_groups(data_dir, names, group_by=group_by, group_column=group_column)
+        split = make_split(names, test_fraction=test_fraction, seed=seed, groups=groups, grouping=grouping)
         meta["split"] = split.to_dict()
     data = load_folder(data_dir, int(meta["resolution"]))
     if "data" in meta and meta["data"]["fingerprint"] != data.fingerprint:
@@ -118,6 +130,19 @@ BatchOpt = Annotated[int, typer.Option(help="Training batch size.", callback=_po
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 TestFracOpt = Annotated[
     float, typer.Option(help="Share of pairs held out for testing (saved in the bundle).")
+]
+GroupByOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Group-aware split on first use: a pair's group is the first match of this regex in its "
+        "name (its first capture group if any); no group straddles train and test."
+    ),
+]
+GroupColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Group-aware split by this column of the data's pairs.csv (default: 'group' if present)."
+    ),
 ]
 
 
@@ -191,12 +216,14 @@ def train(
     lr: Annotated[float, typer.Option(help="Stage I learning rate.", callback=_positive("--lr"))] = 2e-4,
     cf_dropout: Annotated[float, typer.Option(help="Classifier-free dropout of the mask condition.")] = 0.2,
     pretrained: Annotated[Path | None, typer.Option(help="Local DPM checkpoint to fine-tune from.")] = None,
+    group_by: GroupByOpt = None,
+    group_column: GroupColumnOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train all stages (I, II, IV) into a bundle; re-running continues from the checkpoints."""
     dev = _device(device)
     with user_errors():
-        tr, te, _ = _prepare_bundle(data, out, resolution, seed, test_fraction)
+        tr, te, _ = _prepare_bundle(data, out, resolution, seed, test_fraction, group_by, group_column)
         typer.echo(f"{len(tr)} training pairs, {len(te)} held out, device {dev}")
         _run_dpm(tr, out, train_steps, batch_size, seed, lr, cf_dropout, pretrained, dev)
         _run_segmenter(tr, out, segmenter_steps or max(1, train_steps // 2), batch_size, seed, dev)
@@ -216,12 +243,14 @@ def train_dpm_cmd(
     lr: Annotated[float, typer.Option(callback=_positive("--lr"))] = 2e-4,
     cf_dropout: float = 0.2,
     pretrained: Annotated[Path | None, typer.Option(help="Local DPM checkpoint to fine-tune from.")] = None,
+    group_by: GroupByOpt = None,
+    group_column: GroupColumnOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Stage I only: the two-condition DPM."""
     dev = _device(device)
     with user_errors():
-        tr, _, _ = _prepare_bundle(data, out, resolution, seed, test_fraction)
+        tr, _, _ = _prepare_bundle(data, out, resolution, seed, test_fraction, group_by, group_column)
         _run_dpm(tr, out, train_steps, batch_size, seed, lr, cf_dropout, pretrained, dev)
 
 
@@ -234,12 +263,14 @@ def train_segmenter_cmd(
     batch_size: BatchOpt = 16,
     seed: SeedOpt = 0,
     test_fraction: TestFracOpt = 0.2,
+    group_by: GroupByOpt = None,
+    group_column: GroupColumnOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Stage II only: the noisy segmenter with its image/mask head."""
     dev = _device(device)
     with user_errors():
-        tr, _, _ = _prepare_bundle(data, out, resolution, seed, test_fraction)
+        tr, _, _ = _prepare_bundle(data, out, resolution, seed, test_fraction, group_by, group_column)
         _run_segmenter(tr, out, train_steps, batch_size, seed, dev)
 
 
@@ -252,12 +283,14 @@ def train_filter_cmd(
     batch_size: BatchOpt = 16,
     seed: SeedOpt = 0,
     test_fraction: TestFracOpt = 0.2,
+    group_by: GroupByOpt = None,
+    group_column: GroupColumnOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Stage IV only: the clean filter segmenter, with its held-out Dice."""
     dev = _device(device)
     with user_errors():
-        tr, te, _ = _prepare_bundle(data, out, resolution, seed, test_fraction)
+        tr, te, _ = _prepare_bundle(data, out, resolution, seed, test_fraction, group_by, group_column)
         _run_filter(tr, te, out, train_steps, batch_size, seed, dev)
 
 

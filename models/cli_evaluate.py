@@ -126,6 +126,9 @@ def evaluate_cmd(
     synthetic_multiple: Annotated[
         float | None, typer.Option(help="Few-shot N as a multiple of the fraction's real pairs.")
     ] = None,
+    max_synthetic: Annotated[
+        int | None, typer.Option(help="Cap on the few-shot N (bounds generation at large fractions).")
+    ] = None,
     sweep: Annotated[
         str | None, typer.Option(help="N multiples tried at the smallest fraction, e.g. 1,3,10 (or none).")
     ] = None,
@@ -186,6 +189,7 @@ def evaluate_cmd(
         "table": table,
         "synthetic_sets": synthetic_sets,
         "synthetic_multiple": synthetic_multiple,
+        "max_synthetic": max_synthetic,
         "sweep": _floats(sweep, "--sweep"),
         "synthetic_ratio": synthetic_ratio,
         "augment": augment,

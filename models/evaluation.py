@@ -91,6 +91,7 @@ class EvalConfig:
     retrain_augment: bool = True  # geometric augmentation while retraining Stage I
     synthetic_sets: int = 2
     synthetic_multiple: float = 1.0  # few-shot N = multiple x the fraction's real pairs
+    max_synthetic: int | None = None  # cap on the few-shot N (bounds generation at large fractions)
     sweep: tuple[float, ...] = (1.0, 3.0, 10.0)  # N multiples at the smallest fraction
     synthetic_ratio: float | None = None  # share of synthetic pairs per batch (None: concatenate)
     augment: bool = True  # the augmentation rows
@@ -125,6 +126,8 @@ class EvalConfig:
             raise ValueError(f"synthetic_multiple must be in (0, 1000], got {self.synthetic_multiple}")
         if any(not (0 < m <= 1000) for m in self.sweep):
             raise ValueError(f"sweep multiples must be in (0, 1000], got {list(self.sweep)}")
+        if self.max_synthetic is not None and self.max_synthetic < 1:
+            raise ValueError(f"max_synthetic must be >= 1, got {self.max_synthetic}")
         if self.synthetic_ratio is not None and not 0 < self.synthetic_ratio < 1:
             raise ValueError(f"synthetic_ratio must be in (0, 1), got {self.synthetic_ratio}")
         if self.group_by and self.group_column:
@@ -311,7 +314,7 @@ def run_evaluation(
             synthetic_sets=cfg.synthetic_sets, multiple=cfg.synthetic_multiple, sweep=tuple(cfg.sweep),
             synthetic_ratio=cfg.synthetic_ratio, augment=recipe, steps=cfg.fewshot_steps, epochs=cfg.epochs,
             seeds=tuple(cfg.seeds), gen_seed=cfg.gen_seed, gen_batch_size=cfg.gen_batch_size,
-            max_attempts_factor=cfg.max_attempts_factor,
+            max_attempts_factor=cfg.max_attempts_factor, max_synthetic=cfg.max_synthetic,
         )  # fmt: skip
         data_meta = {"folder": str(data_dir), "fingerprint": data_full.fingerprint}
         fs = run_fewshot(settings, cfg.downstream(), bundle, bundle_fits, train, test, split, data_meta, fv,

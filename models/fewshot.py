@@ -65,7 +65,7 @@ class FewshotSettings:
     retrain: bool
     recipe: RetrainRecipe
     synthetic_sets: int
-    multiple: float  # main N = round(multiple * n_real)
+    multiple: float  # main N = round(multiple * n_real), at most max_synthetic
     sweep: tuple[float, ...]  # extra multiples at the smallest fraction
     synthetic_ratio: float | None
     augment: AugmentRecipe | None  # None: no augmentation rows
@@ -75,6 +75,11 @@ class FewshotSettings:
     gen_seed: int
     gen_batch_size: int
     max_attempts_factor: float
+    max_synthetic: int | None = None
+
+    def n_for(self, multiple: float, n_real: int) -> int:
+        n = max(1, round(multiple * n_real))
+        return n if self.max_synthetic is None else min(n, self.max_synthetic)
 
 
 class RunCache:
@@ -220,8 +225,8 @@ def _one_fraction(
     sub = fewshot_subset(train, fraction, split.seed)
     n_real = len(sub)
     multiples = sweep_multiples(s, fraction)
-    n_main = max(1, round(s.multiple * n_real))
-    n_max = max(max(1, round(m * n_real)) for m in multiples)
+    n_main = s.n_for(s.multiple, n_real)
+    n_max = max(s.n_for(m, n_real) for m in multiples)
     steps = s.steps or s.epochs * steps_per_epoch(n_real + n_main, downstream.batch_size)
 
     # ---- the bundle that generates this fraction's pairs
@@ -273,7 +278,7 @@ def _one_fraction(
     if augmenter is not None:
         plans.append(("synthetic_augment", True, n_main))
         for m in multiples:
-            n_m = max(1, round(m * n_real))
+            n_m = s.n_for(m, n_real)
             if n_m != n_main:
                 plans.append((f"synthetic_augment_x{m:g}", True, n_m))
     runs_total = sum(len(s.seeds) * (len(sets) if n is not None else 1) for _k, _a, n in plans)
@@ -364,7 +369,7 @@ def _one_fraction(
         if row_name in entry["rows"]:
             entry["rows"][row_name]["synthetic_used_per_set"] = used
     for m in multiples:
-        n_m = max(1, round(m * n_real))
+        n_m = s.n_for(m, n_real)
         row_key = "synthetic_augment" if n_m == n_main else f"synthetic_augment_x{m:g}"
         if row_key in rows:
             entry["sweep"].append(

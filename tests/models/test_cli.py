@@ -97,3 +97,19 @@ def test_training_on_other_data_into_an_existing_bundle_is_refused(
     shutil.copytree(tiny_bundle, bundle)
     res = runner.invoke(app, ["train-filter", str(shapes_dir), "--out", str(bundle), "--train-steps", "1"])
     assert res.exit_code == 2 and "fingerprint differs" in res.output
+
+
+def test_train_with_group_by_makes_a_group_aware_split(tmp_path: Path, shapes_dir: Path) -> None:
+    bundle = tmp_path / "bundle"
+    # shape000..shape003 are one "patient": they must land on one side of the split together
+    res = runner.invoke(app, ["train-segmenter", str(shapes_dir), "--out", str(bundle), "--resolution", "16",
+                              "--train-steps", "1", "--batch-size", "2", "--group-by", "^(shape00)[0-3]",
+                              "--seed", "3", "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    split = json.loads((bundle / "bundle.json").read_text())["split"]
+    assert split["grouping"] == {"by": "regex", "value": "^(shape00)[0-3]"}
+    group = {f"shape00{i}" for i in range(4)}
+    assert group <= set(split["train"]) or group <= set(split["test"])
+    res = runner.invoke(app, ["train-segmenter", str(shapes_dir), "--out", str(tmp_path / "b2"),
+                              "--group-by", "shape(", "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 2 and "not a valid regular expression" in res.output

@@ -192,17 +192,18 @@ def test_fewshot_protocol_end_to_end_with_groups_retraining_and_cache(
     data_dir = read_meta(tiny_bundle)["data"]["folder"]
     out = tmp_path / "fs"
     args = ["evaluate", str(tiny_bundle), data_dir, "--out", str(out), "--no-table", "--seeds", "0,1",
-            "--batch-size", "4", "--sample-steps", "2", "--fewshot", "0.5,1", "--group-by", "^shape00[0-2]",
+            "--batch-size", "4", "--sample-steps", "2", "--fewshot", "0.5,1", "--group-by", "^(shape00)[6-8]",
             "--retrain-steps", "3", "--retrain-segmenter-steps", "2", "--retrain-filter-steps", "2",
             "--synthetic-sets", "2", "--sweep", "1,2", "--fewshot-steps", "3", "--eta", "1",
             "--max-attempts-factor", "2", "--no-inception-fid", "--device", "cpu"]  # fmt: skip
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     r = json.loads((out / "results.json").read_text())
-    grouped = {f"shape00{i}" for i in range(3)}
+    grouped = {f"shape00{i}" for i in (6, 7, 8)}  # straddles the bundle's own split (test: 7, 8)
     test_names = set(r["split"]["test"])
-    assert r["split"]["grouping"] == {"by": "regex", "value": "^shape00[0-2]"}
+    assert r["split"]["grouping"] == {"by": "regex", "value": "^(shape00)[6-8]"}
     assert grouped <= test_names or not grouped & test_names  # the group never straddles the split
+    assert r["bundle"]["trained_on_this_split"] is False  # so even 100 % is retrained
     fs = r["fewshot"]
     assert [e["fraction"] for e in fs] == [0.5, 1.0] and all(e["retrained"] for e in fs)
     for e in fs:
@@ -216,12 +217,11 @@ def test_fewshot_protocol_end_to_end_with_groups_retraining_and_cache(
             assert p["ci_low"] <= p["mean"] <= p["ci_high"]
         assert 0 <= e["memorisation"]["synthetic_share_over_0.95"] <= 1
         # each retrained bundle records the subset it saw, inside the evaluation's train split
-        if not e["bundle"].startswith("given"):
-            meta = read_meta(e["bundle"])
-            assert len(meta["split"]["train"]) == e["n_real"] and set(meta["split"]["train"]).isdisjoint(
-                test_names
-            )
-            assert meta["split"]["grouping"] == r["split"]["grouping"]
+        meta = read_meta(e["bundle"])
+        assert len(meta["split"]["train"]) == e["n_real"] and set(meta["split"]["train"]).isdisjoint(
+            test_names
+        )
+        assert meta["split"]["grouping"] == r["split"]["grouping"]
     assert [sw["multiple"] for sw in fs[0]["sweep"]] == [1.0, 2.0] and fs[1]["sweep"][0]["multiple"] == 1.0
     assert r["memorisation"]["fraction"] == 0.5
     md = (out / "results.md").read_text()
