@@ -163,9 +163,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seeds": (0, 1, 2),
         "lr": 3e-3,
         "num_res_units": 1,
+        "fewshot": (0.1, 0.25, 1.0),
         "fewshot_steps": 300,
-        "max_attempts_factor": 4.0,
-        "fewshot": (0.1, 1.0),
+        "synthetic_sets": 2,
+        "synthetic_multiple": 1.0,
+        "max_synthetic": 170,
+        "sweep": (1.0, 3.0, 10.0),
+        "max_attempts_factor": 2.5,
     },
 }
 

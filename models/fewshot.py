@@ -261,6 +261,7 @@ def _one_fraction(
         st = make_synthetic(cache, variant, base, n_max, eta, max_attempts)
         st.extra["seconds"] = round(cache.seconds, 1)
         st.extra["seed"] = s.gen_seed + k
+        st.extra["generated_now"] = cache.generated_now
         log(
             f"fraction {fraction:g} set {k}: {st.kept} kept of {st.generated} generated in {cache.seconds:.0f} s"
         )
@@ -285,6 +286,7 @@ def _one_fraction(
     progress.add_total(runs_total * steps)
 
     runs_cache = RunCache(out / "cache" / "runs")
+    counts = {"runs_trained": 0, "runs_from_cache": 0}
     bundle_key = bundle_identity(fb)
     rows: dict[str, RowRuns] = {}
     sizes: dict[str, int] = {}
@@ -323,7 +325,9 @@ def _one_fraction(
                     )  # fmt: skip
                     per_image = test_dice(model, test)
                     runs_cache.put(run_key, per_image)
+                    counts["runs_trained"] += 1
                 else:
+                    counts["runs_from_cache"] += 1
                     progress.step(steps)
                 rr.runs.append(
                     {"set": None if st is None else k, "seed": seed, "dice": float(per_image.mean())}
@@ -360,6 +364,10 @@ def _one_fraction(
             for st in sets
         ],
         "rows": {k: rows[k].summary(steps, sizes[k]) for k in ROWS if k in rows},
+        "this_process": {**counts, "pairs_generated": sum(st.extra["generated_now"] for st in sets)},
+        "bundle_training_seconds": {
+            stage: rec.get("seconds_this_run") for stage, rec in fb.meta.get("training", {}).items()
+        },
         "paired_row": headline,
         "paired": paired(headline),
         "paired_all": {k: paired(k) for k in rows if k != "origin"},

@@ -62,6 +62,7 @@ class PairCache:
         self.progress, self.planned = progress, planned  # indices below ``planned`` are in the bar's total
         self.store: dict[str, dict[int, GeneratedPair]] = {}
         self.seconds = 0.0
+        self.generated_now = 0  # pairs this process generated (not read back from ``disk``)
         self.disk = disk
         self._bundle_id = bundle_identity(bundle) if disk is not None else ""
 
@@ -87,6 +88,7 @@ class PairCache:
             self.bundle, todo, seed=self.seed, params=params, eta=1.0, batch_size=self.batch_size
         ):
             have[pair.index] = pair
+            self.generated_now += 1
             if folder is not None:
                 _write_pair(folder / f"{pair.index:06d}.npz", pair)
             self.progress.step(weight)

@@ -310,6 +310,7 @@ def train_segmenter(
             loss = loss + _segmentation_loss(out.mask_logits[is_image], target, dice)
         return loss
 
+    t0 = time.perf_counter()
     start, loss_value = _optimise(
         "segmenter", model, opt, cfg, config, bundle_dir, loss_at, callback=callback
     )
@@ -319,6 +320,7 @@ def train_segmenter(
         "resumed_from": start,
         "final_loss": loss_value,
         "parameters": count_parameters(model),
+        "seconds_this_run": round(time.perf_counter() - t0, 1),
     }
     _record(bundle_dir, "segmenter", summary)
     return summary
@@ -375,6 +377,7 @@ def train_filter(
         rows = _batch_rows(len(data), cfg.batch_size, g)
         return _segmentation_loss(model(_jitter_intensity(images[rows], g)), (masks[rows] > 0).float(), dice)
 
+    t0 = time.perf_counter()
     start, loss_value = _optimise("filter", model, opt, cfg, config, bundle_dir, loss_at, callback=callback)
     model.cpu().save_pretrained(bundle_dir / "filter")
     summary: dict[str, Any] = {
@@ -382,6 +385,7 @@ def train_filter(
         "resumed_from": start,
         "final_loss": loss_value,
         "parameters": count_parameters(model),
+        "seconds_this_run": round(time.perf_counter() - t0, 1),
     }
     if test_data is not None and len(test_data):
         summary["test"] = evaluate_filter(model, test_data)
