@@ -33,27 +33,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from models.augment import AugmentRecipe
 from models.bundle import Bundle, read_meta
 from models.data import PairDataset, Split, load_folder, make_split, pair_groups, to_uint8
-from models.downstream import DownstreamConfig, steps_per_epoch, test_dice, train_downstream
+from models.downstream import DownstreamConfig, steps_per_epoch
 from models.fewshot import FewshotSettings, run_fewshot
 from models.report import write_results
 from models.retrain import RetrainRecipe
-from models.statistics import summarise
 from models.synthetic import (
-    PairCache,
     Progress,
-    SyntheticSet,
-    duplicate_rows,
-    make_synthetic,
-    pairs_to_tensors,
 )
-from models.training import evaluate_filter
-from models.variants import VARIANTS, sampling_params, select_variants
+from models.table1 import run_table
+from models.variants import VARIANTS, select_variants
 
 
 class EvaluationError(ValueError):
@@ -227,10 +220,6 @@ def plan_steps(n_real: int, n_synthetic: int, cfg: EvalConfig) -> dict[str, int]
     return {"expanded": expanded, "origin_epochs": epochs_row}
 
 
-def _variant_params_dict(s: SyntheticSet) -> dict[str, Any]:
-    return {**s.params.to_dict(), "eta": s.eta}
-
-
 def run_evaluation(
     bundle_path: str | Path,
     data_dir: str | Path,
@@ -302,7 +291,7 @@ def run_evaluation(
         (to_uint8(train.images[i, 0]), to_uint8(train.masks[i, 0])) for i in range(min(16, len(train)))
     ]
     if cfg.table and bundle_fits:
-        _run_table(cfg, bundle, data_dir, train, test, base, eta, out, progress, log, results, pngs,
+        run_table(cfg, bundle, data_dir, train, test, base, eta, out, progress, log, results, pngs,
                    real_pairs, plots)  # fmt: skip
     elif cfg.table:
         results["table_skipped"] = (
@@ -337,185 +326,3 @@ def run_evaluation(
     results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     write_results(out, results)
     return results
-
-
-def _run_table(
-    cfg: EvalConfig,
-    bundle: Bundle,
-    data_dir: str | Path,
-    train: PairDataset,
-    test: PairDataset,
-    base: Any,
-    eta: float,
-    out: Path,
-    progress: Progress,
-    log: Callable[[str], None],
-    results: dict[str, Any],
-    pngs: dict[str, Path],
-    real_pairs: list[tuple[np.ndarray, np.ndarray]],
-    plots: Any,
-) -> None:
-    """Table 1 and Fig. 2 (left) with the given bundle at the full train split."""
-    from models.fid import (
-        INCEPTION_SOURCE,
-        FIDUnavailable,
-        InceptionFeatures,
-        fid_from_features,
-        segmenter_features,
-    )
-
-    res = train.resolution
-    dcfg = cfg.downstream()
-    variants = select_variants(cfg.variants)
-    n = cfg.n_synthetic
-    max_attempts = max(n, int(round(cfg.max_attempts_factor * n)))
-    budget = plan_steps(len(train), n, cfg)
-    results["steps"] = budget
-    synth = [v for v in variants if v.synthetic]
-    distinct = {repr(sorted(sampling_params(base, v).to_dict().items())) for v in synth}
-    trained_rows = [v for v in variants if v.downstream]
-    progress.add_total(len(distinct) * n * base.steps)
-    progress.add_total(
-        len(cfg.seeds)
-        * sum(
-            budget["origin_epochs"] if v.kind == "origin_epochs" else budget["expanded"] for v in trained_rows
-        )
-    )
-    cache = PairCache(bundle, cfg.gen_seed, cfg.gen_batch_size, progress, n)
-    # the ceiling of the Stage IV yield: the filter's pass rate on real held-out pairs at the same η
-    test_b = test if res == bundle.resolution else load_folder(data_dir, bundle.resolution, test.names)
-    results["bundle"]["filter_real_test"] = evaluate_filter(bundle.filter, test_b, eta)
-
-    # ---- synthetic sets (generated once per variant, reused for every downstream seed)
-    synthetic: dict[str, SyntheticSet] = {}
-    for v in synth:
-        progress.phase(f"generate {v.key}")
-        before = cache.seconds
-        s = make_synthetic(cache, v, base, n, eta, max_attempts)
-        synthetic[v.key] = s
-        s.extra["seconds"] = round(cache.seconds - before, 1)
-        log(f"{v.key}: {s.kept} kept of {s.generated} generated")
-
-    # ---- downstream training
-    def train_rows(
-        rows: list[tuple[str, torch.Tensor, torch.Tensor, int]],
-        prefix: str,
-        record: dict[str, dict[str, Any]],
-    ) -> dict[str, torch.nn.Module]:
-        first: dict[str, torch.nn.Module] = {}
-        for key, x, y, steps in rows:
-            scores, taken = [], []
-            for seed in cfg.seeds:
-                progress.phase(f"{prefix}{key} seed {seed}")
-                model, k = train_downstream(x, y, steps, dcfg, seed, prefix + key, progress.step)
-                scores.append(float(test_dice(model, test).mean()))
-                taken.append(k)
-                first.setdefault(key, model)
-            record[key] = {
-                "steps": taken[0],
-                "steps_per_seed": taken,
-                "epochs": round(taken[0] / steps_per_epoch(len(x), cfg.batch_size), 2),
-                "train_pairs": len(x),
-                "dice": summarise(scores),
-            }
-        return first
-
-    rows: list[tuple[str, torch.Tensor, torch.Tensor, int]] = []
-    for v in trained_rows:
-        if v.kind == "origin":
-            rows.append((v.key, train.images, train.masks, budget["expanded"]))
-        elif v.kind == "origin_epochs":
-            rows.append((v.key, train.images, train.masks, budget["origin_epochs"]))
-        elif v.kind == "duplicates":
-            dup = duplicate_rows(len(train), n, cfg.gen_seed)
-            rows.append((v.key, torch.cat([train.images, train.images[dup]]),
-                         torch.cat([train.masks, train.masks[dup]]), budget["expanded"]))  # fmt: skip
-        else:
-            si, sm = pairs_to_tensors(synthetic[v.key].pairs, res)
-            rows.append(
-                (v.key, torch.cat([train.images, si]), torch.cat([train.masks, sm]), budget["expanded"])
-            )
-    downstream: dict[str, dict[str, Any]] = {}
-    train_rows(rows, "", downstream)
-
-    # ---- FID of the synthetic pairs used vs the real test images
-    fid_info: dict[str, Any] = {
-        "reference": f"real test split ({len(test)} images)",
-        "inception": {"features": INCEPTION_SOURCE, "available": False},
-        "filter": {
-            "features": "Stage IV filter (MONAI UNet) bottleneck, global average pool",
-            "available": True,
-        },
-    }
-    inception = None
-    if cfg.inception_fid:
-        try:
-            inception = InceptionFeatures(cfg.device)
-            fid_info["inception"]["available"] = True
-        except FIDUnavailable as exc:
-            fid_info["inception"]["reason"] = str(exc)
-    else:
-        fid_info["inception"]["reason"] = "disabled (--no-inception-fid)"
-    progress.phase("FID")
-    real_u8 = to_uint8(test_b.images[:, 0])
-    real_inc = inception(real_u8) if inception is not None else None
-    real_seg = segmenter_features(bundle.filter, test_b.images)
-    fids: dict[str, dict[str, float | None]] = {}
-    inc_cache: dict[int, np.ndarray] = {}
-    for key, s in synthetic.items():
-        entry: dict[str, float | None] = {"inception": None, "filter": None}
-        if len(s.pairs) >= 2:
-            u8 = np.stack([p.image for p in s.pairs])
-            x = torch.from_numpy(u8).float()[:, None] / 127.5 - 1.0
-            entry["filter"] = fid_from_features(segmenter_features(bundle.filter, x), real_seg)
-            if inception is not None and real_inc is not None:
-                # CF+CG and CF+CG+CS at one τ share most pairs: extract each pair's features once
-                todo = [p for p in s.pairs if id(p) not in inc_cache]
-                if todo:
-                    for p, f in zip(todo, inception(np.stack([p.image for p in todo])), strict=True):
-                        inc_cache[id(p)] = f
-                feats = np.stack([inc_cache[id(p)] for p in s.pairs])
-                entry["inception"] = fid_from_features(feats, real_inc)
-        fids[key] = entry
-    results["fid"] = fid_info
-
-    for v in variants:
-        row: dict[str, Any] = {"label": v.label, "kind": v.kind, "downstream": downstream.get(v.key)}
-        if v.synthetic:
-            s = synthetic[v.key]
-            losses = np.asarray(s.losses)
-            row.update(
-                {
-                    "params": _variant_params_dict(s),
-                    "generated": s.generated,
-                    "kept": s.kept,
-                    "yield": s.kept / max(1, s.generated),
-                    "filter_pass_rate_at_eta": float((losses <= eta).mean()) if len(losses) else None,
-                    "dice_loss": {
-                        "mean": float(losses.mean()),
-                        "median": float(np.median(losses)),
-                        "values": [round(float(x), 5) for x in losses],
-                    },
-                    "fid_inception": fids[v.key]["inception"],
-                    "fid_filter": fids[v.key]["filter"],
-                    "generation_seconds": s.extra.get("seconds"),
-                }
-            )
-        results["variants"][v.key] = row
-
-    # ---- outputs
-    progress.phase("plots")
-    order: list[str] = ["cfcgcs_tau2", "cfcgcs_tau1", "cfcg_tau2", *synthetic]
-    grid_key = next((k for k in order if k in synthetic and synthetic[k].pairs), None)
-    if grid_key is not None:
-        fake = [(p.image, p.mask) for p in synthetic[grid_key].pairs[:16]]
-        pngs["samples"] = plots.sample_grid(
-            out / "samples.png", fake, real_pairs, f"generated: {VARIANTS[grid_key].label}"
-        )
-    hist = {
-        VARIANTS[k].label: synthetic[k].losses
-        for k in ("cfcg_tau1", "cfcg_tau2", "cfcg_s2", "cfcg_tau3", "cfcg_s3")
-        if k in synthetic
-    }
-    if hist:
-        pngs["dice_loss_hist"] = plots.dice_loss_histogram(out / "dice_loss_tau_vs_s.png", hist, eta)
