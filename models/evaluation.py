@@ -39,7 +39,7 @@ from models.augment import AugmentRecipe
 from models.bundle import Bundle, read_meta
 from models.data import PairDataset, Split, load_folder, make_split, pair_groups, to_uint8
 from models.downstream import DownstreamConfig, steps_per_epoch
-from models.fewshot import FewshotSettings, run_fewshot
+from models.fewshot import FewshotContext, FewshotSettings, run_fewshot
 from models.report import write_results
 from models.retrain import RetrainRecipe
 from models.synthetic import (
@@ -310,8 +310,10 @@ def run_evaluation(
             max_attempts_factor=cfg.max_attempts_factor, max_synthetic=cfg.max_synthetic,
         )  # fmt: skip
         data_meta = {"folder": str(data_dir), "fingerprint": data_full.fingerprint}
-        fs = run_fewshot(settings, cfg.downstream(), bundle, bundle_fits, train, test, split, data_meta, fv,
-                         base, eta, out, progress, log)  # fmt: skip
+        fs = run_fewshot(
+            FewshotContext(settings, cfg.downstream(), bundle, bundle_fits, train, test, split, data_meta, fv,
+                           base, eta, out, progress, log)  # fmt: skip
+        )  # fmt: skip
         results["fewshot"] = fs["fewshot"]
         results["memorisation"] = fs["memorisation"]
         results["fewshot_variant"] = cfg.fewshot_variant

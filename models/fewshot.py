@@ -151,44 +151,29 @@ class RowRuns:
         }
 
 
-def run_fewshot(
-    settings: FewshotSettings,
-    downstream: DownstreamConfig,
-    bundle: Bundle,
-    bundle_fits_split: bool,
-    train: PairDataset,
-    test: PairDataset,
-    split: Split,
-    data_meta: dict[str, Any],
-    variant: Variant,
-    base: SamplingParams,
-    eta: float,
-    out: Path,
-    progress: Progress,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FewshotContext:
+    """What every fraction of one run shares."""
+
+    settings: FewshotSettings
+    downstream: DownstreamConfig
+    bundle: Bundle  # the given bundle: sampling defaults, and the 100 % row when it fits the split
+    bundle_fits_split: bool
+    train: PairDataset
+    test: PairDataset
+    split: Split
+    data_meta: dict[str, Any]
+    variant: Variant
+    base: SamplingParams
+    eta: float
+    out: Path
+    progress: Progress
+    log: Callable[[str], None]
+
+
+def run_fewshot(ctx: FewshotContext) -> dict[str, Any]:
     """Run the protocol at every fraction; returns ``{"fewshot": [...], "memorisation": {...}}``."""
-    entries = []
-    for fraction in sorted(settings.fractions):
-        entries.append(
-            _one_fraction(
-                settings,
-                downstream,
-                bundle,
-                bundle_fits_split,
-                train,
-                test,
-                split,
-                data_meta,
-                variant,
-                base,
-                eta,
-                out,
-                progress,
-                log,
-                fraction,
-            )  # fmt: skip
-        )
+    entries = [_one_fraction(ctx, fraction) for fraction in sorted(ctx.settings.fractions)]
     # the headline memorisation figures: the smallest fraction, where copying is likeliest
     headline: dict[str, Any] = {}
     for e in entries:
@@ -205,23 +190,16 @@ def run_fewshot(
     return {"fewshot": entries, "memorisation": headline}
 
 
-def _one_fraction(
-    s: FewshotSettings,
-    downstream: DownstreamConfig,
-    bundle: Bundle,
-    bundle_fits_split: bool,
-    train: PairDataset,
-    test: PairDataset,
-    split: Split,
-    data_meta: dict[str, Any],
-    variant: Variant,
-    base: SamplingParams,
-    eta: float,
-    out: Path,
-    progress: Progress,
-    log: Callable[[str], None],
-    fraction: float,
-) -> dict[str, Any]:
+def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
+    s, downstream, bundle, train, test, split = (
+        ctx.settings,
+        ctx.downstream,
+        ctx.bundle,
+        ctx.train,
+        ctx.test,
+        ctx.split,
+    )
+    variant, base, eta, out, progress, log = ctx.variant, ctx.base, ctx.eta, ctx.out, ctx.progress, ctx.log
     sub = fewshot_subset(train, fraction, split.seed)
     n_real = len(sub)
     multiples = sweep_multiples(s, fraction)
@@ -230,7 +208,7 @@ def _one_fraction(
     steps = s.steps or s.epochs * steps_per_epoch(n_real + n_main, downstream.batch_size)
 
     # ---- the bundle that generates this fraction's pairs
-    if fraction == 1.0 and bundle_fits_split:
+    if fraction == 1.0 and ctx.bundle_fits_split:
         fb, retrained, source = bundle, True, "given bundle (trained on exactly this train split)"
     elif s.retrain:
         progress.phase(f"retrain bundle at {fraction:.0%}")
@@ -245,7 +223,7 @@ def _one_fraction(
             progress.step(1)
 
         fb = retrain_bundle(sub, test, split, fraction_dir(out, fraction), s.recipe, fraction=fraction,
-                            data_meta=data_meta, sampling_defaults=bundle.meta.get("sampling_defaults", {}),
+                            data_meta=ctx.data_meta, sampling_defaults=bundle.meta.get("sampling_defaults", {}),
                             eta_default=bundle.default_eta, device=downstream.device, callback=cb)  # fmt: skip
         retrained, source = True, str(fraction_dir(out, fraction))
     else:
