@@ -307,16 +307,14 @@ def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
                 else:
                     counts["runs_from_cache"] += 1
                     progress.step(steps)
-                rr.runs.append(
-                    {"set": None if st is None else k, "seed": seed, "dice": float(per_image.mean())}
-                )
+                rr.runs.append({"set": set_id, "seed": seed, "dice": float(per_image.mean())})
                 rr.per_image.append(per_image)
             sizes[key] = len(x)
         rows[key] = rr
 
     def paired(key: str) -> dict[str, Any]:
         out_: dict[str, Any] = {"vs_origin": paired_difference(rows[key].matrix(), rows["origin"].matrix())}
-        if "augment" in rows:
+        if "augment" in rows and key != "augment":
             out_["vs_augment"] = paired_difference(rows[key].matrix(), rows["augment"].matrix())
         return out_
 

@@ -212,6 +212,14 @@ def test_fewshot_protocol_end_to_end_with_groups_retraining_and_cache(
             len(e["rows"]["origin"]["runs"]) == 2 and len(e["rows"]["synthetic"]["runs"]) == 4
         )  # sets x seeds
         assert {row["steps"] for row in e["rows"].values()} == {3}  # equal steps
+        assert [(x["set"], x["seed"]) for x in e["rows"]["synthetic"]["runs"]] == [
+            (0, 0),
+            (0, 1),
+            (1, 0),
+            (1, 1),
+        ]
+        assert [(x["set"], x["seed"]) for x in e["rows"]["augment"]["runs"]] == [(None, 0), (None, 1)]
+        assert "vs_augment" not in e["paired_all"]["augment"]  # no row is compared with itself
         for key in ("vs_augment", "vs_origin"):
             p = e["paired"][key]
             assert p["ci_low"] <= p["mean"] <= p["ci_high"]
