@@ -155,12 +155,12 @@ def fewshot_markdown(r: dict[str, Any]) -> list[str]:
             "",
             f"N sweep at {e['fraction']:.0%} (origin + N synthetic + augmentation, {e['steps']} steps each):",
             "",
-            "| N | × real | synthetic used per set | Dice | vs origin + augmentation | vs origin |",
+            "| N (capped at --max-synthetic) | × real | synthetic used per set | Dice | vs origin + augmentation | vs origin |",
             "|---|---|---|---|---|---|",
         ]
         for sw in e["sweep"]:
             lines.append(
-                f"| {sw['n_synthetic']} | {sw['multiple']:g} | {sw.get('synthetic_used_per_set')} | "
+                f"| {sw['n_synthetic']} | {sw['n_synthetic'] / e['n_real']:.1f} | {sw.get('synthetic_used_per_set')} | "
                 f"{sw['mean']:.3f} (±{sw['std']:.3f}) | {_ci(sw['paired'].get('vs_augment'))} | "
                 f"{_ci(sw['paired'].get('vs_origin'))} |"
             )
