@@ -37,7 +37,7 @@ import torch
 
 from models.augment import AugmentRecipe
 from models.bundle import Bundle, read_meta
-from models.data import PairDataset, Split, load_folder, make_split, pair_groups, to_uint8
+from models.data import PairDataset, Split, load_folder, make_split, pair_groups
 from models.downstream import DownstreamConfig, steps_per_epoch
 from models.fewshot import FewshotContext, FewshotSettings, run_fewshot
 from models.report import write_results
@@ -290,12 +290,8 @@ def run_evaluation(
         "fewshot": [],
     }
     pngs: dict[str, Path] = {}
-    real_pairs = [
-        (to_uint8(train.images[i, 0]), to_uint8(train.masks[i, 0])) for i in range(min(16, len(train)))
-    ]
     if cfg.table and bundle_fits:
-        run_table(cfg, bundle, data_dir, train, test, base, eta, out, progress, log, results, pngs,
-                   real_pairs, plots)  # fmt: skip
+        run_table(cfg, bundle, data_dir, train, test, base, eta, out, progress, log, results, pngs, plots)
     elif cfg.table:
         results["table_skipped"] = (
             "the bundle was not trained on this group-aware split; Table 1 would score a model that saw test pairs"

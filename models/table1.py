@@ -54,7 +54,6 @@ def run_table(
     log: Callable[[str], None],
     results: dict[str, Any],
     pngs: dict[str, Path],
-    real_pairs: list[tuple[np.ndarray, np.ndarray]],
     plots: Any,
 ) -> None:
     """Table 1 and Fig. 2 (left) with the given bundle at the full train split."""
@@ -212,6 +211,9 @@ def run_table(
     order: list[str] = ["cfcgcs_tau2", "cfcgcs_tau1", "cfcg_tau2", *synthetic]
     grid_key = next((k for k in order if k in synthetic and synthetic[k].pairs), None)
     if grid_key is not None:
+        real_pairs = [
+            (to_uint8(train.images[i, 0]), to_uint8(train.masks[i, 0])) for i in range(min(16, len(train)))
+        ]
         fake = [(p.image, p.mask) for p in synthetic[grid_key].pairs[:16]]
         pngs["samples"] = plots.sample_grid(
             out / "samples.png", fake, real_pairs, f"generated: {VARIANTS[grid_key].label}"
