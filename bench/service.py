@@ -124,8 +124,8 @@ def warm(svc: Service, args: argparse.Namespace) -> None:
 
 def zip_memory(work: Path, bundle: Path, args: argparse.Namespace) -> tuple[float, float, float, float]:
     """Store a finished job of ``zip_pairs`` pairs, then stream its zip from uvicorn and watch its RSS."""
+    from app.layout import image_key, manifest_csv, manifest_key, mask_key, record_key
     from app.storage import LocalStorage
-    from app.store import image_key, manifest_csv, manifest_key, mask_key, record_key
 
     storage = LocalStorage(work / "zipstore")
     rng_png = _sample_pngs(bundle)

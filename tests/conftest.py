@@ -57,6 +57,7 @@ def settings_factory(tmp_path: Path, redis_server: RedisServer, tiny_bundle: Pat
             "max_count": 50,
             "max_steps": 50,
             "lease_ttl_s": 5.0,
+            "reconcile_interval_s": 0.0,  # tests sweep by hand (app.reconciler.sweep)
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

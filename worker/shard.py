@@ -16,9 +16,11 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
+import redis
 from PIL import Image
 
 from app.schemas import JobStatus
+from app.storage import StorageUnavailable
 from app.store import JobStore
 from models.bundle import Bundle
 from models.expand import Cancelled, generate_pairs
@@ -32,7 +34,7 @@ class Outcome(StrEnum):
     DONE = "done"
     SKIPPED = "skipped"  # job gone, finished, or shard done already
     STOPPED = "stopped"  # canceled or decided while running
-    RETRY = "retry"  # crashed; enqueued again
+    RETRY = "retry"  # crashed; enqueued again (an outage is retried in place, see _run_through_outages)
     FAILED = "failed"  # crashed too often: the job failed
 
 
@@ -51,73 +53,164 @@ def sampling_params(params: dict[str, Any]) -> SamplingParams:
     return SamplingParams.from_dict(params["sampling"])
 
 
+def is_outage(exc: BaseException) -> bool:
+    """An error of Redis or the object store (down, timing out): retried, never the shard's fault."""
+    if isinstance(exc, StorageUnavailable | redis.RedisError | ConnectionError | TimeoutError):
+        return True
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return False
+    if isinstance(exc, BotoCoreError):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return int(status) >= 500 or exc.response.get("Error", {}).get("Code") in ("SlowDown", "Throttling")
+    return False
+
+
 def run_shard(
-    store: JobStore, get_bundle: Callable[[str], Bundle], job_id: str, shard: int, *, poll_s: float = 0.2
+    store: JobStore,
+    get_bundle: Callable[[str], Bundle],
+    job_id: str,
+    shard: int,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Outcome:
     rec = store.record(job_id)
-    if rec is None or JobStatus(rec["status"]).is_terminal() or store.shard_done(job_id, shard):
+    if rec is None or JobStatus(rec["status"]).is_terminal():
         return Outcome.SKIPPED
-    params = rec["params"]
-    try:
-        bundle = get_bundle(params["model"])
-        sp = sampling_params(params)
-    except Exception as exc:  # a bundle that cannot load fails the job at once: no retry helps
-        log.exception("job %s: cannot prepare shard %s", job_id, shard)
-        store.fail(job_id, f"cannot load model {params['model']!r}: {exc}")
-        return Outcome.FAILED
-
-    # A shard delivered twice (visibility timeout) waits while the first worker holds it alive.
+    if store.shard_done(job_id, shard):
+        store.advance(job_id)  # the worker that finished it may have died before advancing
+        return Outcome.SKIPPED
+    # A shard delivered twice (redelivery, reconciler) runs once: the other copy returns at once. If the
+    # lease holder dies, its lease expires and the reconciler requeues the shard.
     token = f"{os.getpid()}:{uuid.uuid4().hex}"  # the pid says which process holds the shard
-    while not store.acquire_lease(job_id, shard, token):
-        if store.stop_reason(job_id) is not None or store.shard_done(job_id, shard):
-            return Outcome.SKIPPED
-        time.sleep(poll_s)
+    if not store.acquire_lease(job_id, shard, token):
+        return Outcome.SKIPPED
     try:
+        store.shard_started(job_id, shard)
+        if store.shard_done(job_id, shard):
+            store.advance(job_id)
+            return Outcome.SKIPPED
+        # Counted only once this run holds the shard, so redeliveries that do nothing cost nothing;
+        # a run killed with SIGKILL cannot count itself, hence counting at the start.
         attempts = store.bump_attempts(job_id, shard)
         max_tries = store.settings.shard_max_tries
+        if attempts < 0:
+            return Outcome.SKIPPED  # deleted
         if attempts > max_tries:
             store.fail(job_id, f"shard {shard} did not finish in {max_tries} attempts (its workers crashed)")
             return Outcome.FAILED
-        if store.shard_done(job_id, shard):
-            return Outcome.SKIPPED
-        store.mark_running(job_id)
-        callback = ShardProgress(store, job_id, shard, token)
-        generated, kept = 0, []
+        params = rec["params"]
         try:
-            callback.check()
-            for pair in generate_pairs(
-                bundle,
-                shard_indices(params, shard),
-                seed=params["seed"],
-                params=sp,
-                eta=params["eta"],
-                batch_size=params["batch_size"],
-                callback=callback,
-            ):
-                generated += 1
-                if pair.kept:
-                    store.put_pair(
-                        job_id,
-                        name=pair.name,
-                        index=pair.index,
-                        seed=pair.seed,
-                        dice_loss=pair.dice_loss,
-                        image_png=png(pair.image),
-                        mask_png=png(pair.mask),
-                    )
-                    kept.append(pair.index)
-                store.shard_progress(job_id, shard, generated, len(kept))
+            bundle = get_bundle(params["model"])
+            sp = sampling_params(params)
+        except Exception as exc:  # a bundle that cannot load fails the job at once: no retry helps
+            log.exception("job %s: cannot prepare shard %s", job_id, shard)
+            store.fail(job_id, f"cannot load model {params['model']!r}: {exc}")
+            return Outcome.FAILED
+        return _run_through_outages(store, bundle, sp, params, job_id, shard, token, attempts, sleep)
+    finally:
+        try:
+            store.release_lease(job_id, shard, token)
+        except redis.RedisError:
+            pass  # it expires by itself
+
+
+def _run_through_outages(
+    store: JobStore,
+    bundle: Bundle,
+    sp: SamplingParams,
+    params: dict[str, Any],
+    job_id: str,
+    shard: int,
+    token: str,
+    attempts: int,
+    sleep: Callable[[float], None],
+) -> Outcome:
+    """Run the shard; through a Redis or storage outage, retry with backoff (holding the shard) for up to
+    ``outage_limit_s``, then fail the job with the reason. Other errors use up the shard's attempts."""
+    max_tries = store.settings.shard_max_tries
+    limit = store.settings.outage_limit_s
+    outage_since: float | None = None
+    delay = 0.5
+    while True:
+        try:
+            return _attempt(store, bundle, sp, params, job_id, shard, token)
         except Cancelled as exc:
             log.info("job %s shard %s stopped: %s", job_id, shard, exc)
             return Outcome.STOPPED
         except Exception as exc:
-            log.exception("job %s shard %s crashed (attempt %s of %s)", job_id, shard, attempts, max_tries)
-            if attempts >= max_tries:
-                store.fail(job_id, f"shard {shard} failed {attempts} times, last: {exc!r}")
+            if not is_outage(exc):
+                log.exception(
+                    "job %s shard %s crashed (attempt %s of %s)", job_id, shard, attempts, max_tries
+                )
+                if attempts >= max_tries:
+                    store.fail(job_id, f"shard {shard} failed {attempts} times, last: {exc!r}")
+                    return Outcome.FAILED
+                store.requeue(job_id, shard)
+                return Outcome.RETRY
+            now = time.monotonic()
+            outage_since = outage_since if outage_since is not None else now
+            if now - outage_since >= limit:
+                log.error("job %s shard %s: outage for %.0f s, giving up: %r", job_id, shard, limit, exc)
+                try:
+                    store.fail(job_id, f"storage or Redis unavailable for {limit:g} s: {exc!r}")
+                except Exception:
+                    log.warning("job %s: could not record the failure; the reconciler will", job_id)
                 return Outcome.FAILED
-            store.requeue(job_id, shard)
-            return Outcome.RETRY
-        store.finish_shard(job_id, shard, generated, kept)
+            log.warning("job %s shard %s: outage (%r); retrying in %.1f s", job_id, shard, exc, delay)
+            sleep(delay)
+            delay = min(delay * 2, 15.0)
+            try:  # keep the shard through the outage; if another worker took it over, let it finish
+                if not store.refresh_lease(job_id, shard, token) and not store.acquire_lease(
+                    job_id, shard, token
+                ):
+                    return Outcome.SKIPPED
+            except redis.RedisError:
+                pass
+
+
+def _attempt(
+    store: JobStore,
+    bundle: Bundle,
+    sp: SamplingParams,
+    params: dict[str, Any],
+    job_id: str,
+    shard: int,
+    token: str,
+) -> Outcome:
+    if store.shard_done(job_id, shard):  # an earlier try stored it and failed while advancing
+        store.advance(job_id)
         return Outcome.DONE
-    finally:
-        store.release_lease(job_id, shard, token)
+    store.mark_running(job_id)
+    callback = ShardProgress(store, job_id, shard, token)
+    callback.check()
+    generated, kept = 0, []
+    for pair in generate_pairs(
+        bundle,
+        shard_indices(params, shard),
+        seed=params["seed"],
+        params=sp,
+        eta=params["eta"],
+        batch_size=params["batch_size"],
+        callback=callback,
+    ):
+        generated += 1
+        if pair.kept:
+            stored = store.put_pair(
+                job_id,
+                name=pair.name,
+                index=pair.index,
+                seed=pair.seed,
+                dice_loss=pair.dice_loss,
+                image_png=png(pair.image),
+                mask_png=png(pair.mask),
+            )
+            if not stored:
+                raise Cancelled("job deleted")
+            kept.append(pair.index)
+        store.shard_progress(job_id, shard, generated, len(kept))
+    store.finish_shard(job_id, shard, generated, kept)
+    return Outcome.DONE

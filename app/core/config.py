@@ -51,11 +51,19 @@ class Settings(BaseSettings):
     max_steps: int = Field(default=200, ge=1)
     max_attempts_factor: int = Field(default=20, ge=1)
     shard_max_tries: int = Field(default=3, ge=1)
-    lease_ttl_s: float = Field(default=60.0, gt=0)
+    lease_ttl_s: float = Field(default=30.0, gt=0)
+    # How long a shard keeps retrying through a storage or Redis outage before its job fails.
+    outage_limit_s: float = Field(default=600.0, gt=0)
+
+    # The reconciler (app/reconciler.py): sweep interval (0 = off in this process), how long a shard
+    # marked as queued may be missing from an empty queue, and how long a job may wait for a worker.
+    reconcile_interval_s: float = Field(default=10.0, ge=0)
+    reconcile_grace_s: float = Field(default=20.0, gt=0)
+    stall_timeout_s: float = Field(default=900.0, gt=0)
 
     # Celery.
     celery_queue: str = "diffexp"
-    visibility_timeout_s: int = Field(default=3600, ge=1)
+    visibility_timeout_s: int = Field(default=600, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -53,6 +53,8 @@ def stack_env(redis_url: str, s3: SeaweedS3, bundle: Path, prefix: str, **extra:
         "DIFFEXP_CELERY_QUEUE": Q_ALL,
         "DIFFEXP_LEASE_TTL_S": "5",
         "DIFFEXP_VISIBILITY_TIMEOUT_S": "120",
+        "DIFFEXP_RECONCILE_INTERVAL_S": "1",
+        "DIFFEXP_RECONCILE_GRACE_S": "3",
     }
     env.update(extra)
     return env

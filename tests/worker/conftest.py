@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ class Harness:
         return str(rec["id"])
 
     def run(self, job_id: str, shard: int) -> Outcome:
-        return run_shard(self.store, self.get_bundle, job_id, shard, poll_s=0.02)
+        return run_shard(self.store, self.get_bundle, job_id, shard, sleep=lambda s: time.sleep(min(s, 0.05)))
 
     def drain(self, order: str = "fifo", seed: int = 0) -> list[Outcome]:
         rng = random.Random(seed)

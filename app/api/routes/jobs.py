@@ -5,8 +5,9 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.api.deps import SettingsDep, StoreDep
 from app.bundles import resolve_params
+from app.layout import zip_key
 from app.schemas import JobCreate, JobPublic, JobsPublic
-from app.store import JobConflict, JobNotFound, JobStore, zip_key
+from app.store import JobConflict, JobNotFound, JobStore
 from app.zipstream import job_zip
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -98,27 +99,27 @@ def download_zip(
             status_code=409, detail=f"job is {rec['status']}; no result yet (try ?partial=true)"
         )
     rows, final = result
+    headers = {"Content-Disposition": f'attachment; filename="{job_id}.zip"'}
+    if final and store.storage.exists(zip_key(job_id)):  # written when the job was decided
+        return StreamingResponse(
+            store.storage.iter_chunks(zip_key(job_id)), media_type="application/zip", headers=headers
+        )
     return StreamingResponse(
         job_zip(store.storage, job_id, rows, rec["params"], final=final),
         media_type="application/zip",
-        headers={"Content-Disposition": f'attachment; filename="{job_id}.zip"'},
+        headers=headers,
     )
 
 
 @router.get("/{job_id}/download", status_code=307)
 def download(job_id: str, store: StoreDep, settings: SettingsDep) -> RedirectResponse:
-    """Redirect to a presigned S3 URL of the zip (written once), or to ``pairs.zip`` on local storage."""
+    """Redirect to a presigned S3 URL of the zip (written when the job was decided), or to ``pairs.zip``."""
     rec = load(store, job_id)
     result = store.result_rows(job_id, partial=False)
     if result is None:
         raise HTTPException(status_code=409, detail=f"job is {rec['status']}; no result yet")
-    rows, _ = result
     key = zip_key(job_id)
     url = store.storage.presigned_url(key, settings.s3_presign_expiry_s)
-    if url is None:
+    if url is None or not store.storage.exists(key):  # local storage, or a job decided before zips
         return RedirectResponse(f"{settings.api_v1_str}/jobs/{job_id}/pairs.zip", status_code=307)
-    if not store.storage.exists(key):
-        store.storage.put_stream(
-            key, job_zip(store.storage, job_id, rows, rec["params"], final=True), "application/zip"
-        )
     return RedirectResponse(url, status_code=307)

@@ -1,0 +1,99 @@
+"""Where a job's state lives: its object keys in storage, its Redis keys, and the manifest format.
+
+Storage (the durable side): ``jobs/ID/job.json`` (the record, rewritten at every state change),
+``jobs/ID/images/NAME.png`` + ``jobs/ID/masks/NAME.png`` (kept pairs), ``jobs/ID/manifest.csv`` and
+``jobs/ID/pairs.zip`` (written when the job is decided).
+
+Redis (the live side; ``P`` = settings.redis_prefix, ``J`` = ``P:job:ID``):
+    J               the record (JSON)          J:prog      shard -> "generated,kept"
+    J:pairs         index -> kept pair (JSON)  J:done      shard -> {"generated", "kept": [indices]}
+    J:attempts      shard -> runs that crashed J:lease:k   token of the worker running shard k
+    J:next          next shard to enqueue      J:stop      why workers must stop (set once decided)
+    J:pending       shard -> time it was enqueued and no worker has taken it yet
+    J:lock          the per-job lock           J:final     token of the process writing the result
+    J:stalled       since when no live worker serves the job's queue
+    P:jobs          zset of ids by creation    P:active    set of ids that are queued or running
+    P:idem:H        {"job_id", "body"} of an Idempotency-Key whose SHA-256 is H
+    P:alive         set once Redis holds the job list; missing = Redis lost its data
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+MANIFEST_FIELDS = ["name", "index", "seed", "dice_loss", "model", "eta"]
+SAMPLING_FIELDS = ["steps", "order", "w_cf", "w_cg", "guidance", "tau", "scale", "clip_x0"]
+# Per-job Redis hashes/strings that DELETE removes (leases and the lock expire by themselves).
+JOB_PARTS = ("prog", "pairs", "done", "attempts", "next", "pending", "stalled", "final")
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/"
+
+
+def image_key(job_id: str, name: str) -> str:
+    return f"jobs/{job_id}/images/{name}.png"
+
+
+def mask_key(job_id: str, name: str) -> str:
+    return f"jobs/{job_id}/masks/{name}.png"
+
+
+def record_key(job_id: str) -> str:
+    return f"jobs/{job_id}/job.json"
+
+
+def manifest_key(job_id: str) -> str:
+    return f"jobs/{job_id}/manifest.csv"
+
+
+def zip_key(job_id: str) -> str:
+    return f"jobs/{job_id}/pairs.zip"
+
+
+class RedisKeys:
+    """Names of the Redis keys of one deployment (its prefix)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.jobs = f"{prefix}:jobs"
+        self.active = f"{prefix}:active"
+        self.alive = f"{prefix}:alive"
+        self.reconciler = f"{prefix}:reconciler"
+
+    def job(self, job_id: str, *parts: str) -> str:
+        return ":".join((self.prefix, "job", job_id, *parts))
+
+    def idem(self, digest: str) -> str:
+        return f"{self.prefix}:idem:{digest}"
+
+    def worker(self, hostname: str) -> str:
+        return f"{self.prefix}:worker:{hostname}"
+
+    def workers_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+
+def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
+    """One row per pair: name, index, seed, dice_loss, then the parameters that produced it."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=MANIFEST_FIELDS + SAMPLING_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    sampling = params["sampling"]
+    for row in rows:
+        writer.writerow(
+            {
+                **{k: row[k] for k in ("name", "index", "seed")},
+                "dice_loss": repr(float(row["dice_loss"])),
+                "model": params["model"],
+                "eta": params["eta"],
+                **{k: sampling.get(k) for k in SAMPLING_FIELDS},
+            }
+        )
+    return out.getvalue().encode()
+
+
+def read_manifest(data: bytes) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(data.decode())))

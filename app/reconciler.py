@@ -1,0 +1,172 @@
+"""The reconciler: a periodic sweep that leaves no job queued or running with nothing working on it.
+
+Every process of the service (the API and each worker) runs ``Reconciler``; a Redis key makes one
+sweep per interval happen in one of them. A sweep, for every queued or running job:
+
+- calls ``advance`` (decides a job whose shards are all done: the finaliser may have died between
+  a shard's "done" and its ``advance``, or timed out on the job's lock);
+- requeues each lost shard: enqueued, not finished, no live lease, and not waiting in the queue
+  (its worker was killed, or Redis was down as a task started). A killed worker's shard is so picked
+  up within ``lease_ttl_s + reconcile_interval_s``; Celery's visibility timeout is only a backstop;
+- fails, with the reason, a job whose queue no live worker has served for ``stall_timeout_s``.
+
+When Redis lost its data (the ``P:alive`` marker is gone), the first sweep rebuilds the job list from
+the ``job.json`` records in storage, and reruns unfinished jobs from their first shard: pairs are
+keyed by index and seeded by index, so a rerun rewrites identical objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import redis
+
+from app.layout import RedisKeys, record_key
+from app.schemas import JobStatus
+from app.store import JobStore, _str, now_iso
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sweep:
+    advanced: list[str] = field(default_factory=list)
+    requeued: list[tuple[str, int]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    rebuilt: int = 0
+
+
+def worker_queues(store: JobStore) -> set[str]:
+    """Queues served by workers whose heartbeat is alive (``worker.celery_app`` writes them)."""
+    queues: set[str] = set()
+    for key in store.r.scan_iter(store.keys.workers_pattern()):
+        raw = store.r.get(key)
+        try:
+            value = json.loads(raw) if raw else None
+        except ValueError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("queues"), list):
+            queues.update(str(q) for q in value["queues"])
+        elif raw is not None:
+            queues.add(store.settings.celery_queue)  # an old heartbeat without its queues
+    return queues
+
+
+def rebuild_from_storage(store: JobStore) -> int:
+    """Put back in Redis every job whose ``job.json`` is in storage but not in Redis."""
+    n = 0
+    for key in store.storage.list_keys("jobs/"):
+        parts = key.split("/")
+        if len(parts) != 3 or parts[2] != "job.json" or store.r.exists(store.keys.job(parts[1])):
+            continue
+        try:
+            rec: dict[str, Any] = json.loads(store.storage.get(record_key(parts[1])))
+        except (KeyError, ValueError):
+            continue
+        job_id = rec["id"]
+        created = datetime.fromisoformat(rec["created_at"]).timestamp()
+        if not JobStatus(rec["status"]).is_terminal():
+            rec.update(status=JobStatus.QUEUED.value, started_at=None)
+            rec.pop("progress", None)
+            store._save(rec)
+            store.r.sadd(store.keys.active, job_id)
+        else:
+            store.r.set(store.keys.job(job_id), json.dumps(rec, sort_keys=True))
+        store.r.zadd(store.keys.jobs, {job_id: created})
+        n += 1
+    return n
+
+
+def sweep(store: JobStore, *, now: float | None = None) -> Sweep:
+    now = time.time() if now is None else now
+    s = store.settings
+    out = Sweep()
+    keys = RedisKeys(s.redis_prefix)
+    if not store.r.exists(keys.alive):
+        out.rebuilt = rebuild_from_storage(store)
+        store.r.set(keys.alive, now_iso())
+        if out.rebuilt:
+            log.warning("Redis had lost its data: %d jobs rebuilt from storage", out.rebuilt)
+    live = worker_queues(store)
+    for job_id in store.active_ids():
+        rec = store.record(job_id)
+        if rec is None or JobStatus(rec["status"]).is_terminal():
+            store.forget_active(job_id)
+            continue
+        queue = str(rec.get("queue") or s.celery_queue)
+        stalled_key = keys.job(job_id, "stalled")
+        if queue not in live:
+            store.r.set(stalled_key, str(now), nx=True, ex=int(s.stall_timeout_s) * 4 + 60)
+            since = float(_str(store.r.get(stalled_key) or now))
+            if now - since >= s.stall_timeout_s:
+                store.fail(job_id, f"no worker served queue {queue!r} for {s.stall_timeout_s:g} s")
+                out.failed.append(job_id)
+            continue
+        store.r.delete(stalled_key)
+        try:
+            store.advance(job_id)
+        except redis.exceptions.LockError:
+            continue  # someone holds the job: next sweep
+        out.advanced.append(job_id)
+        rec = store.record(job_id)
+        if rec is None or JobStatus(rec["status"]).is_terminal():
+            continue
+        next_shard, done = store.shard_states(job_id)
+        pending = store.pending(job_id)
+        queue_empty = store.r.llen(queue) == 0
+        for k in range(next_shard):
+            if k in done or store.lease_holder(job_id, k) is not None:
+                continue
+            if k in pending:
+                age = now - pending[k]
+                # In the queue, or taken by a worker this instant: leave it, unless the queue has
+                # drained since (the message was lost) or it has waited implausibly long.
+                if not ((queue_empty and age >= s.reconcile_grace_s) or age >= s.stall_timeout_s):
+                    continue
+            store.requeue(job_id, k)
+            out.requeued.append((job_id, k))
+            log.warning("job %s: shard %s was lost (no worker, not queued); requeued", job_id, k)
+    return out
+
+
+class Reconciler:
+    """Runs ``sweep`` every ``reconcile_interval_s`` in a daemon thread; one process per interval wins."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.interval = store.settings.reconcile_interval_s
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> Sweep | None:
+        """One sweep if no other process swept within the interval."""
+        key = self.store.keys.reconciler
+        if not self.store.r.set(key, self.token, nx=True, px=max(1, int(self.interval * 1000))):
+            return None
+        return sweep(self.store)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.tick()
+            except Exception:  # Redis or storage down: the next tick tries again
+                log.warning("reconciler sweep failed", exc_info=True)
+
+    def start(self) -> None:
+        if self.interval > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
