@@ -6,6 +6,7 @@ error a real S3 client raises when its endpoint is down) and by killing leases a
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +58,11 @@ def fail_first(n: int, match: str) -> Callable[[str], bool]:
         return False
 
     return down
+
+
+def alive_worker(store: JobStore) -> None:
+    """What a live worker's heartbeat writes (the reconciler fails jobs whose queue has none)."""
+    store.r.set(store.keys.worker("w@h"), json.dumps({"queues": [store.settings.celery_queue]}), ex=30)
 
 
 def job_keys(h: Harness, job_id: str) -> dict[str, int]:
@@ -149,7 +155,7 @@ def test_the_reconciler_finishes_a_job_whose_shards_are_all_done(harness: Harnes
     store.advance = lambda job_id: None  # type: ignore[method-assign]
     harness.run(*harness.queue.pop(0))
     store.advance = real_advance  # type: ignore[method-assign]
-    store.r.set(store.keys.worker("w@h"), '{"queues": ["%s"]}' % harness.settings.celery_queue, ex=30)
+    alive_worker(store)
     sweep(store)
     assert store.get(job_id)["status"] == "succeeded"
 
@@ -157,7 +163,7 @@ def test_the_reconciler_finishes_a_job_whose_shards_are_all_done(harness: Harnes
 def test_a_killed_workers_shard_is_requeued_once_its_lease_expires(harness: Harness) -> None:
     job_id = harness.submit(count=2, seed=1, eta=1.0)
     store = harness.store
-    store.r.set(store.keys.worker("w@h"), '{"queues": ["%s"]}' % harness.settings.celery_queue, ex=30)
+    alive_worker(store)
     job, shard = harness.queue.pop(0)
     # the worker took the message, started the shard and was killed (SIGKILL): lease and attempt stay
     store.shard_started(job_id, shard)
@@ -177,7 +183,7 @@ def test_a_shard_lost_before_its_worker_took_the_lease_is_requeued_after_the_gra
 ) -> None:
     h = Harness(settings_factory(reconcile_grace_s=0.2), loaded_bundle)
     job_id = h.submit(count=1, seed=1, eta=1.0)
-    h.store.r.set(h.store.keys.worker("w@h"), '{"queues": ["%s"]}' % h.settings.celery_queue, ex=30)
+    alive_worker(h.store)
     h.queue.clear()  # delivered, then lost (Redis went down as the task started)
     assert sweep(h.store).requeued == []  # may be in flight: wait for the grace
     time.sleep(0.3)
@@ -209,7 +215,7 @@ def test_after_redis_lost_its_data_jobs_are_rebuilt_from_storage_and_finish(harn
     for key in store.r.scan_iter(f"{harness.settings.redis_prefix}:*"):
         store.r.delete(key)
     harness.queue.clear()
-    store.r.set(store.keys.worker("w@h"), '{"queues": ["%s"]}' % harness.settings.celery_queue, ex=30)
+    alive_worker(store)
     assert sweep(store).rebuilt == 2
     listed = [j["id"] for j in store.list_jobs(limit=10, offset=0)[0]]
     assert listed == [running_id, done_id]
