@@ -16,15 +16,28 @@ from app.schemas import JobCreate, JobParams, ModelPublic
 META_FILE = "bundle.json"
 
 
+_parsed: dict[Path, tuple[int, Any]] = {}  # bundle.json -> (mtime, parsed): read once per change
+
+
+def _read_meta(meta_file: Path) -> Any:
+    mtime = meta_file.stat().st_mtime_ns
+    cached = _parsed.get(meta_file)
+    if cached is None or cached[0] != mtime:
+        cached = (mtime, json.loads(meta_file.read_text()))
+        _parsed[meta_file] = cached
+    return cached[1]
+
+
 def list_bundles(settings: Settings) -> dict[str, dict[str, Any]]:
-    """``name -> bundle.json`` of every loadable bundle under ``settings.bundles_dir``."""
+    """``name -> bundle.json`` of every loadable bundle under ``settings.bundles_dir`` (a bundle added,
+    changed or removed shows at the next call; unchanged files are not parsed again)."""
     root = Path(settings.bundles_dir)
     out: dict[str, dict[str, Any]] = {}
     if not root.is_dir():
         return out
     for meta_file in sorted(root.glob(f"*/{META_FILE}")):
         try:
-            meta = json.loads(meta_file.read_text())
+            meta = _read_meta(meta_file)
         except (OSError, ValueError):
             continue
         if isinstance(meta, dict) and "resolution" in meta:

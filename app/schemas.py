@@ -83,6 +83,7 @@ class JobsPublic(BaseModel):
     count: int
     limit: int
     offset: int
+    next_cursor: str | None = None
 
 
 class ModelPublic(BaseModel):

@@ -11,9 +11,11 @@ worker removes the objects it wrote after the delete began (``put_pair``).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -83,6 +85,32 @@ def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _progress(rec: dict[str, Any], values: list[Any]) -> Progress:
+    generated = kept = 0
+    for value in values:
+        g, k = _str(value).split(",")
+        generated += int(g)
+        kept += int(k)
+    return Progress(target=rec["params"]["count"], generated=generated, kept=kept, discarded=generated - kept)
+
+
+def encode_cursor(score: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{score!r}:{job_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Raises ``ValueError`` for a cursor this service did not issue."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        score, job_id = raw.split(":", 1)
+        value = float(score)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("invalid cursor") from exc
+    if not math.isfinite(value) or len(job_id) > 64:
+        raise ValueError("invalid cursor")
+    return value, job_id
+
+
 class JobStore:
     def __init__(self, r: redis.Redis, storage: Storage, settings: Settings, enqueue: Enqueue) -> None:
         self.r = r
@@ -130,44 +158,68 @@ class JobStore:
         """The record with its progress. Falls back to storage when Redis lost the record, and when
         Redis is down for a finished job (an unfinished one needs Redis: the error propagates)."""
         try:
-            rec = self._load(job_id)
+            found = self._load_many([job_id])
         except redis.RedisError:
             stored = self._load_stored(job_id)
             if stored is not None and JobStatus(stored["status"]).is_terminal():
                 return stored
             raise
+        if found:
+            return found[0]
+        rec = self._load_stored(job_id)
         if rec is None:
-            rec = self._load_stored(job_id)
-            if rec is None:
-                raise JobNotFound(job_id)
+            raise JobNotFound(job_id)
         if "progress" not in rec:
             rec["progress"] = self.live_progress(job_id, rec).model_dump()
         return rec
 
+    def _load_many(self, ids: list[str]) -> list[dict[str, Any]]:
+        """Records with their progress, in one round trip to Redis; ids Redis lacks are left out."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.get(self._k(job_id))
+            pipe.hvals(self._k(job_id, "prog"))
+        replies = pipe.execute()
+        out = []
+        for raw, prog in zip(replies[::2], replies[1::2], strict=True):
+            if not raw:
+                continue
+            rec = json.loads(raw)
+            if "progress" not in rec:
+                rec["progress"] = _progress(rec, prog).model_dump()
+            out.append(rec)
+        return out
+
     def live_progress(self, job_id: str, rec: dict[str, Any]) -> Progress:
-        generated = kept = 0
         try:
             values = self.r.hvals(self._k(job_id, "prog"))
         except redis.RedisError:
             values = []
-        for value in values:
-            g, k = _str(value).split(",")
-            generated += int(g)
-            kept += int(k)
-        return Progress(
-            target=rec["params"]["count"], generated=generated, kept=kept, discarded=generated - kept
-        )
+        return _progress(rec, values)
 
-    def list_jobs(self, *, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        total = int(self.r.zcard(self.keys.jobs))
-        ids = [_str(i) for i in self.r.zrevrange(self.keys.jobs, offset, offset + limit - 1)]
-        out = []
-        for job_id in ids:
-            try:
-                out.append(self.get(job_id))
-            except JobNotFound:
-                continue
-        return out, total
+    def list_jobs(
+        self, *, limit: int, offset: int = 0, cursor: str | None = None, index: str | None = None
+    ) -> tuple[list[dict[str, Any]], int, str | None]:
+        """A page of jobs, newest first: ``(records, total, next cursor)``.
+
+        ``cursor`` (from the previous page) pages by creation time, so jobs created or deleted meanwhile
+        neither repeat nor skip entries; ``offset`` is kept for simple clients. ``index`` is the sorted
+        set to page through (default: every job).
+        """
+        key = index or self.keys.jobs
+        if cursor is not None:
+            score, last_id = decode_cursor(cursor)
+            raw: Any = self.r.zrevrangebyscore(key, score, "-inf", start=0, num=limit + 64, withscores=True)
+            # ties in score come in reverse order of id: skip those at or before the cursor's id
+            pairs = [(_str(m), float(sc)) for m, sc in raw]
+            entries = [(m, sc) for m, sc in pairs if not (sc == score and m >= last_id)][:limit]
+        else:
+            raw = self.r.zrevrange(key, offset, offset + limit - 1, withscores=True)
+            entries = [(_str(m), float(sc)) for m, sc in raw]
+        total = int(self.r.zcard(key))
+        recs = self._load_many([m for m, _ in entries])
+        next_cursor = encode_cursor(entries[-1][1], entries[-1][0]) if len(entries) == limit else None
+        return recs, total, next_cursor
 
     def create(
         self, *, body: dict[str, Any], params: JobParams, idempotency_key: str | None = None
@@ -199,15 +251,30 @@ class JobStore:
         }
         if ikey is not None:
             rec["idempotency_key"] = ikey
+        n_first = plan(rec["params"], {}, 0).add  # a new job: no shard is done, none is pending
+        data = json.dumps(rec, sort_keys=True)
         try:
-            self._save(rec)
-            self.r.zadd(self.keys.jobs, {job_id: datetime.now(UTC).timestamp()})
-            self.r.sadd(self.keys.active, job_id)
+            self._put(record_key(job_id), data.encode(), "application/json")
+            # One round trip, all or nothing: the reconciler never sees a job without its first shards.
+            pipe = self.r.pipeline(transaction=True)
+            pipe.set(self._k(job_id), data)
+            pipe.zadd(self.keys.jobs, {job_id: datetime.now(UTC).timestamp()})
+            pipe.sadd(self.keys.active, job_id)
+            pipe.set(self._k(job_id, "next"), n_first)
+            pipe.hset(self._k(job_id, "pending"), mapping={str(k): str(time.time()) for k in range(n_first)})
+            pipe.execute()
         except Exception:
             self._undo_create(job_id, ikey)
             raise
-        self.advance(job_id)  # enqueues the first shards; the reconciler retries it if this fails
-        return self.get(job_id), True
+        try:
+            for k in range(n_first):
+                self.enqueue(job_id, k, self._queue(rec))
+        except Exception:  # the shards are marked pending: the reconciler sends them when it can
+            log.warning(
+                "job %s: could not enqueue its first shards; the reconciler will", job_id, exc_info=True
+            )
+        rec["progress"] = Progress(target=params.count).model_dump()
+        return rec, True
 
     def _claim_idempotency_key(self, ikey: str, job_id: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """Claim ``ikey`` for a new job (returns None), or return the job that holds it."""

@@ -82,7 +82,7 @@ def test_bad_bodies_get_422_naming_the_field_and_nothing_is_stored(
     assert mine, errors
     assert any(bound in e["msg"] for e in mine), mine
     assert enqueued == [] and stored_keys(settings) == []
-    assert store.list_jobs(limit=10, offset=0) == ([], 0)
+    assert store.list_jobs(limit=10, offset=0) == ([], 0, None)
     assert store.r.keys(f"{settings.redis_prefix}:*") == []  # not even the idempotency key
 
 
@@ -164,3 +164,22 @@ def test_download_redirects_to_the_zip_on_local_storage(client: TestClient, stor
         "kept": 1,
         "discarded": 0,
     }
+
+
+def test_list_pages_by_cursor_without_repeats_or_gaps_while_jobs_come_and_go(client: TestClient) -> None:
+    ids = [client.post("/v1/jobs", json={"count": 1, "seed": i}).json()["id"] for i in range(5)]
+    newest_first = ids[::-1]
+    page = client.get("/v1/jobs", params={"limit": 2}).json()
+    seen = [j["id"] for j in page["data"]]
+    assert seen == newest_first[:2] and page["count"] == 5
+    client.delete(f"/v1/jobs/{newest_first[2]}")  # deleted before its page is read
+    client.post("/v1/jobs", json={"count": 1, "seed": 99})  # a new job lands on the first page
+    while page["next_cursor"]:
+        page = client.get("/v1/jobs", params={"limit": 2, "cursor": page["next_cursor"]}).json()
+        seen += [j["id"] for j in page["data"]]
+    assert seen == [i for i in newest_first if i != newest_first[2]]
+
+
+@pytest.mark.parametrize("cursor", ["garbage", "bmFuOng", "aW5mOng", "x" * 200])
+def test_a_cursor_the_service_did_not_issue_is_a_400(client: TestClient, cursor: str) -> None:
+    assert client.get("/v1/jobs", params={"cursor": cursor}).status_code == 400

@@ -53,11 +53,23 @@ def list_jobs(
     request: Request,
     store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="next_cursor of the previous page")
+    ] = None,
 ) -> JobsPublic:
-    """Jobs, newest first."""
-    recs, total = store.list_jobs(limit=limit, offset=offset)
-    return JobsPublic(data=[public(request, r) for r in recs], count=total, limit=limit, offset=offset)
+    """Jobs, newest first. Page with ``cursor`` (stable while jobs are added or deleted) or ``offset``."""
+    try:
+        recs, total, next_cursor = store.list_jobs(limit=limit, offset=offset, cursor=cursor)
+    except ValueError:
+        raise HTTPException(status_code=400, detail="cursor is not one this service issued") from None
+    return JobsPublic(
+        data=[public(request, r) for r in recs],
+        count=total,
+        limit=limit,
+        offset=offset,
+        next_cursor=next_cursor,
+    )
 
 
 @router.get("/{job_id}", response_model=JobPublic)
