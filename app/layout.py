@@ -11,10 +11,10 @@ Redis (the live side; ``P`` = settings.redis_prefix, ``J`` = ``P:job:ID``):
     J:next          next shard to enqueue      J:stop      why workers must stop (set once decided)
     J:pending       shard -> time it was enqueued and no worker has taken it yet
     J:lock          the per-job lock           J:final     token of the process writing the result
-    J:stalled       since when no live worker serves the job's queue
     P:jobs          zset of ids by creation    P:active    set of ids that are queued or running
     P:idem:H        {"job_id", "body"} of an Idempotency-Key whose SHA-256 is H
     P:alive         set once Redis holds the job list; missing = Redis lost its data
+    P:stalled:Q     since when no live worker has served queue Q
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 MANIFEST_FIELDS = ["name", "index", "seed", "dice_loss", "model", "eta"]
 SAMPLING_FIELDS = ["steps", "order", "w_cf", "w_cg", "guidance", "tau", "scale", "clip_x0"]
 # Per-job Redis hashes/strings that DELETE removes (leases and the lock expire by themselves).
-JOB_PARTS = ("prog", "pairs", "done", "attempts", "next", "pending", "stalled", "final")
+JOB_PARTS = ("prog", "pairs", "done", "attempts", "next", "pending", "final")
 
 
 def job_prefix(job_id: str) -> str:

@@ -28,9 +28,9 @@ from typing import Any
 
 import redis
 
-from app.layout import RedisKeys, record_key
+from app.layout import record_key
 from app.schemas import JobStatus
-from app.store import JobStore, _str, now_iso
+from app.store import DECIDED, JobStore, _str, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -85,44 +85,63 @@ def rebuild_from_storage(store: JobStore) -> int:
 
 
 def sweep(store: JobStore, *, now: float | None = None) -> Sweep:
+    """One pass over every queued or running job, in a handful of pipelined round trips to Redis
+    whatever the number of jobs (it runs every few seconds inside the API and the workers)."""
     now = time.time() if now is None else now
     s = store.settings
     out = Sweep()
-    keys = RedisKeys(s.redis_prefix)
+    keys = store.keys
     if not store.r.exists(keys.alive):
         out.rebuilt = rebuild_from_storage(store)
         store.r.set(keys.alive, now_iso())
         if out.rebuilt:
             log.warning("Redis had lost its data: %d jobs rebuilt from storage", out.rebuilt)
+    ids = store.active_ids()
+    if not ids:
+        return out
+    recs = {
+        i: json.loads(raw)
+        for i, raw in zip(ids, store.r.mget([keys.job(i) for i in ids]), strict=True)
+        if raw
+    }
+    for job_id in set(ids) - set(recs):
+        store.forget_active(job_id)  # deleted
     live = worker_queues(store)
-    for job_id in store.active_ids():
-        rec = store.record(job_id)
-        if rec is None or JobStatus(rec["status"]).is_terminal():
+    serving: dict[str, dict[str, Any]] = {}
+    for job_id, rec in recs.items():
+        if JobStatus(rec["status"]).is_terminal():
             store.forget_active(job_id)
+        elif str(rec.get("queue") or s.celery_queue) in live:
+            serving[job_id] = rec
+        else:
+            out.failed += _fail_if_stalled(store, job_id, rec, now)
+    for queue in live:
+        store.r.delete(f"{keys.prefix}:stalled:{queue}")
+
+    pipe = store.r.pipeline(transaction=False)
+    for job_id in serving:
+        pipe.get(keys.job(job_id, "next"))
+        pipe.hkeys(keys.job(job_id, "done"))
+        pipe.hgetall(keys.job(job_id, "pending"))
+        pipe.get(keys.job(job_id, "stop"))
+        pipe.exists(keys.job(job_id, "final"))
+    replies = pipe.execute()
+    candidates: list[tuple[str, int]] = []
+    for n, (job_id, rec) in enumerate(serving.items()):
+        raw_next, raw_done, raw_pending, stop, finalising = replies[5 * n : 5 * n + 5]
+        next_shard = int(raw_next or 0)
+        done = {int(k) for k in raw_done}
+        pending = {int(k): float(v) for k, v in raw_pending.items()}
+        if stop is not None:  # decided (or stopping): only an abandoned finaliser needs help
+            if _str(stop) == DECIDED and not finalising:
+                _advance(store, job_id, out)
             continue
-        queue = str(rec.get("queue") or s.celery_queue)
-        stalled_key = keys.job(job_id, "stalled")
-        if queue not in live:
-            store.r.set(stalled_key, str(now), nx=True, ex=int(s.stall_timeout_s) * 4 + 60)
-            since = float(_str(store.r.get(stalled_key) or now))
-            if now - since >= s.stall_timeout_s:
-                store.fail(job_id, f"no worker served queue {queue!r} for {s.stall_timeout_s:g} s")
-                out.failed.append(job_id)
+        if all(k in done for k in range(next_shard)):
+            _advance(store, job_id, out)  # nothing in flight: decide or schedule more
             continue
-        store.r.delete(stalled_key)
-        try:
-            store.advance(job_id)
-        except redis.exceptions.LockError:
-            continue  # someone holds the job: next sweep
-        out.advanced.append(job_id)
-        rec = store.record(job_id)
-        if rec is None or JobStatus(rec["status"]).is_terminal():
-            continue
-        next_shard, done = store.shard_states(job_id)
-        pending = store.pending(job_id)
-        queue_empty = store.r.llen(queue) == 0
+        queue_empty = store.r.llen(str(rec.get("queue") or s.celery_queue)) == 0
         for k in range(next_shard):
-            if k in done or store.lease_holder(job_id, k) is not None:
+            if k in done:
                 continue
             if k in pending:
                 age = now - pending[k]
@@ -130,10 +149,39 @@ def sweep(store: JobStore, *, now: float | None = None) -> Sweep:
                 # drained since (the message was lost) or it has waited implausibly long.
                 if not ((queue_empty and age >= s.reconcile_grace_s) or age >= s.stall_timeout_s):
                     continue
+            candidates.append((job_id, k))
+    if candidates:
+        pipe = store.r.pipeline(transaction=False)
+        for job_id, k in candidates:
+            pipe.exists(keys.job(job_id, "lease", str(k)))
+        for (job_id, k), leased in zip(candidates, pipe.execute(), strict=True):
+            if leased:
+                continue
             store.requeue(job_id, k)
             out.requeued.append((job_id, k))
-            log.warning("job %s: shard %s was lost (no worker, not queued); requeued", job_id, k)
+            log.warning("job %s: shard %s was lost (no live lease, not queued); requeued", job_id, k)
     return out
+
+
+def _advance(store: JobStore, job_id: str, out: Sweep) -> None:
+    try:
+        store.advance(job_id)
+    except redis.exceptions.LockError:
+        return  # someone holds the job: next sweep
+    out.advanced.append(job_id)
+
+
+def _fail_if_stalled(store: JobStore, job_id: str, rec: dict[str, Any], now: float) -> list[str]:
+    """Fail the job once no live worker has served its queue for ``stall_timeout_s`` of its life."""
+    s = store.settings
+    queue = str(rec.get("queue") or s.celery_queue)
+    key = f"{store.keys.prefix}:stalled:{queue}"
+    store.r.set(key, str(now), nx=True)
+    since = max(float(_str(store.r.get(key) or now)), datetime.fromisoformat(rec["created_at"]).timestamp())
+    if now - since < s.stall_timeout_s:
+        return []
+    store.fail(job_id, f"no worker served queue {queue!r} for {s.stall_timeout_s:g} s")
+    return [job_id]
 
 
 class Reconciler:

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 STOP_TTL_S = 7 * 24 * 3600
 DECIDED = "decided"  # the stop flag while the finaliser writes the result
-FINALISE_TTL_S = 600  # the finaliser's lease; refreshed while it writes the zip
+FINALISE_TTL_S = 60  # the finaliser's lease, refreshed while it writes the zip: a dead one blocks no longer
 
 _LEASE_REFRESH = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end
@@ -385,10 +385,6 @@ class JobStore:
     def release_lease(self, job_id: str, shard: int, token: str) -> None:
         self.r.eval(_LEASE_RELEASE, 1, self._k(job_id, "lease", str(shard)), token)
 
-    def lease_holder(self, job_id: str, shard: int) -> str | None:
-        raw = self.r.get(self._k(job_id, "lease", str(shard)))
-        return _str(raw) if raw else None
-
     def _hset_if_live(self, job_id: str, part: str, field: str, value: str) -> bool:
         return int(self.r.eval(_HSET_IF_LIVE, 2, self._k(job_id), self._k(job_id, part), field, value)) >= 0
 
@@ -521,7 +517,7 @@ class JobStore:
         final_key = self._k(job_id, "final")
 
         def keep_alive(i: int) -> None:
-            if i % 64 == 0:
+            if i % 16 == 0:
                 self.r.eval(_LEASE_REFRESH, 1, final_key, token, FINALISE_TTL_S * 1000)
 
         chunks = job_zip(self.storage, job_id, rows, params, final=True, on_member=keep_alive)
@@ -555,14 +551,3 @@ class JobStore:
 
     def forget_active(self, job_id: str) -> None:
         self.r.srem(self.keys.active, job_id)
-
-    def pending(self, job_id: str) -> dict[int, float]:
-        return {int(k): float(v) for k, v in self.r.hgetall(self._k(job_id, "pending")).items()}
-
-    def shard_states(self, job_id: str) -> tuple[int, set[int]]:
-        """``(next shard to enqueue, finished shards)``."""
-        return self._next_shard(job_id), set(self._done(job_id))
-
-    def with_lock(self, job_id: str, fn: Callable[[], Any]) -> Any:
-        with self._lock(job_id):
-            return fn()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import random
@@ -44,6 +45,11 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -61,24 +67,87 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+class Conn:
+    """One keep-alive HTTP/1.1 connection: a much lighter client than httpx, so that on a small machine
+    the load generator does not take the CPU the API needs."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def request(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes]:
+        head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
+        if body:
+            head += "Content-Type: application/json\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        self.writer.write(head.encode() + body)
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("closed")
+        status = int(status_line.split()[1])
+        length, chunked = 0, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+            elif name.lower() == "transfer-encoding" and "chunked" in value:
+                chunked = True
+        if not chunked:
+            return status, await self.reader.readexactly(length)
+        out = b""
+        while True:
+            size = int((await self.reader.readline()).split(b";")[0], 16)
+            chunk = await self.reader.readexactly(size + 2)
+            if size == 0:
+                return status, out
+            out += chunk[:-2]
+
+
+class Pool:
+    def __init__(self, host: str, port: int, size: int) -> None:
+        self.host, self.port, self.size = host, port, size
+        self.free: asyncio.Queue[Conn] = asyncio.Queue()
+        self.opened = 0
+
+    async def request(
+        self, method: str, path: str, headers: dict[str, str], body: Any = None
+    ) -> tuple[int, Any]:
+        if self.free.empty() and self.opened < self.size:
+            self.opened += 1
+            conn = Conn(*await asyncio.open_connection(self.host, self.port))
+        else:
+            conn = await self.free.get()
+        data = json.dumps(body).encode() if body is not None else b""
+        try:
+            status, raw = await conn.request(method, path, headers, data)
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            self.opened -= 1
+            conn.writer.close()
+            raise
+        self.free.put_nowait(conn)
+        return status, raw
+
+
 class Recorder:
     def __init__(self) -> None:
         self.lat: dict[str, list[float]] = defaultdict(list)
         self.errors: dict[str, int] = defaultdict(int)
         self.statuses: dict[tuple[str, int], int] = defaultdict(int)
 
-    async def call(self, route: str, request: Any) -> httpx.Response | None:
-        t = time.perf_counter()
+    async def call(self, route: str, request: Any, t0: float | None = None) -> tuple[int, Any] | None:
+        """Latency from ``t0`` (the time the request was due: waiting for a connection counts)."""
+        t = time.perf_counter() if t0 is None else t0
         try:
-            resp: httpx.Response = await request
-        except httpx.HTTPError:
+            status, raw = await request
+        except (OSError, ValueError, asyncio.IncompleteReadError):
             self.errors[route] += 1
             return None
         self.lat[route].append((time.perf_counter() - t) * 1000)
-        self.statuses[(route, resp.status_code)] += 1
-        if resp.status_code >= 500:
+        self.statuses[(route, status)] += 1
+        if status >= 500:
             self.errors[route] += 1
-        return resp
+        return status, raw
 
     def table(self, title: str, seconds: float | None = None) -> str:
         lines = [f"{title}", f"  {'route':<10}{'n':>7}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}"]
@@ -98,18 +167,19 @@ class Recorder:
         return "\n".join(lines)
 
 
-async def make_keys(client: httpx.AsyncClient, admin: str, n: int) -> list[str]:
-    """API keys when the service requires them (one per simulated user), else anonymous access."""
-    probe = await client.get("/v1/jobs", headers={"Authorization": f"Bearer {admin}"})
-    if probe.status_code == 404 or (await client.get("/v1/keys")).status_code == 404:
+async def make_keys(pool: Pool, admin: str, n: int) -> list[str]:
+    """API keys when the service has them (one per simulated user), else anonymous access."""
+    status, _ = await pool.request("GET", "/v1/keys", {"Authorization": f"Bearer {admin}"})
+    if status in (404, 405):
         return [""] * n  # no key management in this version
     keys = []
     for i in range(n):
         body = {"name": f"load-{i}", "max_active_jobs": 100_000, "pairs_per_day": 10_000_000}
         body["requests_per_second"] = 100_000
-        resp = await client.post("/v1/keys", json=body, headers={"Authorization": f"Bearer {admin}"})
-        resp.raise_for_status()
-        keys.append(resp.json()["key"])
+        status, raw = await pool.request("POST", "/v1/keys", {"Authorization": f"Bearer {admin}"}, body)
+        if status >= 300:
+            raise SystemExit(f"POST /v1/keys: {status} {raw[:300]!r}")
+        keys.append(json.loads(raw)["key"])
     return keys
 
 
@@ -118,7 +188,7 @@ def auth(key: str) -> dict[str, str]:
 
 
 async def enqueue_phase(
-    client: httpx.AsyncClient, keys: list[str], jobs: int, concurrency: int, rec: Recorder
+    pool: Pool, keys: list[str], jobs: int, concurrency: int, rec: Recorder
 ) -> dict[str, list[str]]:
     ids: dict[str, list[str]] = defaultdict(list)
     sem = asyncio.Semaphore(concurrency)
@@ -126,69 +196,72 @@ async def enqueue_phase(
     async def one(i: int) -> None:
         key = keys[i % len(keys)]
         async with sem:
-            resp = await rec.call(
-                "post", client.post("/v1/jobs", json={"count": 4, "seed": i}, headers=auth(key))
-            )
-        if resp is not None and resp.status_code == 202:
-            ids[key].append(resp.json()["id"])
+            got = await rec.call("post", pool.request("POST", "/v1/jobs", auth(key), {"count": 4, "seed": i}))
+        if got is not None and got[0] == 202:
+            ids[key].append(json.loads(got[1])["id"])
 
     await asyncio.gather(*(one(i) for i in range(jobs)))
     return ids
 
 
 async def mixed_phase(
-    client: httpx.AsyncClient,
+    pool: Pool,
     keys: list[str],
     ids: dict[str, list[str]],
     rate: float,
     seconds: float,
     rec: Recorder,
+    mix: dict[str, float],
 ) -> float:
     rng = random.Random(0)
-    routes, weights = zip(*MIX.items(), strict=True)
+    routes, weights = zip(*mix.items(), strict=True)
     tasks: list[asyncio.Task[Any]] = []
     n = int(rate * seconds)
     t0 = time.perf_counter()
     for i in range(n):
-        delay = t0 + i / rate - time.perf_counter()
+        due = t0 + i / rate
+        delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         key = keys[rng.randrange(len(keys))]
         route = rng.choices(routes, weights)[0]
         h = auth(key)
         if route == "get" and ids.get(key):
-            req = client.get(f"/v1/jobs/{rng.choice(ids[key])}", headers=h)
+            req = pool.request("GET", f"/v1/jobs/{rng.choice(ids[key])}", h)
         elif route == "list":
-            req = client.get("/v1/jobs", params={"limit": 50}, headers=h)
+            req = pool.request("GET", "/v1/jobs?limit=50", h)
         elif route == "post":
-            req = client.post("/v1/jobs", json={"count": 4, "seed": 10_000 + i}, headers=h)
+            req = pool.request("POST", "/v1/jobs", h, {"count": 4, "seed": 10_000 + i})
         elif route == "models":
-            req = client.get("/v1/models", headers=h)
+            req = pool.request("GET", "/v1/models", h)
         else:
-            route, req = "healthz", client.get("/healthz")
-        tasks.append(asyncio.create_task(rec.call(route, req)))
+            route, req = "healthz", pool.request("GET", "/healthz", {})
+        tasks.append(asyncio.create_task(rec.call(route, req, due)))
     await asyncio.gather(*tasks)
     return time.perf_counter() - t0
 
 
-async def run(args: argparse.Namespace, url: str, api_pid: int, admin: str) -> None:
-    limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=args.connections)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        keys = await make_keys(client, admin, args.keys)
-        rss0 = rss_mb(api_pid)
-        enq = Recorder()
-        t = time.perf_counter()
-        ids = await enqueue_phase(client, keys, args.jobs, args.connections, enq)
-        enq_s = time.perf_counter() - t
-        rss1 = rss_mb(api_pid)
-        print(
-            enq.table(f"enqueue {args.jobs} jobs over {len(keys)} keys ({args.connections} at a time)", enq_s)
-        )
-        mixed = Recorder()
-        secs = await mixed_phase(client, keys, ids, args.rate, args.seconds, mixed)
-        rss2 = rss_mb(api_pid)
-        print(mixed.table(f"mixed traffic, offered {args.rate:g} req/s for {args.seconds:g} s ({MIX})", secs))
-        print(f"API RSS: {rss0:.0f} MiB at start, {rss1:.0f} MiB after enqueue, {rss2:.0f} MiB after the mix")
+async def run(args: argparse.Namespace, port: int, api_pid: int, admin: str) -> None:
+    pool = Pool("127.0.0.1", port, args.connections)
+    keys = await make_keys(pool, admin, args.keys)
+    rss0 = rss_mb(api_pid)
+    enq = Recorder()
+    t = time.perf_counter()
+    ids = await enqueue_phase(pool, keys, args.jobs, args.connections, enq)
+    enq_s = time.perf_counter() - t
+    rss1 = rss_mb(api_pid)
+    print(enq.table(f"enqueue {args.jobs} jobs over {len(keys)} keys ({args.connections} at a time)", enq_s))
+    mixed = Recorder()
+    cpu0 = cpu_seconds(api_pid)
+    secs = await mixed_phase(pool, keys, ids, args.rate, args.seconds, mixed, args.mix)
+    cpu = cpu_seconds(api_pid) - cpu0
+    rss2 = rss_mb(api_pid)
+    print(
+        mixed.table(f"mixed traffic, offered {args.rate:g} req/s for {args.seconds:g} s ({args.mix})", secs)
+    )
+    n = sum(len(v) for v in mixed.lat.values())
+    print(f"API CPU: {cpu:.1f} s for {n} requests = {cpu / max(n, 1) * 1000:.2f} ms per request")
+    print(f"API RSS: {rss0:.0f} MiB at start, {rss1:.0f} MiB after enqueue, {rss2:.0f} MiB after the mix")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="offered requests per second")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--mix",
+        type=lambda v: {k: float(w) for k, w in (kv.split("=") for kv in v.split(","))},
+        default=MIX,
+        help="route=weight,... over get, list, post, models, healthz (default %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="diffexp-load-"))
@@ -224,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "uvicorn", api, log)
         print(f"machine: {machine()}")
         print(f"API: one uvicorn process; Redis: redis-server {redis.url}; no worker (jobs stay queued)")
-        asyncio.run(run(args, url, api.pid, admin))
+        asyncio.run(run(args, port, api.pid, admin))
     finally:
         kill(api)
         redis.stop()

@@ -160,6 +160,29 @@ def test_the_reconciler_finishes_a_job_whose_shards_are_all_done(harness: Harnes
     assert store.get(job_id)["status"] == "succeeded"
 
 
+def test_a_finaliser_killed_while_writing_the_zip_is_taken_over_once_its_lease_expires(
+    harness: Harness,
+) -> None:
+    job_id = harness.submit(count=1, seed=2, eta=1.0)
+    store = harness.store
+    alive_worker(store)
+    real_write = store._write_zip
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # not an Exception: nothing in the process gets to clean up
+
+    store._write_zip = killed  # type: ignore[method-assign,assignment]
+    with pytest.raises(KeyboardInterrupt):
+        harness.run(*harness.queue.pop(0))
+    store._write_zip = real_write  # type: ignore[method-assign]
+    assert store.get(job_id)["status"] == "running" and store.stop_reason(job_id) == "decided"
+    sweep(store)
+    assert store.get(job_id)["status"] == "running"  # the finaliser's lease still lives
+    store.r.delete(store._k(job_id, "final"))  # ... until it expires
+    assert job_id in sweep(store).advanced
+    assert store.get(job_id)["status"] == "succeeded" and store.storage.exists(zip_key(job_id))
+
+
 def test_a_killed_workers_shard_is_requeued_once_its_lease_expires(harness: Harness) -> None:
     job_id = harness.submit(count=2, seed=1, eta=1.0)
     store = harness.store
