@@ -12,6 +12,7 @@ Redis (the live side; ``P`` = settings.redis_prefix, ``J`` = ``P:job:ID``):
     J:pending       shard -> time it was enqueued and no worker has taken it yet
     J:lock          the per-job lock           J:final     token of the process writing the result
     P:jobs          zset of ids by creation    P:active    set of ids that are queued or running
+    P:owner:NAME:jobs   zset of the ids of owner NAME's jobs (an API key's name; see app.auth), by creation
     P:idem:H        {"job_id", "body"} of an Idempotency-Key whose SHA-256 is H
     P:alive         set once Redis holds the job list; missing = Redis lost its data
     P:stalled:Q     since when no live worker has served queue Q
@@ -65,6 +66,9 @@ class RedisKeys:
 
     def job(self, job_id: str, *parts: str) -> str:
         return ":".join((self.prefix, "job", job_id, *parts))
+
+    def owner_jobs(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:jobs"
 
     def idem(self, digest: str) -> str:
         return f"{self.prefix}:idem:{digest}"

@@ -80,6 +80,8 @@ def rebuild_from_storage(store: JobStore) -> int:
         else:
             store.r.set(store.keys.job(job_id), json.dumps(rec, sort_keys=True))
         store.r.zadd(store.keys.jobs, {job_id: created})
+        if rec.get("owner"):
+            store.r.zadd(store.keys.owner_jobs(rec["owner"]), {job_id: created})
         n += 1
     return n
 

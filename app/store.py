@@ -222,7 +222,12 @@ class JobStore:
         return recs, total, next_cursor
 
     def create(
-        self, *, body: dict[str, Any], params: JobParams, idempotency_key: str | None = None
+        self,
+        *,
+        body: dict[str, Any],
+        params: JobParams,
+        idempotency_key: str | None = None,
+        owner: str = "admin",
     ) -> tuple[dict[str, Any], bool]:
         """Store a queued job and enqueue its first shards. Returns ``(record, created)``.
 
@@ -240,6 +245,7 @@ class JobStore:
         now = now_iso()
         rec: dict[str, Any] = {
             "id": job_id,
+            "owner": owner,
             "status": JobStatus.QUEUED.value,
             "input": body,
             "params": params.model_dump(),
@@ -258,13 +264,15 @@ class JobStore:
             # One round trip, all or nothing: the reconciler never sees a job without its first shards.
             pipe = self.r.pipeline(transaction=True)
             pipe.set(self._k(job_id), data)
-            pipe.zadd(self.keys.jobs, {job_id: datetime.now(UTC).timestamp()})
+            score = datetime.now(UTC).timestamp()
+            pipe.zadd(self.keys.jobs, {job_id: score})
+            pipe.zadd(self.keys.owner_jobs(owner), {job_id: score})
             pipe.sadd(self.keys.active, job_id)
             pipe.set(self._k(job_id, "next"), n_first)
             pipe.hset(self._k(job_id, "pending"), mapping={str(k): str(time.time()) for k in range(n_first)})
             pipe.execute()
         except Exception:
-            self._undo_create(job_id, ikey)
+            self._undo_create(job_id, ikey, owner)
             raise
         try:
             for k in range(n_first):
@@ -295,11 +303,12 @@ class JobStore:
             raise JobConflict("a request with this Idempotency-Key is still being processed; retry")
         raise JobConflict("a request with this Idempotency-Key is still being processed; retry")
 
-    def _undo_create(self, job_id: str, ikey: str | None) -> None:
+    def _undo_create(self, job_id: str, ikey: str | None, owner: str | None = None) -> None:
         """Best effort: nothing of a failed create stays behind (its key may be used again)."""
         for undo in (
             lambda: self.r.delete(self._k(job_id)),
             lambda: self.r.zrem(self.keys.jobs, job_id),
+            lambda: self.r.zrem(self.keys.owner_jobs(owner), job_id) if owner else None,
             lambda: self.r.srem(self.keys.active, job_id),
             lambda: self.r.delete(ikey) if ikey else None,
             lambda: self.storage.delete_prefix(job_prefix(job_id)),
@@ -332,6 +341,8 @@ class JobStore:
             self.r.delete(self._k(job_id), *(self._k(job_id, p) for p in JOB_PARTS))
             self.r.zrem(self.keys.jobs, job_id)
             self.r.srem(self.keys.active, job_id)
+            if rec.get("owner"):
+                self.r.zrem(self.keys.owner_jobs(rec["owner"]), job_id)
             if rec.get("idempotency_key"):
                 self.r.delete(rec["idempotency_key"])
         self.storage.delete_prefix(job_prefix(job_id))
