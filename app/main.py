@@ -8,18 +8,40 @@ from contextlib import asynccontextmanager
 
 import redis
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app.api.main import api_router, health_router
-from app.core.config import Settings, get_settings
+from app.auth import KeyStore, Quotas
+from app.core.config import Settings, get_settings, is_loopback
 from app.queue import Enqueue, celery_enqueue, make_celery
 from app.reconciler import Reconciler
 from app.storage import make_storage
 from app.store import JobStore
 
+log = logging.getLogger("diffexp.api")
+
+
+class UnsafeConfig(RuntimeError):
+    """Settings the API refuses to start with."""
+
 
 def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = None) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)
+    if settings.auth == "off" and not is_loopback(settings.host):
+        raise UnsafeConfig(
+            f"DIFFEXP_AUTH=off on DIFFEXP_HOST={settings.host}: without keys the API may only listen on a "
+            "loopback address (127.0.0.1, ::1, localhost); set DIFFEXP_AUTH=required and an admin key"
+        )
+    try:
+        admin_key = settings.admin_key_value()
+    except ValueError as exc:
+        raise UnsafeConfig(str(exc)) from None
+    if settings.auth == "required" and admin_key is None:
+        log.warning(
+            "no admin key (DIFFEXP_ADMIN_KEY or DIFFEXP_ADMIN_KEY_FILE): keys already stored work, "
+            "but none can be created or revoked"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,8 +61,20 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     r = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     if enqueue is None:
         enqueue = celery_enqueue(make_celery(settings))
+    storage = make_storage(settings)
     app.state.settings = settings
-    app.state.store = JobStore(r, make_storage(settings), settings, enqueue)
+    app.state.admin_key = admin_key
+    app.state.store = JobStore(r, storage, settings, enqueue)
+    app.state.keys = KeyStore(r, storage, settings.redis_prefix)
+    app.state.quotas = Quotas(r, settings.redis_prefix)
+    if origins := settings.cors_origin_list():
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+            expose_headers=["Location", "Retry-After"],
+        )
     app.include_router(health_router)
     app.include_router(api_router, prefix=settings.api_v1_str)
     return app

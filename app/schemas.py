@@ -67,6 +67,7 @@ class JobLinks(BaseModel):
 
 class JobPublic(BaseModel):
     id: str
+    owner: str | None = Field(default=None, description="name of the API key that created the job")
     status: JobStatus
     input: dict[str, Any]
     params: JobParams
@@ -109,3 +110,35 @@ class Check(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     checks: dict[str, Check]
+
+
+KEY_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+class KeyLimits(BaseModel):
+    max_active_jobs: int = Field(default=2, ge=1, description="jobs queued or running at once")
+    pairs_per_day: int = Field(default=1000, ge=1, description="sum of `count` over jobs created per UTC day")
+    requests_per_second: int = Field(default=10, ge=1, description="requests to /v1 per second")
+
+
+class KeyCreate(KeyLimits):
+    """Body of ``POST /v1/keys`` (admin only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=KEY_NAME_PATTERN, description="lowercase letters, digits, _ and -; not 'admin'")
+
+
+class KeyPublic(KeyLimits):
+    """A key as listed: never the key itself nor its hash."""
+
+    name: str
+    created_at: datetime
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="the bearer key; shown only in this answer")
+
+
+class KeysPublic(BaseModel):
+    data: list[KeyPublic]

@@ -28,6 +28,9 @@ from typing import Any  # noqa: E402
 
 from tests.integration.servers import RedisServer  # noqa: E402
 
+ADMIN_KEY = "test-admin-key-0123456789"  # what settings_factory gives the API (DIFFEXP_ADMIN_KEY)
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
@@ -58,6 +61,7 @@ def settings_factory(tmp_path: Path, redis_server: RedisServer, tiny_bundle: Pat
             "max_steps": 50,
             "lease_ttl_s": 5.0,
             "reconcile_interval_s": 0.0,  # tests sweep by hand (app.reconciler.sweep)
+            "admin_key": ADMIN_KEY,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

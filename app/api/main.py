@@ -1,9 +1,12 @@
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from app.api.routes import health, jobs, models
+from app.api.deps import get_principal
+from app.api.routes import health, jobs, keys, models
 
-api_router = APIRouter()
+# Every /v1 route needs a key (Authorization: Bearer KEY), unless DIFFEXP_AUTH=off.
+api_router = APIRouter(dependencies=[Depends(get_principal)])
 api_router.include_router(jobs.router)
 api_router.include_router(models.router)
-# health probes live at the root, outside the versioned prefix
+api_router.include_router(keys.router)
+# health probes live at the root, outside the versioned prefix, and need no key
 health_router = health.router

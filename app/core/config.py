@@ -5,6 +5,7 @@ Every field is documented in ``.env.example``; a test checks that the two (and d
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,17 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "changethis"
+MIN_ADMIN_KEY_LEN = 16
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -23,6 +35,17 @@ class Settings(BaseSettings):
     environment: Literal["local", "production"] = "local"
     api_v1_str: str = "/v1"
     log_level: str = "INFO"
+
+    # Who may call /v1: "required" (a bearer key on every /v1 request) or "off" (anyone; refused
+    # unless `host` is a loopback address). /healthz and /readyz are always open.
+    auth: Literal["required", "off"] = "required"
+    # The admin key (manages API keys, sees every job), given as is or as a file holding it.
+    admin_key: SecretStr | None = None
+    admin_key_file: Path | None = None
+    # The address the API binds to (uvicorn --host); checked against `auth` at start-up.
+    host: str = "127.0.0.1"
+    # Comma-separated browser origins allowed by CORS; unset = no CORS headers at all.
+    cors_origins: str | None = None
 
     # Redis: job records, progress, cancel flags, and the Celery broker.
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -42,7 +65,7 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
-    s3_presign_expiry_s: int = Field(default=3600, ge=1)
+    s3_presign_expiry_s: int = Field(default=300, ge=1, le=3600)
 
     # Jobs and shards.
     shard_size: int = Field(default=16, ge=1)
@@ -77,6 +100,26 @@ class Settings(BaseSettings):
             if secret == PLACEHOLDER_SECRET:
                 raise ValueError(f"DIFFEXP_S3_SECRET_ACCESS_KEY is {PLACEHOLDER_SECRET!r}; set a real one")
         return self
+
+    def admin_key_value(self) -> str | None:
+        """The admin key from ``admin_key`` or ``admin_key_file`` (stripped), or None when neither is set."""
+        if self.admin_key is not None and self.admin_key_file is not None:
+            raise ValueError("set DIFFEXP_ADMIN_KEY or DIFFEXP_ADMIN_KEY_FILE, not both")
+        if self.admin_key_file is not None:
+            try:
+                key = self.admin_key_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"DIFFEXP_ADMIN_KEY_FILE {self.admin_key_file}: {exc}") from exc
+        elif self.admin_key is not None:
+            key = self.admin_key.get_secret_value().strip()
+        else:
+            return None
+        if len(key) < MIN_ADMIN_KEY_LEN:
+            raise ValueError(f"the admin key must be at least {MIN_ADMIN_KEY_LEN} characters long")
+        return key
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
 
 
 @lru_cache

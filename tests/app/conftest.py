@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.main import create_app
 from app.store import JobStore
+from tests.conftest import ADMIN_HEADERS
 
 
 class Enqueued(list[tuple[str, int, str]]):
@@ -30,7 +31,8 @@ def enqueued() -> Enqueued:
 
 @pytest.fixture()
 def client(settings: Settings, enqueued: Enqueued) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, enqueue=enqueued)) as c:
+    """The API as the admin (every /v1 request sends the admin key)."""
+    with TestClient(create_app(settings, enqueue=enqueued), headers=ADMIN_HEADERS) as c:
         yield c
 
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from app.core.config import Settings
+from tests.conftest import ADMIN_HEADERS, ADMIN_KEY
 from tests.integration.servers import (
     CeleryWorker,
     RedisServer,
@@ -55,6 +56,7 @@ def stack_env(redis_url: str, s3: SeaweedS3, bundle: Path, prefix: str, **extra:
         "DIFFEXP_VISIBILITY_TIMEOUT_S": "120",
         "DIFFEXP_RECONCILE_INTERVAL_S": "1",
         "DIFFEXP_RECONCILE_GRACE_S": "3",
+        "DIFFEXP_ADMIN_KEY": ADMIN_KEY,
     }
     env.update(extra)
     return env
@@ -96,7 +98,7 @@ def stack(
         env=worker_env(env),
     )
     url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=30)
+    client = httpx.Client(base_url=url, timeout=30, headers=ADMIN_HEADERS)
     try:
         wait_for(lambda: client.get("/healthz").status_code == 200, 60, "uvicorn", api, api_log)
         for w in workers.values():

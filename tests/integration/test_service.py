@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from tests.conftest import ADMIN_HEADERS
 from tests.integration.conftest import Q_ALL, Q_ONE, Stack, settings_from, stack_env, wait_job
 from tests.integration.servers import CeleryWorker, RedisServer, SeaweedS3
 
@@ -86,7 +87,7 @@ def api(stack: Stack) -> Iterator[Any]:
     clients: list[TestClient] = []
 
     def make(**overrides: Any) -> TestClient:
-        c = TestClient(create_app(stack.settings(**overrides)))
+        c = TestClient(create_app(stack.settings(**overrides)), headers=ADMIN_HEADERS)
         clients.append(c)
         return c
 
@@ -170,7 +171,7 @@ def test_worker_killed_mid_job_the_job_still_succeeds(
         for w in workers:
             w.wait_ready(90)
         settings = settings_from(env)
-        with TestClient(create_app(settings)) as c:
+        with TestClient(create_app(settings), headers=ADMIN_HEADERS) as c:
             loc = c.post("/v1/jobs", json={"count": 8, "steps": 30, "seed": 99}).headers["location"]
             victim = workers[1]
             job_id = loc.rsplit("/", 1)[-1]

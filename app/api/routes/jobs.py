@@ -3,11 +3,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from app.api.deps import SettingsDep, StoreDep
+from app.api.deps import OwnedJob, PrincipalDep, QuotasDep, SettingsDep, StoreDep, too_many
+from app.auth import QuotaExceeded
 from app.bundles import resolve_params
 from app.layout import zip_key
 from app.schemas import JobCreate, JobPublic, JobsPublic
-from app.store import JobConflict, JobNotFound, JobStore
+from app.store import JobConflict, JobNotFound
 from app.zipstream import job_zip
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -19,11 +20,8 @@ def public(request: Request, rec: dict[str, Any]) -> JobPublic:
     return JobPublic.model_validate({**rec, "links": links})
 
 
-def load(store: JobStore, job_id: str) -> dict[str, Any]:
-    try:
-        return store.get(job_id)
-    except JobNotFound:
-        raise HTTPException(status_code=404, detail=f"job {job_id} not found") from None
+def not_found(job_id: str) -> HTTPException:
+    return HTTPException(status_code=404, detail=f"job {job_id} not found")
 
 
 @router.post("", status_code=202, response_model=JobPublic)
@@ -33,14 +31,36 @@ def create_job(
     response: Response,
     store: StoreDep,
     settings: SettingsDep,
+    who: PrincipalDep,
+    quotas: QuotasDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
-    """Queue an expansion job; poll the ``Location`` it answers with."""
+    """Queue an expansion job; poll the ``Location`` it answers with.
+
+    ``429`` (with ``Retry-After``) when the key has ``max_active_jobs`` jobs queued or running, or
+    the job would take it past ``pairs_per_day``."""
     params = resolve_params(body, settings)  # 422 before anything is stored
-    try:
-        rec, _ = store.create(
-            body=body.model_dump(exclude_none=True), params=params, idempotency_key=idempotency_key
+    if who.pairs_per_day is not None and params.count > who.pairs_per_day:
+        raise HTTPException(
+            status_code=422,
+            detail=f"count {params.count} is more than this key's pairs_per_day ({who.pairs_per_day})",
         )
+    # An Idempotency-Key is scoped to the key using it: another key's same header is another job.
+    scoped_key = f"{who.name}:{idempotency_key}" if idempotency_key is not None else None
+    try:
+        rec, _ = quotas.create_job(
+            who,
+            params.count,
+            store,
+            lambda: store.create(
+                body=body.model_dump(exclude_none=True),
+                params=params,
+                idempotency_key=scoped_key,
+                owner=who.name,
+            ),
+        )
+    except QuotaExceeded as exc:
+        raise too_many(exc) from None
     except JobConflict as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from None
     job = public(request, rec)
@@ -52,15 +72,18 @@ def create_job(
 def list_jobs(
     request: Request,
     store: StoreDep,
+    who: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     cursor: Annotated[
         str | None, Query(max_length=200, description="next_cursor of the previous page")
     ] = None,
 ) -> JobsPublic:
-    """Jobs, newest first. Page with ``cursor`` (stable while jobs are added or deleted) or ``offset``."""
+    """The caller's jobs (the admin: every job), newest first. Page with ``cursor`` (stable while jobs
+    are added or deleted) or ``offset``."""
+    index = None if who.admin else store.keys.owner_jobs(who.name)
     try:
-        recs, total, next_cursor = store.list_jobs(limit=limit, offset=offset, cursor=cursor)
+        recs, total, next_cursor = store.list_jobs(limit=limit, offset=offset, cursor=cursor, index=index)
     except ValueError:
         raise HTTPException(status_code=400, detail="cursor is not one this service issued") from None
     return JobsPublic(
@@ -73,38 +96,37 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def read_job(job_id: str, request: Request, store: StoreDep) -> JobPublic:
-    return public(request, load(store, job_id))
+def read_job(request: Request, rec: OwnedJob) -> JobPublic:
+    return public(request, rec)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, request: Request, store: StoreDep) -> JobPublic:
+def cancel_job(job_id: str, request: Request, store: StoreDep, _: OwnedJob) -> JobPublic:
     """Stop the job within one sampling batch; finished pairs stay downloadable with ``?partial=true``."""
     try:
         rec = store.cancel(job_id)
     except JobNotFound:
-        raise HTTPException(status_code=404, detail=f"job {job_id} not found") from None
+        raise not_found(job_id) from None
     except JobConflict as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from None
     return public(request, rec)
 
 
 @router.delete("/{job_id}", status_code=204)
-def delete_job(job_id: str, store: StoreDep) -> Response:
+def delete_job(job_id: str, store: StoreDep, _: OwnedJob) -> Response:
     """Remove the job, its record and every object it stored."""
     try:
         store.delete(job_id)
     except JobNotFound:
-        raise HTTPException(status_code=404, detail=f"job {job_id} not found") from None
+        raise not_found(job_id) from None
     return Response(status_code=204)
 
 
 @router.get("/{job_id}/pairs.zip", response_class=StreamingResponse)
 def download_zip(
-    job_id: str, store: StoreDep, partial: Annotated[bool, Query()] = False
+    job_id: str, store: StoreDep, rec: OwnedJob, partial: Annotated[bool, Query()] = False
 ) -> StreamingResponse:
     """The pairs as a streamed zip; ``409`` until the job has a result unless ``partial=true``."""
-    rec = load(store, job_id)
     result = store.result_rows(job_id, partial=partial)
     if result is None:
         raise HTTPException(
@@ -124,9 +146,9 @@ def download_zip(
 
 
 @router.get("/{job_id}/download", status_code=307)
-def download(job_id: str, store: StoreDep, settings: SettingsDep) -> RedirectResponse:
-    """Redirect to a presigned S3 URL of the zip (written when the job was decided), or to ``pairs.zip``."""
-    rec = load(store, job_id)
+def download(job_id: str, store: StoreDep, settings: SettingsDep, rec: OwnedJob) -> RedirectResponse:
+    """Redirect to a presigned S3 URL of the zip (written when the job was decided; valid
+    ``DIFFEXP_S3_PRESIGN_EXPIRY_S``), or to ``pairs.zip``."""
     result = store.result_rows(job_id, partial=False)
     if result is None:
         raise HTTPException(status_code=409, detail=f"job is {rec['status']}; no result yet")
