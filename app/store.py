@@ -221,6 +221,13 @@ class JobStore:
         next_cursor = encode_cursor(entries[-1][1], entries[-1][0]) if len(entries) == limit else None
         return recs, total, next_cursor
 
+    def _idem_key(self, idempotency_key: str) -> str:
+        return self.keys.idem(hashlib.sha256(idempotency_key.encode()).hexdigest())
+
+    def idempotency_claimed(self, idempotency_key: str) -> bool:
+        """Whether a job was created with this Idempotency-Key (one ``create`` would replay)."""
+        return bool(self.r.exists(self._idem_key(idempotency_key)))
+
     def create(
         self,
         *,
@@ -238,7 +245,7 @@ class JobStore:
         job_id = uuid.uuid4().hex
         ikey = None
         if idempotency_key is not None:
-            ikey = self.keys.idem(hashlib.sha256(idempotency_key.encode()).hexdigest())
+            ikey = self._idem_key(idempotency_key)
             first = self._claim_idempotency_key(ikey, job_id, body)
             if first is not None:
                 return first, False

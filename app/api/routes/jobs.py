@@ -47,18 +47,17 @@ def create_job(
         )
     # An Idempotency-Key is scoped to the key using it: another key's same header is another job.
     scoped_key = f"{who.name}:{idempotency_key}" if idempotency_key is not None else None
-    try:
-        rec, _ = quotas.create_job(
-            who,
-            params.count,
-            store,
-            lambda: store.create(
-                body=body.model_dump(exclude_none=True),
-                params=params,
-                idempotency_key=scoped_key,
-                owner=who.name,
-            ),
+
+    def create() -> tuple[dict[str, Any], bool]:
+        return store.create(
+            body=body.model_dump(exclude_none=True), params=params, idempotency_key=scoped_key, owner=who.name
         )
+
+    try:
+        if scoped_key is not None and store.idempotency_claimed(scoped_key):
+            rec, _ = create()  # a replay (or 409 for another body) creates nothing: no quota applies
+        else:
+            rec, _ = quotas.create_job(who, params.count, store, create)
     except QuotaExceeded as exc:
         raise too_many(exc) from None
     except JobConflict as exc:
