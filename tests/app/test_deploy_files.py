@@ -75,3 +75,18 @@ def test_dockerfiles_keep_torch_out_of_the_api_image() -> None:
     worker = (ROOT / "docker" / "Dockerfile.worker").read_text()
     assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda", worker, re.M)
     assert "--pool solo" in worker
+
+
+def test_the_api_container_listens_on_all_addresses_only_with_keys() -> None:
+    services = compose()["services"]
+    api = services["api"]["environment"]
+    assert api["DIFFEXP_HOST"] == "0.0.0.0" and api["DIFFEXP_AUTH"] == "required"
+    # `${VAR:?message}`: compose refuses to start without an admin key
+    assert re.fullmatch(r"\$\{DIFFEXP_ADMIN_KEY:\?[^}]+\}", api["DIFFEXP_ADMIN_KEY"])
+    for name in ("worker", "bucket"):  # only the API holds the admin key
+        assert not {"DIFFEXP_ADMIN_KEY", "DIFFEXP_ADMIN_KEY_FILE"} & set(services[name]["environment"]), name
+    dockerfile = (ROOT / "docker" / "Dockerfile.api").read_text()
+    assert re.search(r"^ENV DIFFEXP_HOST=0\.0\.0\.0$", dockerfile, re.M)
+    (cmd,) = [ln for ln in dockerfile.splitlines() if ln.startswith("CMD ")]
+    assert '--host \\"$DIFFEXP_HOST\\"' in cmd  # binds where the start-up check looks
+    assert not re.search(r"^(ENV|ARG) .*DIFFEXP_AUTH", dockerfile, re.M)  # the default stays: required
