@@ -472,3 +472,19 @@ def test_make_serve_with_a_configured_key_or_auth_off(
     assert "auth is OFF" in admin_key_setup(off, "127.0.0.1", tmp_path, {})
     with pytest.raises(SystemExit, match="refused"):
         admin_key_setup(off, "0.0.0.0", tmp_path, {})
+
+
+def test_a_keys_jobs_are_its_own_again_after_redis_lost_its_data(
+    client: TestClient, anon: TestClient, store: JobStore, settings: Settings
+) -> None:
+    from app.reconciler import sweep
+
+    a = bearer(new_key(client, "a", max_active_jobs=1))
+    b = bearer(new_key(client, "b"))
+    job = anon.post("/v1/jobs", headers=a, json={"count": 1}).json()["id"]
+    flush_prefix(store, settings)
+    sweep(store)  # rebuilds the job lists from the records in storage
+    assert [j["id"] for j in anon.get("/v1/jobs", headers=a).json()["data"]] == [job]
+    assert anon.get("/v1/jobs", headers=b).json()["count"] == 0
+    assert anon.get(f"/v1/jobs/{job}", headers=b).status_code == 404
+    assert_429(anon.post("/v1/jobs", headers=a, json={"count": 1}), "max_active_jobs")  # still counted
