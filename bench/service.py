@@ -16,6 +16,7 @@ import argparse
 import io
 import json
 import os
+import secrets
 import statistics
 import sys
 import tempfile
@@ -30,6 +31,9 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from tests.integration.servers import CeleryWorker, RedisServer, free_port, kill, spawn, wait_for, worker_env  # noqa: E402
+
+ADMIN_KEY = secrets.token_urlsafe(24)  # the API requires a key; the benchmarks call it as the admin
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def rss_mb(pid: int) -> float:
@@ -74,6 +78,7 @@ class Service:
             "DIFFEXP_SHARD_SIZE": str(args.shard_size),
             "DIFFEXP_BATCH_SIZE": str(args.batch_size),
             "DIFFEXP_MAX_COUNT": str(max(args.zip_pairs, args.pairs)),
+            "DIFFEXP_ADMIN_KEY": ADMIN_KEY,
         }
         env = worker_env(self.env)
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -87,7 +92,7 @@ class Service:
             log=work / "api.log",
             env=env,
         )
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=ADMIN_HEADERS)
         wait_for(lambda: self.client.get("/healthz").status_code == 200, 60, "api", self.api)
         for w in self.workers:
             w.wait_ready(120)
@@ -145,12 +150,18 @@ def zip_memory(work: Path, bundle: Path, args: argparse.Namespace) -> tuple[floa
            "created_at": "2026-01-01T00:00:00Z", "started_at": None, "completed_at": None}  # fmt: skip
     storage.put(record_key(job_id), json.dumps(rec).encode())
     redis = RedisServer(work)
-    env = worker_env({"DIFFEXP_REDIS_URL": f"{redis.url}/0", "DIFFEXP_STORAGE_DIR": str(storage.root)})
+    env = worker_env(
+        {
+            "DIFFEXP_REDIS_URL": f"{redis.url}/0",
+            "DIFFEXP_STORAGE_DIR": str(storage.root),
+            "DIFFEXP_ADMIN_KEY": ADMIN_KEY,
+        }
+    )
     port = free_port()
     api = spawn([sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"],
                 log=work / "zipapi.log", env=env)  # fmt: skip
     try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, headers=ADMIN_HEADERS)
         wait_for(lambda: client.get("/healthz").status_code == 200, 60, "api", api)
         client.get(f"/v1/jobs/{job_id}")
         before = rss_mb(api.pid)
