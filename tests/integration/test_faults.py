@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from tests.conftest import ADMIN_HEADERS
 from tests.integration.conftest import settings_from, stack_env, wait_job
 from tests.integration.servers import CeleryWorker, RedisServer, SeaweedS3
 from tests.integration.test_service import unzip
@@ -57,7 +58,7 @@ def test_redis_killed_and_restarted_mid_job_the_job_finishes_exactly(
     worker = CeleryWorker(tmp_path, env, "rk")
     try:
         worker.wait_ready(90)
-        with TestClient(create_app(settings_from(env))) as c:
+        with TestClient(create_app(settings_from(env)), headers=ADMIN_HEADERS) as c:
             body = {"count": 6, "steps": 30, "seed": 5, "eta": 1.0}
             loc = c.post("/v1/jobs", json=body).headers["location"]
             wait_job(tolerant(lambda: c.get(loc)), 60, until=running_with_progress)
@@ -83,7 +84,7 @@ def test_object_store_stopped_20s_mid_job_the_job_finishes_and_nothing_is_lost(
     worker = CeleryWorker(tmp_path, env, "s3")
     try:
         worker.wait_ready(90)
-        with TestClient(create_app(settings_from(env))) as c:
+        with TestClient(create_app(settings_from(env)), headers=ADMIN_HEADERS) as c:
             body = {"count": 6, "steps": 30, "seed": 8, "eta": 1.0}
             loc = c.post("/v1/jobs", json=body).headers["location"]
             first = wait_job(tolerant(lambda: c.get(loc)), 60, until=running_with_progress)
