@@ -236,12 +236,13 @@ class Harness:
         return out
 
     def close(self) -> None:
+        """Stop everything at once (SIGKILL): nothing here is kept."""
         self.client.close()
-        kill(self.api)
+        kill(self.api, sig=signal.SIGKILL)
         for w in self.workers:
             w.stop(sig=signal.SIGKILL)
-        self.s3.stop()
-        self.redis.stop()
+        self.s3.stop(sig=signal.SIGKILL)
+        self.redis.stop(sig=signal.SIGKILL)
 
 
 @dataclass
@@ -497,6 +498,8 @@ def main() -> None:
     if unknown:
         p.error(f"unknown faults {unknown}; choose from {', '.join(FAULTS)}")
 
+    # SIGTERM unwinds like Ctrl-C: the servers are stopped and the records so far written (--json).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     where = machine()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
@@ -523,6 +526,9 @@ def main() -> None:
                 times = ", ".join(f"{k} {rec[k]:.1f} s" for k in ("resume_s", "terminal_s")
                                   if rec.get(k) is not None)  # fmt: skip
                 say(f"{fault} trial {trial}: {rec['outcome']}  {times}")
+        except BaseException:
+            say(f"interrupted after {len(records)} trials; stopping the servers")
+            raise
         finally:
             auth = h.auth
             h.close()
