@@ -18,9 +18,9 @@ Each trial POSTs a job (``--count`` pairs, ``--steps``, eta 1.0 so every pair is
 result is indices 0..count-1, its own seed), waits until it is running with a kept pair, injects the
 fault, and waits up to ``--bound-s`` for a terminal state:
 
-  * worker-kill: SIGKILL the worker holding one of the job's shard leases (``P:job:ID:lease:K`` holds
-    "PID:token"); a replacement worker is started at once (as a supervisor would), so 2 serve the
-    next trial;
+  * worker-kill: SIGKILL a worker holding one of the job's shard leases (``P:job:ID:lease:K`` holds
+    "PID:token"; of the unfinished shards, the one least generated); a replacement worker is started
+    at once (as a supervisor would), so 2 serve the next trial;
   * redis-restart: SIGKILL redis-server, 2 s later start it again on the same port (AOF keeps the data);
   * storage-outage: SIGKILL SeaweedFS, ``--outage-s`` later start it again (same ports and data).
 
@@ -33,8 +33,8 @@ keys and the worker logs go to the JSON); failed (failed or canceled; the reason
 
 Times: "resume" runs from the fault (worker-kill) or from the moment the restarted server answers
 again (redis-restart, storage-outage) until the work resumes: for worker-kill until the killed shard
-runs again (its attempts count reaches 2; the other worker's progress says nothing about recovery),
-otherwise until the job's ``progress.generated`` grows past its value at the fault (or the job ends).
+runs again (its attempts count reaches 2; the other worker's progress says nothing about recovery;
+not counted when the victim had finished its shard just before the kill), otherwise until the job's ``progress.generated`` grows past its value at the fault (or the job ends).
 "terminal" runs from the same origin until the job is terminal; "job" from the POST to terminal.
 """
 
@@ -257,17 +257,24 @@ class Fault:
 def inject(h: Harness, fault: str, job_id: str, outage_s: float) -> Fault | None:
     """Inject ``fault``; None when no worker of ours holds a lease of the job any more (worker-kill)."""
     if fault == "worker-kill":
+        # The victim: a worker of ours mid-shard, the one with the least of its shard generated.
         pids = {w.proc.pid: w for w in h.workers}
-        for shard, holder in sorted(h.leases(job_id).items()):
-            victim = pids.get(int(holder.split(":", 1)[0]))
-            if victim is not None:
-                victim.stop(sig=signal.SIGKILL)
-                t = time.monotonic()
-                h.workers.remove(victim)
-                h.workers.append(h.new_worker())  # the supervisor's replacement
-                done = bool(h.r.hexists(h.key(job_id, "done"), str(shard)))
-                return Fault(t, t, victim_shard=shard, victim_pid=victim.proc.pid, victim_shard_done=done)
-        return None
+        done = set(h.r.hkeys(h.key(job_id, "done")))
+        prog = h.r.hgetall(h.key(job_id, "prog"))
+        candidates = []
+        for shard, holder in h.leases(job_id).items():
+            worker = pids.get(int(holder.split(":", 1)[0]))
+            if worker is not None and str(shard) not in done:
+                candidates.append((int(str(prog.get(str(shard), "0,0")).split(",")[0]), shard, worker))
+        if not candidates:
+            return None
+        _, shard, victim = min(candidates, key=lambda c: c[:2])
+        victim.stop(sig=signal.SIGKILL)
+        t = time.monotonic()
+        h.workers.remove(victim)
+        h.workers.append(h.new_worker())  # the supervisor's replacement
+        finished = bool(h.r.hexists(h.key(job_id, "done"), str(shard)))  # between the check and the kill
+        return Fault(t, t, victim_shard=shard, victim_pid=victim.proc.pid, victim_shard_done=finished)
     if fault == "redis-restart":
         h.redis.stop(sig=signal.SIGKILL)
         t = time.monotonic()
@@ -408,6 +415,8 @@ def run_trial(h: Harness, fault: str, trial: int, args: argparse.Namespace) -> d
         grow = terminal
     if f.victim_shard is None:
         resume = grow
+    elif f.victim_shard_done:
+        resume = None  # the victim had finished its shard: nothing to redo, no resume time to count
     elif resume is None and terminal is not None:
         resume = terminal
     rec.update(resume_s=resume, generated_grows_s=grow, terminal_s=terminal, status=job.get("status"))
@@ -471,6 +480,9 @@ def report(records: list[dict[str, Any]], faults: list[str]) -> list[str]:
                 notes.append(f"  {fault} trial {r['trial']}: {r['outcome']}: {'; '.join(what[:5])}")
             elif r["outcome"] == "stuck":
                 notes.append(f"  {fault} trial {r['trial']}: stuck as {r['status']!r} (job {r['job_id']})")
+            if r.get("victim_shard_done"):
+                notes.append(f"  {fault} trial {r['trial']}: the killed worker had just finished its shard "
+                             "(no resume time counted)")  # fmt: skip
             if r.get("lock_held_max_s", 0) >= STALE_LOCK_S:
                 notes.append(
                     f"  {fault} trial {r['trial']}: the job's lock was held {r['lock_held_max_s']:.0f} s by one "
