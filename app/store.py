@@ -45,6 +45,7 @@ from app.storage import ObjectNotFound, Storage, StorageUnavailable
 log = logging.getLogger(__name__)
 
 STOP_TTL_S = 7 * 24 * 3600
+LOCK_TTL_S = 15  # every critical section is a few Redis calls and one small storage write
 DECIDED = "decided"  # the stop flag while the finaliser writes the result
 FINALISE_TTL_S = 60  # the finaliser's lease, refreshed while it writes the zip: a dead one blocks no longer
 
@@ -124,7 +125,8 @@ class JobStore:
         return self.keys.job(job_id, *parts)
 
     def _lock(self, job_id: str) -> Any:
-        return self.r.lock(self._k(job_id, "lock"), timeout=60, blocking_timeout=60)
+        # Short: a holder that dies (SIGKILL, Redis restarted under it) stalls the job this long at most.
+        return self.r.lock(self._k(job_id, "lock"), timeout=LOCK_TTL_S, blocking_timeout=LOCK_TTL_S)
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:
         try:

@@ -288,3 +288,11 @@ def test_delete_while_a_worker_stores_a_batch_leaves_nothing_behind(harness: Har
     left = job_keys(harness, job_id)
     assert all(ttl > 0 for ttl in left.values()), left  # only the stop flag, which expires
     assert store.storage.exists(manifest_key(job_id)) is False
+
+
+def test_a_job_lock_left_by_a_dead_holder_expires_within_seconds(harness: Harness) -> None:
+    # bench/faults.py caught a worker SIGKILLed (or Redis restarted) while holding a job's lock: the
+    # job stood still for the lock's 60 s TTL. Critical sections are short; so is the TTL now.
+    job_id = harness.submit(count=1)
+    with harness.store._lock(job_id):
+        assert 0 < harness.store.r.pttl(harness.store._k(job_id, "lock")) <= 15_000
