@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.params import default_max_attempts
 from models.bundle import Bundle
 from models.data import to_uint8
 from models.filtering import keep, score_pairs
@@ -125,7 +126,7 @@ def expand(
         raise ValueError(f"count must be >= 1, got {count}")
     params = params or bundle.default_params()
     eta = bundle.default_eta if eta is None else eta
-    max_attempts = max_attempts if max_attempts is not None else 20 * count
+    max_attempts = max_attempts if max_attempts is not None else default_max_attempts(count)
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     generated = kept = batch_no = 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_ETA = 0.065  # the paper's threshold
+from app.params import DEFAULT_ETA as DEFAULT_ETA  # the paper's threshold, defined with the other ranges
 
 
 def dice_loss(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

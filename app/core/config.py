@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.params import DEFAULT_MAX_ATTEMPTS_FACTOR, MAX_SOLVER_STEPS
+
 PLACEHOLDER_SECRET = "changethis"
 
 
@@ -48,8 +50,8 @@ class Settings(BaseSettings):
     shard_size: int = Field(default=16, ge=1)
     batch_size: int = Field(default=8, ge=1)
     max_count: int = Field(default=10_000, ge=1)
-    max_steps: int = Field(default=200, ge=1)
-    max_attempts_factor: int = Field(default=20, ge=1)
+    max_steps: int = Field(default=200, ge=1, le=MAX_SOLVER_STEPS)
+    max_attempts_factor: int = Field(default=DEFAULT_MAX_ATTEMPTS_FACTOR, ge=1)
     shard_max_tries: int = Field(default=3, ge=1)
     lease_ttl_s: float = Field(default=60.0, gt=0)
 
