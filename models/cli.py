@@ -105,6 +105,7 @@ def _prepare_bundle(
         "folder": str(data_dir),
         "fingerprint": data.fingerprint,
         "pairs": len(data),
+        "empty_masks": data.empty_masks,  # 0: Stage IV never keeps a synthetic pair with an empty mask
         "licence_files": [],
     }
     write_meta(out, meta)
