@@ -83,11 +83,11 @@ def test_bad_bodies_get_422_naming_the_field_and_nothing_is_stored(
     bound: str,
 ) -> None:
     resp = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-bad"})
-    assert resp.status_code == 422
-    errors = resp.json()["detail"]
-    mine = [e for e in errors if e["loc"][-1] == field]
+    assert resp.status_code == 422 and resp.headers["content-type"] == "application/problem+json"
+    errors = resp.json()["errors"]
+    mine = [e for e in errors if e["pointer"] == f"#/{field}" and e["loc"] == ["body", field]]
     assert mine, errors
-    assert any(bound in e["msg"] for e in mine), mine
+    assert any(bound in e["detail"] for e in mine), mine
     assert enqueued == [] and stored_keys(settings) == []
     assert store.list_jobs(limit=10, offset=0) == ([], 0)
     assert store.r.keys(f"{settings.redis_prefix}:*") == []  # not even the idempotency key
@@ -98,9 +98,9 @@ def test_bad_bodies_get_422_naming_the_field_and_nothing_is_stored(
     [("get", ""), ("post", "/cancel"), ("delete", ""), ("get", "/pairs.zip"), ("get", "/download")],
 )
 def test_unknown_job_is_404(client: TestClient, method: str, path: str) -> None:
-    resp = client.request(method.upper(), f"/v1/jobs/0123456789abcdef{path}")
-    assert resp.status_code == 404
-    assert "not found" in resp.json()["detail"]
+    resp = client.request(method.upper(), f"/v1/jobs/{'0123456789abcdef' * 2}{path}")
+    assert resp.status_code == 404 and resp.headers["content-type"] == "application/problem+json"
+    assert resp.json()["detail"] == f"job {'0123456789abcdef' * 2} not found"
 
 
 def test_idempotency_key_returns_the_same_job_or_409(client: TestClient, enqueued: Enqueued) -> None:

@@ -1,12 +1,12 @@
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.api.deps import SettingsDep, StoreDep
 from app.bundles import resolve_params
 from app.schemas import JobCreate, JobPublic, JobsPublic
-from app.store import JobConflict, JobNotFound, JobStore, zip_key
+from app.store import JobConflict, zip_key
 from app.zipstream import job_zip
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -16,13 +16,6 @@ def public(request: Request, rec: dict[str, Any]) -> JobPublic:
     base = f"{request.app.state.settings.api_v1_str}/jobs/{rec['id']}"
     links = {"self": base, "pairs_zip": f"{base}/pairs.zip", "download": f"{base}/download"}
     return JobPublic.model_validate({**rec, "links": links})
-
-
-def load(store: JobStore, job_id: str) -> dict[str, Any]:
-    try:
-        return store.get(job_id)
-    except JobNotFound:
-        raise HTTPException(status_code=404, detail=f"job {job_id} not found") from None
 
 
 @router.post("", status_code=202, response_model=JobPublic)
@@ -36,12 +29,9 @@ def create_job(
 ) -> JobPublic:
     """Queue an expansion job; poll the ``Location`` it answers with."""
     params = resolve_params(body, settings)  # 422 before anything is stored
-    try:
-        rec, _ = store.create(
-            body=body.model_dump(exclude_none=True), params=params, idempotency_key=idempotency_key
-        )
-    except JobConflict as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from None
+    rec, _ = store.create(
+        body=body.model_dump(exclude_none=True), params=params, idempotency_key=idempotency_key
+    )
     job = public(request, rec)
     response.headers["Location"] = job.links.self
     return job
@@ -61,28 +51,19 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobPublic)
 def read_job(job_id: str, request: Request, store: StoreDep) -> JobPublic:
-    return public(request, load(store, job_id))
+    return public(request, store.get(job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: str, request: Request, store: StoreDep) -> JobPublic:
     """Stop the job within one sampling batch; finished pairs stay downloadable with ``?partial=true``."""
-    try:
-        rec = store.cancel(job_id)
-    except JobNotFound:
-        raise HTTPException(status_code=404, detail=f"job {job_id} not found") from None
-    except JobConflict as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from None
-    return public(request, rec)
+    return public(request, store.cancel(job_id))
 
 
 @router.delete("/{job_id}", status_code=204)
 def delete_job(job_id: str, store: StoreDep) -> Response:
     """Remove the job, its record and every object it stored."""
-    try:
-        store.delete(job_id)
-    except JobNotFound:
-        raise HTTPException(status_code=404, detail=f"job {job_id} not found") from None
+    store.delete(job_id)
     return Response(status_code=204)
 
 
@@ -91,12 +72,10 @@ def download_zip(
     job_id: str, store: StoreDep, partial: Annotated[bool, Query()] = False
 ) -> StreamingResponse:
     """The pairs as a streamed zip; ``409`` until the job has a result unless ``partial=true``."""
-    rec = load(store, job_id)
+    rec = store.get(job_id)
     result = store.result_rows(job_id, partial=partial)
     if result is None:
-        raise HTTPException(
-            status_code=409, detail=f"job is {rec['status']}; no result yet (try ?partial=true)"
-        )
+        raise JobConflict(f"job is {rec['status']}; no result yet (try ?partial=true)")
     rows, final = result
     return StreamingResponse(
         job_zip(store.storage, job_id, rows, rec["params"], final=final),
@@ -108,10 +87,10 @@ def download_zip(
 @router.get("/{job_id}/download", status_code=307)
 def download(job_id: str, store: StoreDep, settings: SettingsDep) -> RedirectResponse:
     """Redirect to a presigned S3 URL of the zip (written once), or to ``pairs.zip`` on local storage."""
-    rec = load(store, job_id)
+    rec = store.get(job_id)
     result = store.result_rows(job_id, partial=False)
     if result is None:
-        raise HTTPException(status_code=409, detail=f"job is {rec['status']}; no result yet")
+        raise JobConflict(f"job is {rec['status']}; no result yet")
     rows, _ = result
     key = zip_key(job_id)
     url = store.storage.presigned_url(key, settings.s3_presign_expiry_s)

@@ -1,0 +1,181 @@
+"""Every bad input is a 4xx problem (RFC 9457), never a 500 or a hang; outages are 503s."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.main import create_app
+from app.store import JobStore
+from tests.app.conftest import Enqueued
+
+PROBLEM = "application/problem+json"
+JOB_ROUTES = [("GET", ""), ("POST", "/cancel"), ("DELETE", ""), ("GET", "/pairs.zip"), ("GET", "/download")]
+
+
+def assert_problem(resp: Any, status: int, path: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == PROBLEM
+    body: dict[str, Any] = resp.json()
+    assert body["type"] == "about:blank" and body["status"] == status and body["instance"] == path
+    assert body["title"] and isinstance(body.get("detail", ""), str)
+    return body
+
+
+def nothing_stored(store: JobStore, settings: Settings) -> bool:
+    return store.r.keys(f"{settings.redis_prefix}:*") == [] and not settings.storage_dir.exists()
+
+
+# ---- problem details: validation errors with field paths, NaN and Infinity refused, inputs never
+# echoed long; HTTPExceptions keep their headers, 405 names every method; 500 and 503 name nothing internal
+
+
+def test_a_validation_error_is_a_problem_naming_each_field(client: TestClient) -> None:
+    resp = client.post("/v1/jobs", json={"count": 0, "tau": 30, "colour": "red"})
+    body = assert_problem(resp, 422, "/v1/jobs")
+    assert body["detail"] == "3 invalid parameters; see errors"
+    by_pointer = {e["pointer"]: e for e in body["errors"]}
+    assert by_pointer["#/count"] == {
+        "detail": "Input should be greater than or equal to 1",
+        "type": "greater_than_equal",
+        "loc": ["body", "count"],
+        "pointer": "#/count",
+        "input": 0,
+    }
+    assert by_pointer["#/tau"]["detail"] == "Input should be less than or equal to 20"
+    assert by_pointer["#/colour"]["type"] == "extra_forbidden"
+
+
+@pytest.mark.parametrize("field", ["tau", "eta", "w_cf", "w_cg"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_refused(
+    client: TestClient, store: JobStore, settings: Settings, field: str, value: str
+) -> None:
+    """NaN gave a 500 (the error echoed NaN, which JSON cannot hold); Infinity was stored as is."""
+    resp = client.post(
+        "/v1/jobs",
+        content=f'{{"count": 1, "{field}": {value}}}',
+        headers={"content-type": "application/json"},
+    )
+    body = assert_problem(resp, 422, "/v1/jobs")
+    (error,) = body["errors"]
+    assert error["pointer"] == f"#/{field}" and "input" not in error
+    assert nothing_stored(store, settings)
+
+
+def test_long_inputs_are_never_echoed(client: TestClient) -> None:
+    resp = client.post("/v1/jobs", json={"count": 1, "model": "m" * 5000, "colour": list(range(3000))})
+    body = assert_problem(resp, 422, "/v1/jobs")
+    by_pointer = {e["pointer"]: e for e in body["errors"]}
+    assert by_pointer["#/model"]["input"] == "m" * 200 + "…"
+    assert "input" not in by_pointer["#/colour"]
+    assert len(resp.content) < 2000
+    resp = client.post("/v1/jobs", json={"count": 10**1000})  # an integer of a thousand digits
+    assert "input" not in assert_problem(resp, 422, "/v1/jobs")["errors"][0]
+
+
+def test_malformed_json_is_a_422_problem(client: TestClient) -> None:
+    resp = client.post("/v1/jobs", content=b'{"count": 1,', headers={"content-type": "application/json"})
+    (error,) = assert_problem(resp, 422, "/v1/jobs")["errors"]
+    assert error["type"] == "json_invalid" and error["detail"].startswith("Invalid JSON at character 12")
+
+
+def test_http_exceptions_become_problems_and_keep_their_headers(client: TestClient) -> None:
+    app: Any = client.app
+
+    def guarded() -> None:
+        raise HTTPException(401, detail="missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def throttled() -> None:
+        raise HTTPException(429, headers={"Retry-After": "7"})
+
+    app.add_api_route("/guarded", guarded)
+    app.add_api_route("/throttled", throttled)
+    resp = client.get("/guarded")
+    assert assert_problem(resp, 401, "/guarded")["detail"] == "missing bearer token"
+    assert resp.headers["www-authenticate"] == "Bearer"
+    resp = client.get("/throttled")
+    body = resp.json()
+    assert (
+        resp.status_code == 429
+        and resp.headers["retry-after"] == "7"
+        and resp.headers["content-type"] == PROBLEM
+    )
+    assert body["title"] == "Too Many Requests" and "detail" not in body  # no repeat of the title
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("DELETE", "/v1/jobs", "GET, POST"),
+        ("PUT", "/v1/jobs/" + "a" * 32, "DELETE, GET"),
+        ("PATCH", "/v1/jobs/" + "a" * 32, "DELETE, GET"),
+        ("GET", "/v1/jobs/" + "a" * 32 + "/cancel", "POST"),
+        ("POST", "/healthz", "GET"),
+        ("OPTIONS", "/v1/models", "GET"),
+    ],
+)
+def test_405_names_every_allowed_method(client: TestClient, method: str, path: str, allow: str) -> None:
+    """Starlette's Allow named only the first route of the path (POST for /v1/jobs)."""
+    resp = client.request(method, path)
+    assert_problem(resp, 405, path)
+    assert resp.headers["allow"] == allow
+
+
+def test_an_unknown_route_is_a_404_problem(client: TestClient) -> None:
+    assert_problem(client.get("/v1/nothing"), 404, "/v1/nothing")
+
+
+def test_an_unexpected_error_is_a_500_problem_naming_nothing_internal(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    app: Any = client.app
+
+    def broken() -> None:
+        raise RuntimeError("cannot reach s3://secret-bucket at 10.0.0.7")
+
+    app.add_api_route("/broken", broken)
+    with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level(logging.ERROR):
+        resp = c.get("/broken")
+    body = resp.json()
+    assert resp.status_code == 500 and resp.headers["content-type"] == PROBLEM
+    assert body == {
+        "type": "about:blank",
+        "title": "Internal Server Error",
+        "status": 500,
+        "detail": "internal error; it has been logged",
+        "instance": "/broken",
+    }
+    assert "secret-bucket" not in resp.text
+    assert any(r.exc_info and "secret-bucket" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_redis_down_is_a_503_with_retry_after(settings_factory: Callable[..., Settings]) -> None:
+    app = create_app(settings_factory(redis_url="redis://127.0.0.1:1/0"), enqueue=Enqueued())
+    with TestClient(app) as c:
+        for method, path, body in [("GET", "/v1/jobs", None), ("POST", "/v1/jobs", {"count": 1})]:
+            resp = c.request(method, path, json=body)
+            problem = assert_problem(resp, 503, "/v1/jobs")
+            assert resp.headers["retry-after"] == "5"
+            assert "127.0.0.1" not in resp.text and "Error" not in problem["detail"]
+
+
+def test_storage_down_is_a_503(settings_factory: Callable[..., Settings]) -> None:
+    settings = settings_factory(
+        storage_backend="s3",
+        s3_endpoint_url="http://127.0.0.1:1",
+        s3_bucket="secret-bucket",
+        s3_access_key_id="k",
+        s3_secret_access_key="s",
+    )
+    with TestClient(create_app(settings, enqueue=Enqueued())) as c:
+        resp = c.get(f"/v1/jobs/{'a' * 32}")  # not in Redis: the record is looked for in storage
+    assert_problem(resp, 503, f"/v1/jobs/{'a' * 32}")
+    assert resp.headers["retry-after"] == "5"
+    assert "127.0.0.1" not in resp.text and "secret-bucket" not in resp.text
