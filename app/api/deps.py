@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from app.core.config import Settings
-from app.store import JobStore
+from app.schemas import JOB_ID_PATTERN, is_job_id
+from app.store import JobNotFound, JobStore
 
 
 def get_settings(request: Request) -> Settings:
@@ -20,5 +21,22 @@ def get_store(request: Request) -> JobStore:
     return store
 
 
+def valid_job_id(
+    job_id: Annotated[
+        str,
+        Path(
+            description="job id: 32 lowercase hex digits; any other string names no job (404)",
+            json_schema_extra={"pattern": JOB_ID_PATTERN},
+            examples=["3f2b9c1e0d4a4e6f8a7b6c5d4e3f2a1b"],
+        ),
+    ],
+) -> str:
+    """The job id of the path, checked before it reaches a Redis key or a storage path."""
+    if not is_job_id(job_id):
+        raise JobNotFound(job_id)
+    return job_id
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
+JobIdDep = Annotated[str, Depends(valid_job_id)]

@@ -179,3 +179,46 @@ def test_storage_down_is_a_503(settings_factory: Callable[..., Settings]) -> Non
     assert_problem(resp, 503, f"/v1/jobs/{'a' * 32}")
     assert resp.headers["retry-after"] == "5"
     assert "127.0.0.1" not in resp.text and "secret-bucket" not in resp.text
+
+
+# ---- job ids: 32 lowercase hex digits on every route, anything else is a 404 that reaches nothing;
+# list offsets bounded
+
+
+@pytest.mark.parametrize(("method", "suffix"), JOB_ROUTES)
+@pytest.mark.parametrize(
+    "job_id",
+    ["0" * 10_000, "0123456789ABCDEF" * 2, "0123456789abcdef" * 2 + "0", "%2e%2e", "x y", "a" * 32 + "%0A"],
+    ids=["10000-chars", "upper-case", "33-chars", "encoded-dotdot", "space", "newline"],
+)
+def test_ids_not_of_the_job_id_format_are_404(
+    client: TestClient, store: JobStore, settings: Settings, method: str, suffix: str, job_id: str
+) -> None:
+    """A 10 000-character id gave a 500 (file name too long in local storage)."""
+    path = f"/v1/jobs/{job_id}{suffix}"
+    resp = client.request(method, path)
+    assert resp.status_code == 404 and resp.headers["content-type"] == PROBLEM
+    assert resp.json()["detail"] == "job not found (ids are 32 lowercase hex digits)"
+    assert nothing_stored(store, settings)
+
+
+@pytest.mark.parametrize(("method", "suffix"), JOB_ROUTES)
+@pytest.mark.parametrize("part", ["prog", "pairs", "done", "lock", "lease:0"])
+def test_ids_cannot_reach_another_redis_key(
+    client: TestClient, store: JobStore, method: str, suffix: str, part: str
+) -> None:
+    """``ID:prog`` named the job's progress hash: a WRONGTYPE 500, or worse, another key."""
+    job = client.post("/v1/jobs", json={"count": 2}).json()
+    store.shard_progress(job["id"], 0, 2, 1)
+    store.put_pair(job["id"], name="p", index=0, seed=1, dice_loss=0.0, image_png=b"i", mask_png=b"m")
+    resp = client.request(method, f"/v1/jobs/{job['id']}:{part}{suffix}")
+    assert resp.status_code == 404 and resp.headers["content-type"] == PROBLEM
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"  # untouched
+
+
+def test_an_offset_past_64_bits_is_a_422_not_a_500(client: TestClient) -> None:
+    resp = client.get("/v1/jobs", params={"offset": 9223372036854775808})
+    (error,) = assert_problem(resp, 422, "/v1/jobs")["errors"]
+    assert error["parameter"] == "offset" and error["loc"] == ["query", "offset"]
+    assert client.get("/v1/jobs", params={"offset": 1_000_000}).status_code == 200
+    assert client.get("/v1/jobs", params={"offset": 1_000_001}).status_code == 422

@@ -3,13 +3,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from app.api.deps import SettingsDep, StoreDep
+from app.api.deps import JobIdDep, SettingsDep, StoreDep
 from app.bundles import resolve_params
 from app.schemas import JobCreate, JobPublic, JobsPublic
 from app.store import JobConflict, zip_key
 from app.zipstream import job_zip
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+MAX_OFFSET = 1_000_000  # deeper pages are refused (422): Redis ranges are 64-bit
 
 
 def public(request: Request, rec: dict[str, Any]) -> JobPublic:
@@ -42,7 +44,7 @@ def list_jobs(
     request: Request,
     store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobsPublic:
     """Jobs, newest first."""
     recs, total = store.list_jobs(limit=limit, offset=offset)
@@ -50,18 +52,18 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def read_job(job_id: str, request: Request, store: StoreDep) -> JobPublic:
+def read_job(job_id: JobIdDep, request: Request, store: StoreDep) -> JobPublic:
     return public(request, store.get(job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, request: Request, store: StoreDep) -> JobPublic:
+def cancel_job(job_id: JobIdDep, request: Request, store: StoreDep) -> JobPublic:
     """Stop the job within one sampling batch; finished pairs stay downloadable with ``?partial=true``."""
     return public(request, store.cancel(job_id))
 
 
 @router.delete("/{job_id}", status_code=204)
-def delete_job(job_id: str, store: StoreDep) -> Response:
+def delete_job(job_id: JobIdDep, store: StoreDep) -> Response:
     """Remove the job, its record and every object it stored."""
     store.delete(job_id)
     return Response(status_code=204)
@@ -69,7 +71,7 @@ def delete_job(job_id: str, store: StoreDep) -> Response:
 
 @router.get("/{job_id}/pairs.zip", response_class=StreamingResponse)
 def download_zip(
-    job_id: str, store: StoreDep, partial: Annotated[bool, Query()] = False
+    job_id: JobIdDep, store: StoreDep, partial: Annotated[bool, Query()] = False
 ) -> StreamingResponse:
     """The pairs as a streamed zip; ``409`` until the job has a result unless ``partial=true``."""
     rec = store.get(job_id)
@@ -85,7 +87,7 @@ def download_zip(
 
 
 @router.get("/{job_id}/download", status_code=307)
-def download(job_id: str, store: StoreDep, settings: SettingsDep) -> RedirectResponse:
+def download(job_id: JobIdDep, store: StoreDep, settings: SettingsDep) -> RedirectResponse:
     """Redirect to a presigned S3 URL of the zip (written once), or to ``pairs.zip`` on local storage."""
     rec = store.get(job_id)
     result = store.result_rows(job_id, partial=False)
