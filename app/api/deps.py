@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from email.message import Message
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, HTTPException, Path, Request
 
 from app.core.config import Settings
 from app.schemas import JOB_ID_PATTERN, is_job_id
@@ -37,6 +38,25 @@ def valid_job_id(
     return job_id
 
 
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON (``application/json`` or ``application/*+json``)."""
+    value = request.headers.get("content-type")
+    if value:
+        message = Message()
+        message["content-type"] = value
+        subtype = message.get_content_subtype()
+        if message.get_content_maintype() == "application" and (
+            subtype == "json" or subtype.endswith("+json")
+        ):
+            return
+    raise HTTPException(
+        status_code=415,
+        detail=f"send the body as application/json (got {value[:100] if value else 'no Content-Type'})",
+        headers={"Accept-Post": "application/json"},
+    )
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 JobIdDep = Annotated[str, Depends(valid_job_id)]
+JsonBody = Depends(require_json)

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     environment: Literal["local", "production"] = "local"
     api_v1_str: str = "/v1"
     log_level: str = "INFO"
+    max_body_bytes: int = Field(default=65_536, ge=1)
 
     # Redis: job records, progress, cancel flags, and the Celery broker.
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -222,3 +223,98 @@ def test_an_offset_past_64_bits_is_a_422_not_a_500(client: TestClient) -> None:
     assert error["parameter"] == "offset" and error["loc"] == ["query", "offset"]
     assert client.get("/v1/jobs", params={"offset": 1_000_000}).status_code == 200
     assert client.get("/v1/jobs", params={"offset": 1_000_001}).status_code == 422
+
+
+# ---- the body limit (413) and the content type (415)
+
+
+def test_a_body_over_the_limit_is_413_with_content_length(
+    client: TestClient, store: JobStore, settings: Settings
+) -> None:
+    assert settings.max_body_bytes == 65_536  # the default
+    body = b'{"count": 1, "pad": "' + b"x" * 70_000 + b'"}'
+    assert_problem(
+        client.post("/v1/jobs", content=body, headers={"content-type": "application/json"}), 413, "/v1/jobs"
+    )
+    assert nothing_stored(store, settings)
+    # just under the limit is read (whitespace is valid JSON)
+    ok = b'{"count": 1}' + b" " * (65_536 - 12)
+    assert (
+        client.post("/v1/jobs", content=ok, headers={"content-type": "application/json"}).status_code == 202
+    )
+
+
+def test_a_body_over_the_limit_is_refused_before_a_route_that_ignores_it(client: TestClient) -> None:
+    job = client.post("/v1/jobs", json={"count": 1}).json()
+    resp = client.request("DELETE", f"/v1/jobs/{job['id']}", content=b"x" * 100_000)
+    assert_problem(resp, 413, f"/v1/jobs/{job['id']}")
+    assert client.get(f"/v1/jobs/{job['id']}").status_code == 200  # the DELETE did not run
+
+
+def test_a_chunked_body_over_the_limit_is_413(
+    client: TestClient, store: JobStore, settings: Settings
+) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"count": 1, "pad": "'
+        for _ in range(20):
+            yield b"x" * 8192
+        yield b'"}'
+
+    resp = client.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in resp.request.headers
+    assert_problem(resp, 413, "/v1/jobs")
+    assert nothing_stored(store, settings)
+
+
+def test_an_endless_stream_is_cut_at_the_limit(settings_factory: Callable[..., Settings]) -> None:
+    """At the ASGI level: the API stops reading once the limit is passed, whatever comes next."""
+    app = create_app(settings_factory(max_body_bytes=10_000), enqueue=Enqueued())
+    read = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        read += 1
+        assert read < 1000, "the API kept reading past the limit"
+        return {"type": "http.request", "body": b" " * 1024, "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/jobs",
+        "raw_path": b"/v1/jobs",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
+    assert read == 10  # 10 KiB read, the eleventh chunk was never asked for... nor more
+    assert sent[0]["status"] == 413
+    assert dict(sent[0]["headers"])[b"content-type"] == PROBLEM.encode()
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml", None]
+)
+def test_a_body_that_is_not_json_is_415(
+    client: TestClient, store: JobStore, settings: Settings, content_type: str | None
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    resp = client.post("/v1/jobs", content=b'{"count": 1}', headers=headers)
+    assert_problem(resp, 415, "/v1/jobs")
+    assert resp.headers["accept-post"] == "application/json"
+    assert nothing_stored(store, settings)
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.api+json"])
+def test_json_content_types_are_accepted(client: TestClient, content_type: str) -> None:
+    resp = client.post("/v1/jobs", content=b'{"count": 1}', headers={"content-type": content_type})
+    assert resp.status_code == 202

@@ -3,7 +3,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from app.api.deps import JobIdDep, SettingsDep, StoreDep
+from app.api.deps import JobIdDep, JsonBody, SettingsDep, StoreDep
 from app.bundles import resolve_params
 from app.schemas import JobCreate, JobPublic, JobsPublic
 from app.store import JobConflict, zip_key
@@ -20,7 +20,7 @@ def public(request: Request, rec: dict[str, Any]) -> JobPublic:
     return JobPublic.model_validate({**rec, "links": links})
 
 
-@router.post("", status_code=202, response_model=JobPublic)
+@router.post("", status_code=202, response_model=JobPublic, dependencies=[JsonBody])
 def create_job(
     body: JobCreate,
     request: Request,
