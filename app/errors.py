@@ -8,6 +8,8 @@ exceptions (``JobNotFound``, ``JobConflict``) or ``HTTPException`` and never map
 ``HTTPException(401/403/429, headers=...)`` comes out as a problem with no change here. A backing
 service that is down (Redis, S3) is a 503 with ``Retry-After``; anything else unexpected is a 500
 that names nothing internal, its traceback logged.
+
+``ErrorResponses`` documents these answers in OpenAPI for every route (``problem_responses``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,38 @@ class Problem(BaseModel):
 
 class ProblemResponse(JSONResponse):
     media_type = PROBLEM_JSON
+
+
+_DESCRIPTIONS = {
+    400: "Malformed request (a body that is not JSON)",
+    401: "Missing or invalid credentials",
+    403: "Credentials without the needed permission",
+    404: "No such job (ids are 32 lowercase hex digits) or route",
+    405: "Method not allowed (see the Allow header)",
+    409: "Conflict with the job's state or with an earlier use of the Idempotency-Key",
+    413: "Request body larger than DIFFEXP_MAX_BODY_BYTES",
+    415: "Request body is not application/json",
+    422: "Invalid parameters: `errors` names each field and bound",
+    429: "Too many requests (see Retry-After)",
+    503: "Redis or storage unreachable; retry after Retry-After seconds",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, each a ``Problem`` (application/problem+json)."""
+    return {
+        s: {"model": Problem, "description": _DESCRIPTIONS.get(s, HTTPStatus(s).phrase)} for s in statuses
+    }
+
+
+class ErrorResponses:
+    """The error statuses of each kind of route, for ``responses=`` in route declarations."""
+
+    LIST = problem_responses(422, 503)  # query parameters
+    JOB = problem_responses(404, 503)  # a job id in the path
+    JOB_QUERY = problem_responses(404, 422, 503)
+    JOB_CHANGE = problem_responses(404, 409, 503)
+    CREATE = problem_responses(400, 409, 413, 415, 422, 503)
 
 
 def problem(

@@ -11,6 +11,7 @@ from app.api.main import api_router, health_router
 from app.core.config import Settings, get_settings
 from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
+from app.openapi import install_openapi
 from app.queue import Enqueue, celery_enqueue, make_celery
 from app.storage import make_storage
 from app.store import JobStore
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     app.include_router(api_router, prefix=settings.api_v1_str)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_openapi(app, settings)
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -318,3 +319,42 @@ def test_a_body_that_is_not_json_is_415(
 def test_json_content_types_are_accepted(client: TestClient, content_type: str) -> None:
     resp = client.post("/v1/jobs", content=b'{"count": 1}', headers={"content-type": content_type})
     assert resp.status_code == 202
+
+
+# ---- the OpenAPI document states all of this
+
+
+def test_openapi_documents_the_problems_of_every_route(client: TestClient, settings: Settings) -> None:
+    doc = client.get("/openapi.json").json()
+    expected = {
+        ("post", "/v1/jobs"): {"400", "409", "413", "415", "422", "503"},
+        ("get", "/v1/jobs"): {"422", "503"},
+        ("get", "/v1/jobs/{job_id}"): {"404", "503"},
+        ("post", "/v1/jobs/{job_id}/cancel"): {"404", "409", "503"},
+        ("delete", "/v1/jobs/{job_id}"): {"404", "503"},
+        ("get", "/v1/jobs/{job_id}/pairs.zip"): {"404", "409", "422", "503"},
+        ("get", "/v1/jobs/{job_id}/download"): {"404", "409", "503"},
+    }
+    for (method, path), statuses in expected.items():
+        responses = doc["paths"][path][method]["responses"]
+        errors = {s for s in responses if s >= "400"}
+        assert errors == statuses, (method, path, errors)
+        for status in errors:
+            assert responses[status]["content"] == {
+                PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}
+            }
+    schemas = doc["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas
+    assert {"type", "title", "status", "detail", "instance", "errors"} <= set(
+        schemas["Problem"]["properties"]
+    )
+    job_id = doc["paths"]["/v1/jobs/{job_id}"]["get"]["parameters"][0]
+    assert job_id["name"] == "job_id" and job_id["schema"]["pattern"] == "^[0-9a-f]{32}$"
+    # the bounds the running service enforces, from its settings and bundles
+    props = schemas["JobCreate"]["properties"]
+    assert props["count"]["maximum"] == settings.max_count == 50
+    assert {"type": "integer", "minimum": 1, "maximum": 50}.items() <= props["steps"]["anyOf"][0].items()
+    assert props["max_attempts"]["anyOf"][0]["maximum"] == 20 * 50
+    assert props["model"]["anyOf"][0]["enum"] == [settings.default_model]
+    assert props["tau"]["anyOf"][0]["minimum"] == 0.05
+    assert json.dumps(doc).count("application/problem+json") >= 20

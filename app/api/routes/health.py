@@ -13,7 +13,11 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Readiness)
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Redis, storage or every worker unreachable"}},
+)
 def readyz(request: Request, store: StoreDep, settings: SettingsDep) -> JSONResponse:
     """Redis, storage and at least one worker are reachable (503 otherwise)."""
     checks: dict[str, Check] = {}

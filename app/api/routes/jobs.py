@@ -5,6 +5,7 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.api.deps import JobIdDep, JsonBody, SettingsDep, StoreDep
 from app.bundles import resolve_params
+from app.errors import ErrorResponses
 from app.schemas import JobCreate, JobPublic, JobsPublic
 from app.store import JobConflict, zip_key
 from app.zipstream import job_zip
@@ -20,7 +21,9 @@ def public(request: Request, rec: dict[str, Any]) -> JobPublic:
     return JobPublic.model_validate({**rec, "links": links})
 
 
-@router.post("", status_code=202, response_model=JobPublic, dependencies=[JsonBody])
+@router.post(
+    "", status_code=202, response_model=JobPublic, dependencies=[JsonBody], responses=ErrorResponses.CREATE
+)
 def create_job(
     body: JobCreate,
     request: Request,
@@ -39,7 +42,7 @@ def create_job(
     return job
 
 
-@router.get("", response_model=JobsPublic)
+@router.get("", response_model=JobsPublic, responses=ErrorResponses.LIST)
 def list_jobs(
     request: Request,
     store: StoreDep,
@@ -51,25 +54,33 @@ def list_jobs(
     return JobsPublic(data=[public(request, r) for r in recs], count=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, responses=ErrorResponses.JOB)
 def read_job(job_id: JobIdDep, request: Request, store: StoreDep) -> JobPublic:
     return public(request, store.get(job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=ErrorResponses.JOB_CHANGE)
 def cancel_job(job_id: JobIdDep, request: Request, store: StoreDep) -> JobPublic:
     """Stop the job within one sampling batch; finished pairs stay downloadable with ``?partial=true``."""
     return public(request, store.cancel(job_id))
 
 
-@router.delete("/{job_id}", status_code=204)
+@router.delete("/{job_id}", status_code=204, responses=ErrorResponses.JOB)
 def delete_job(job_id: JobIdDep, store: StoreDep) -> Response:
     """Remove the job, its record and every object it stored."""
     store.delete(job_id)
     return Response(status_code=204)
 
 
-@router.get("/{job_id}/pairs.zip", response_class=StreamingResponse)
+@router.get(
+    "/{job_id}/pairs.zip",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "the pairs, streamed"},
+        **ErrorResponses.JOB_CHANGE,
+        **ErrorResponses.JOB_QUERY,
+    },
+)
 def download_zip(
     job_id: JobIdDep, store: StoreDep, partial: Annotated[bool, Query()] = False
 ) -> StreamingResponse:
@@ -86,7 +97,12 @@ def download_zip(
     )
 
 
-@router.get("/{job_id}/download", status_code=307)
+@router.get(
+    "/{job_id}/download",
+    status_code=307,
+    response_class=RedirectResponse,
+    responses={307: {"description": "to a presigned S3 URL, or to pairs.zip"}, **ErrorResponses.JOB_CHANGE},
+)
 def download(job_id: JobIdDep, store: StoreDep, settings: SettingsDep) -> RedirectResponse:
     """Redirect to a presigned S3 URL of the zip (written once), or to ``pairs.zip`` on local storage."""
     rec = store.get(job_id)
