@@ -358,3 +358,33 @@ def test_openapi_documents_the_problems_of_every_route(client: TestClient, setti
     assert props["model"]["anyOf"][0]["enum"] == [settings.default_model]
     assert props["tau"]["anyOf"][0]["minimum"] == 0.05
     assert json.dumps(doc).count("application/problem+json") >= 20
+
+
+# ---- /readyz names no host, bucket or exception text
+
+
+def test_readyz_names_no_host_when_redis_is_down(settings_factory: Callable[..., Settings]) -> None:
+    app = create_app(settings_factory(redis_url="redis://127.0.0.1:1/0"), enqueue=Enqueued())
+    with TestClient(app) as c:
+        resp = c.get("/readyz")
+    assert resp.status_code == 503
+    checks = resp.json()["checks"]
+    assert checks["redis"] == {"ok": False, "detail": "unreachable"}
+    assert checks["workers"] == {"ok": False, "detail": "unreachable"}
+    assert "127.0.0.1" not in resp.text and "Error" not in resp.text
+
+
+def test_readyz_names_no_endpoint_when_storage_is_down(settings_factory: Callable[..., Settings]) -> None:
+    """It answered repr(exc), which named the S3 endpoint."""
+    settings = settings_factory(
+        storage_backend="s3",
+        s3_endpoint_url="http://127.0.0.1:1",
+        s3_bucket="secret-bucket",
+        s3_access_key_id="k",
+        s3_secret_access_key="s",
+    )
+    with TestClient(create_app(settings, enqueue=Enqueued())) as c:
+        ready = c.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["storage"] == {"ok": False, "detail": "unreachable"}
+    assert "127.0.0.1" not in ready.text and "secret-bucket" not in ready.text
