@@ -14,19 +14,23 @@ w_cg = 50 or w_cf = 20 the guided noise prediction leaves the range the networks
 
 from __future__ import annotations
 
+import operator
 import secrets
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 TAU_MIN, TAU_MAX = 0.05, 20.0
 SCALE_MIN, SCALE_MAX = 0.05, 20.0
 W_CF_MAX = 20.0
 W_CG_MAX = 50.0
 MAX_SOLVER_STEPS = 1000  # the training schedule's timesteps: a solver cannot take more steps
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # what a job record holds (pair seeds hash it, any size works)
+# What a request may ask for: JSON numbers past 2^53 are not exact in most clients (JavaScript, and
+# JSON Schema validators, compare them as doubles: 2^63 - 1 + 192 would pass a maximum of 2^63 - 1).
+MAX_REQUEST_SEED = 2**53 - 1
 SEED_BITS = 32  # seeds drawn when a request gives none
 DEFAULT_ETA = 0.065  # the paper's Stage IV threshold
 DEFAULT_MAX_ATTEMPTS_FACTOR = 20  # max_attempts defaults to this x count
@@ -39,58 +43,87 @@ class GuidanceMode(StrEnum):
     SCALE = "scale"
 
 
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 2.0 as an integer: take it as 2, and numpy integers as ints (library callers);
+    a strict int then refuses bools, strings and other floats."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, bool | str | int):
+        return value
+    try:
+        return operator.index(value)  # numpy.int64 and friends
+    except TypeError:
+        return value
+
+
+# Numbers are numbers: true, false and "3" are refused (pydantic's lax mode would take them), and 2.0 is
+# taken as 2 (JSON Schema counts it as an integer). The integral check runs before the strict int one.
+_INTEGRAL = BeforeValidator(_integral)
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
 Steps = Annotated[
-    int, Field(ge=1, le=MAX_SOLVER_STEPS, description="DPM-Solver++ steps per phase, 1 to 1000")
+    int,
+    Field(strict=True, ge=1, le=MAX_SOLVER_STEPS, description="DPM-Solver++ steps per phase, 1 to 1000"),
+    _INTEGRAL,
 ]
-Order = Annotated[int, Field(ge=1, le=3, description="DPM-Solver++ order, 1 to 3 (2 suits guided sampling)")]
+Order = Annotated[
+    int,
+    Field(strict=True, ge=1, le=3, description="DPM-Solver++ order, 1 to 3 (2 suits guided sampling)"),
+    _INTEGRAL,
+]
+Count = Annotated[int, Field(strict=True, ge=1, description="pairs to keep (Stage IV)"), _INTEGRAL]
+MaxAttempts = Annotated[int, Field(strict=True, ge=1, description="most pairs generated"), _INTEGRAL]
 WCf = Annotated[
-    float,
+    Float,
     Field(
         ge=0.0,
         le=W_CF_MAX,
-        allow_inf_nan=False,
         description="classifier-free guidance weight w_cf, 0 to 20 (1 = conditional model only)",
     ),
 ]
 WCg = Annotated[
-    float,
+    Float,
     Field(
         ge=0.0,
         le=W_CG_MAX,
-        allow_inf_nan=False,
         description="classifier guidance weight w_cg, 0 to 50 (0 = no segmenter guidance)",
     ),
 ]
 Tau = Annotated[
-    float,
+    Float,
     Field(
         ge=TAU_MIN,
         le=TAU_MAX,
-        allow_inf_nan=False,
         description="guidance temperature τ, 0.05 to 20 (mode tau; mode scale uses s = 1/τ unless scale is set)",
     ),
 ]
 Scale = Annotated[
-    float,
+    Float,
     Field(
         ge=SCALE_MIN,
         le=SCALE_MAX,
-        allow_inf_nan=False,
         description="guidance scale s, 0.05 to 20 (mode scale)",
     ),
 ]
 Eta = Annotated[
-    float,
+    Float,
     Field(
         gt=0.0,
         le=1.0,
-        allow_inf_nan=False,
         description="Stage IV threshold η: a pair is kept when its Dice loss is at most η, 0 < η ≤ 1",
     ),
 ]
 Seed = Annotated[
-    int, Field(ge=0, le=MAX_SEED, description="request seed, 0 to 2^63-1; pair i draws from (seed, i)")
+    int,
+    Field(
+        strict=True,
+        ge=0,
+        le=MAX_REQUEST_SEED,
+        description="request seed, 0 to 2^53-1 (exact in every JSON client); pair i draws from (seed, i)",
+    ),
+    _INTEGRAL,
 ]
+RecordSeed = Annotated[int, Field(strict=True, ge=0, le=MAX_SEED, description="the seed the job runs with")]
 
 
 class SamplingSettings(BaseModel):
@@ -115,10 +148,10 @@ class JobParams(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
 
     model: str
-    count: int = Field(ge=1)
-    seed: Seed
+    count: Count
+    seed: RecordSeed
     eta: Eta
-    max_attempts: int = Field(ge=1)
+    max_attempts: MaxAttempts
     sampling: SamplingSettings
     batch_size: int = Field(ge=1)
     shard_size: int = Field(ge=1)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from app.params import Eta, GuidanceMode, Seed, Steps, Tau, WCf, WCg
+from app.params import Count, Eta, GuidanceMode, MaxAttempts, Seed, Steps, Tau, WCf, WCg
 from app.params import JobParams as JobParams  # re-exported: the store uses it from here
 from app.params import SamplingSettings as SamplingSettings
 
@@ -45,7 +45,7 @@ class JobCreate(BaseModel):
         max_length=128,
         description="bundle name (GET /v1/models); default: DIFFEXP_DEFAULT_MODEL",
     )
-    count: int = Field(ge=1, description="pairs to keep (Stage IV), 1 to DIFFEXP_MAX_COUNT")
+    count: Count = Field(description="pairs to keep (Stage IV), 1 to DIFFEXP_MAX_COUNT")
     tau: Tau | None = None
     eta: Eta | None = Field(
         default=None, description="Stage IV threshold η, 0 < η ≤ 1; default: the bundle's"
@@ -55,11 +55,10 @@ class JobCreate(BaseModel):
     w_cg: WCg | None = None
     guidance: GuidanceMode | None = None
     seed: Seed | None = Field(
-        default=None, description="request seed, 0 to 2^63-1; default: drawn and recorded"
+        default=None, description="request seed, 0 to 2^53-1; default: drawn and recorded"
     )
-    max_attempts: int | None = Field(
+    max_attempts: MaxAttempts | None = Field(
         default=None,
-        ge=1,
         description="most pairs generated, count to DIFFEXP_MAX_ATTEMPTS_FACTOR x DIFFEXP_MAX_COUNT; "
         "default: DIFFEXP_MAX_ATTEMPTS_FACTOR x count",
     )

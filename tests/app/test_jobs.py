@@ -48,6 +48,12 @@ BAD_BODIES: list[tuple[dict[str, Any], str, str]] = [
     ({"count": 0}, "count", "greater than or equal to 1"),
     ({"count": 51}, "count", "less than or equal to 50"),
     ({"count": "many"}, "count", "valid integer"),
+    ({"count": "2"}, "count", "valid integer"),  # numbers are JSON numbers
+    ({"count": True}, "count", "valid integer"),
+    ({"count": 2.5}, "count", "valid integer"),
+    ({"count": 2, "seed": False}, "seed", "valid integer"),  # was taken as seed 0
+    ({"count": 2, "tau": "0.5"}, "tau", "valid number"),
+    ({"count": 2, "w_cf": True}, "w_cf", "valid number"),
     ({"count": 2, "tau": 0}, "tau", "greater than or equal to 0.05"),
     ({"count": 2, "tau": -1.5}, "tau", "greater than or equal to 0.05"),
     ({"count": 2, "tau": 5e-324}, "tau", "greater than or equal to 0.05"),  # gave solid black pairs
@@ -61,7 +67,7 @@ BAD_BODIES: list[tuple[dict[str, Any], str, str]] = [
     ({"count": 2, "w_cg": -1}, "w_cg", "greater than or equal to 0"),
     ({"count": 2, "guidance": "loud"}, "guidance", "'tau' or 'scale'"),
     ({"count": 2, "seed": -1}, "seed", "greater than or equal to 0"),
-    ({"count": 2, "seed": 2**63}, "seed", "less than or equal to 9223372036854775807"),
+    ({"count": 2, "seed": 2**53}, "seed", "less than or equal to 9007199254740991"),
     ({"count": 2, "max_attempts": 50 * 20 + 1}, "max_attempts", "between count (2) and 1000"),
     ({"count": 2, "model": "m" * 129}, "model", "at most 128 characters"),
     ({"count": 4, "max_attempts": 3}, "max_attempts", "between count (4)"),

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -114,6 +115,20 @@ def test_merge_job_params_fills_eta_seed_and_max_attempts() -> None:
     assert (p.eta, p.seed, p.max_attempts, p.sampling.tau) == (0.5, 9, 4, 2.0)
     # the record round-trips through JSON into the same typed parameters (what a worker parses)
     assert JobParams.model_validate(json.loads(json.dumps(p.model_dump()))) == p
+
+
+def test_numbers_must_be_json_numbers_and_request_seeds_exact_in_any_client() -> None:
+    settings = SamplingSettings.model_validate({"steps": 4.0, "tau": 1})  # 4.0 is an integer in JSON Schema
+    assert settings.steps == 4 and isinstance(settings.steps, int) and settings.tau == 1.0
+    assert SamplingSettings.model_validate({"steps": numpy.int64(5), "tau": numpy.float32(2.0)}).steps == 5
+    for wrong in ({"steps": True}, {"steps": "4"}, {"steps": 4.5}, {"tau": "0.5"}, {"w_cg": False}):
+        with pytest.raises(ValidationError):
+            SamplingSettings.model_validate(wrong)
+    # a job record may hold any 63-bit seed (older requests); a request at most 2^53 - 1
+    record = merge_job_params(
+        model="m", count=1, sampling_defaults={}, eta_default=None, batch_size=1, shard_size=1, seed=2**63 - 1
+    )
+    assert JobParams.model_validate(record.model_dump()).seed == 2**63 - 1
 
 
 def test_a_job_records_typed_sampling_settings(client: TestClient) -> None:
