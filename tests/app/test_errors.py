@@ -88,6 +88,13 @@ def test_malformed_json_is_a_422_problem(client: TestClient) -> None:
     assert error["type"] == "json_invalid" and error["detail"].startswith("Invalid JSON at character 12")
 
 
+@pytest.mark.parametrize("body", [b'{"count": 1, "model": "\xff"}', b'{"count": ' + b"9" * 5000 + b"}"])
+def test_an_unreadable_body_is_a_400_problem(client: TestClient, body: bytes) -> None:
+    """Not UTF-8, or an integer past Python's 4300-digit limit: JSON that cannot be decoded."""
+    resp = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert assert_problem(resp, 400, "/v1/jobs")["detail"] == "There was an error parsing the body"
+
+
 def test_http_exceptions_become_problems_and_keep_their_headers(client: TestClient) -> None:
     app: Any = client.app
 
