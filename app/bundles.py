@@ -4,16 +4,33 @@ and the merge of a request over a bundle's defaults into the parameters a job ru
 from __future__ import annotations
 
 import json
-import secrets
+import logging
 from pathlib import Path
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from app.core.config import Settings
+from app.params import DEFAULT_ETA, Eta, SamplingSettings, merge_job_params
 from app.schemas import JobCreate, JobParams, ModelPublic
 
 META_FILE = "bundle.json"
+log = logging.getLogger(__name__)
+_ETA = TypeAdapter(Eta)
+
+
+def _usable(meta_file: Path, meta: Any) -> bool:
+    """A bundle.json the API can serve: a resolution, and defaults within the parameter ranges."""
+    if not isinstance(meta, dict) or "resolution" not in meta:
+        return False
+    try:
+        SamplingSettings.model_validate(meta.get("sampling_defaults", {}))
+        _ETA.validate_python(meta.get("eta_default", DEFAULT_ETA))
+    except ValidationError as exc:
+        log.warning("%s: defaults out of range, bundle skipped: %s", meta_file, exc)
+        return False
+    return True
 
 
 _parsed: dict[Path, tuple[int, Any]] = {}  # bundle.json -> (mtime, parsed): read once per change
@@ -40,7 +57,7 @@ def list_bundles(settings: Settings) -> dict[str, dict[str, Any]]:
             meta = _read_meta(meta_file)
         except (OSError, ValueError):
             continue
-        if isinstance(meta, dict) and "resolution" in meta:
+        if _usable(meta_file, meta):
             out[meta_file.parent.name] = meta
     return out
 
@@ -50,8 +67,8 @@ def model_public(name: str, meta: dict[str, Any]) -> ModelPublic:
     return ModelPublic(
         name=name,
         resolution=int(meta["resolution"]),
-        sampling_defaults=meta.get("sampling_defaults", {}),
-        eta_default=float(meta.get("eta_default", 0.065)),
+        sampling_defaults=SamplingSettings.model_validate(meta.get("sampling_defaults", {})),
+        eta_default=float(meta.get("eta_default", DEFAULT_ETA)),
         metrics=meta.get("metrics", {}),
         training=meta.get("training", {}),
         data=data,
@@ -108,24 +125,20 @@ def resolve_params(body: JobCreate, settings: Settings) -> JobParams:
         raise RequestValidationError(errors)
 
     meta = bundles[name]
-    sampling = dict(meta.get("sampling_defaults", {}))
-    overrides = {
-        "tau": body.tau,
-        "steps": body.steps,
-        "w_cf": body.w_cf,
-        "w_cg": body.w_cg,
-        "guidance": body.guidance,
-    }
-    sampling.update({k: v for k, v in overrides.items() if v is not None})
-    if sampling.get("guidance") == "tau" and body.tau is not None:
-        sampling["scale"] = None  # a scale saved with the defaults would not follow the new τ
-    return JobParams(
+    return merge_job_params(
         model=name,
         count=body.count,
-        seed=body.seed if body.seed is not None else secrets.randbits(32),
-        eta=body.eta if body.eta is not None else float(meta.get("eta_default", 0.065)),
-        max_attempts=body.max_attempts or min(settings.max_attempts_factor * body.count, max_attempts_limit),
-        sampling=sampling,
+        sampling_defaults=meta.get("sampling_defaults", {}),
+        eta_default=meta.get("eta_default"),
         batch_size=settings.batch_size,
         shard_size=settings.shard_size,
+        max_attempts_factor=settings.max_attempts_factor,
+        seed=body.seed,
+        eta=body.eta,
+        max_attempts=body.max_attempts,
+        tau=body.tau,
+        steps=body.steps,
+        w_cf=body.w_cf,
+        w_cg=body.w_cg,
+        guidance=body.guidance,
     )

@@ -13,6 +13,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from app.api.main import api_router, health_router
 from app.auth import KeyStore, Quotas
 from app.core.config import Settings, get_settings, is_loopback
+from app.errors import install_error_handlers
+from app.limits import BodyLimitMiddleware
+from app.openapi import install_openapi
 from app.queue import Enqueue, celery_enqueue, make_celery
 from app.reconciler import Reconciler
 from app.storage import make_storage
@@ -77,6 +80,9 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
         )
     app.include_router(health_router)
     app.include_router(api_router, prefix=settings.api_v1_str)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_openapi(app, settings)
     return app
 
 

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-MAX_SEED = 2**63 - 1
+from app.params import Count, Eta, GuidanceMode, MaxAttempts, Seed, Steps, Tau, WCf, WCg
+from app.params import JobParams as JobParams  # re-exported: the store uses it from here
+from app.params import SamplingSettings as SamplingSettings
+
+# Job ids are ``uuid.uuid4().hex``: 32 lowercase hex digits. Any other string names no job (404).
+JOB_ID_PATTERN = "^[0-9a-f]{32}$"
+JobId = Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN)]
+_JOB_ID = re.compile(JOB_ID_PATTERN.strip("^$"))
+
+
+def is_job_id(value: str) -> bool:
+    return _JOB_ID.fullmatch(value) is not None
 
 
 class JobStatus(StrEnum):
@@ -25,18 +37,31 @@ class JobStatus(StrEnum):
 class JobCreate(BaseModel):
     """Body of ``POST /v1/jobs``; unset fields take the bundle's defaults. Unknown fields are rejected."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str | None = Field(default=None, min_length=1, description="bundle name; default: the demo bundle")
-    count: int = Field(ge=1, description="pairs to keep (Stage IV); at most DIFFEXP_MAX_COUNT")
-    tau: float | None = Field(default=None, gt=0, description="guidance temperature τ > 0")
-    eta: float | None = Field(default=None, gt=0, le=1, description="Stage IV Dice-loss threshold, 0 < η ≤ 1")
-    steps: int | None = Field(default=None, ge=1, description="solver steps per phase, ≤ DIFFEXP_MAX_STEPS")
-    w_cf: float | None = Field(default=None, ge=0, description="classifier-free guidance weight")
-    w_cg: float | None = Field(default=None, ge=0, description="classifier guidance weight")
-    guidance: Literal["tau", "scale"] | None = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    max_attempts: int | None = Field(default=None, ge=1, description="most pairs generated; ≥ count")
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="bundle name (GET /v1/models); default: DIFFEXP_DEFAULT_MODEL",
+    )
+    count: Count = Field(description="pairs to keep (Stage IV), 1 to DIFFEXP_MAX_COUNT")
+    tau: Tau | None = None
+    eta: Eta | None = Field(
+        default=None, description="Stage IV threshold η, 0 < η ≤ 1; default: the bundle's"
+    )
+    steps: Steps | None = Field(default=None, description="solver steps per phase, 1 to DIFFEXP_MAX_STEPS")
+    w_cf: WCf | None = None
+    w_cg: WCg | None = None
+    guidance: GuidanceMode | None = None
+    seed: Seed | None = Field(
+        default=None, description="request seed, 0 to 2^53-1; default: drawn and recorded"
+    )
+    max_attempts: MaxAttempts | None = Field(
+        default=None,
+        description="most pairs generated, count to DIFFEXP_MAX_ATTEMPTS_FACTOR x DIFFEXP_MAX_COUNT; "
+        "default: DIFFEXP_MAX_ATTEMPTS_FACTOR x count",
+    )
 
 
 class Progress(BaseModel):
@@ -46,19 +71,6 @@ class Progress(BaseModel):
     discarded: int = 0
 
 
-class JobParams(BaseModel):
-    """The values a job runs with: request fields merged over the bundle's defaults."""
-
-    model: str
-    count: int
-    seed: int
-    eta: float
-    max_attempts: int
-    sampling: dict[str, Any]
-    batch_size: int
-    shard_size: int
-
-
 class JobLinks(BaseModel):
     self: str
     pairs_zip: str
@@ -66,7 +78,7 @@ class JobLinks(BaseModel):
 
 
 class JobPublic(BaseModel):
-    id: str
+    id: JobId
     owner: str | None = Field(default=None, description="name of the API key that created the job")
     status: JobStatus
     input: dict[str, Any]
@@ -90,8 +102,8 @@ class JobsPublic(BaseModel):
 class ModelPublic(BaseModel):
     name: str
     resolution: int
-    sampling_defaults: dict[str, Any]
-    eta_default: float
+    sampling_defaults: SamplingSettings
+    eta_default: Eta
     metrics: dict[str, Any] = {}
     training: dict[str, Any] = {}
     data: dict[str, Any] = {}

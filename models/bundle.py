@@ -112,6 +112,11 @@ class Bundle:
     def default_eta(self) -> float:
         return float(self.meta.get("eta_default", DEFAULT_ETA))
 
+    @property
+    def allows_empty_masks(self) -> bool:
+        """Whether Stage IV may keep a pair with an empty mask: only when the training data had some."""
+        return int(self.meta.get("data", {}).get("empty_masks", 0)) > 0
+
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         path = Path(path)

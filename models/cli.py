@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import shutil
 import sys
 import time
@@ -17,6 +16,7 @@ import typer
 from PIL import Image
 from tqdm import tqdm
 
+from app.params import default_max_attempts, draw_seed
 from models.bundle import Bundle, BundleError, new_meta, read_meta, resolve_device, write_meta
 from models.data import DatasetError, PairDataset, Split, find_pairs, load_folder, make_split, pair_groups
 from models.expand import Cancelled, expand
@@ -105,6 +105,7 @@ def _prepare_bundle(
         "folder": str(data_dir),
         "fingerprint": data.fingerprint,
         "pairs": len(data),
+        "empty_masks": data.empty_masks,  # 0: Stage IV never keeps a synthetic pair with an empty mask
         "licence_files": [],
     }
     write_meta(out, meta)
@@ -348,7 +349,7 @@ def expand_cmd(
             tau=tau, scale=scale, steps=steps, order=order, w_cf=w_cf, w_cg=w_cg, guidance=guidance
         )
         eta_used = b.default_eta if eta is None else eta
-        seed_used = seed if seed is not None else random.SystemRandom().randrange(2**31)
+        seed_used = seed if seed is not None else draw_seed()
         for sub in ("images", "masks") + (("rejected/images", "rejected/masks") if keep_rejected else ()):
             (out / sub).mkdir(parents=True, exist_ok=True)
         run = {
@@ -357,7 +358,7 @@ def expand_cmd(
             "seed": seed_used,
             "eta": eta_used,
             "batch_size": batch_size,
-            "max_attempts": max_attempts or 20 * count,
+            "max_attempts": max_attempts or default_max_attempts(count),
             "params": params.to_dict(),
         }
         (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")

@@ -42,6 +42,11 @@ class PairDataset:
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def empty_masks(self) -> int:
+        """How many masks have no foreground pixel (recorded in bundle.json as ``data.empty_masks``)."""
+        return int((~(self.masks > 0).flatten(1).any(dim=1)).sum())
+
     def subset(self, names: Sequence[str]) -> PairDataset:
         index = {n: i for i, n in enumerate(self.names)}
         missing = [n for n in names if n not in index]

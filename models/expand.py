@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.params import default_max_attempts
 from models.bundle import Bundle
 from models.data import to_uint8
-from models.filtering import keep, score_pairs
+from models.filtering import empty_masks, keep, score_pairs
 from models.sampling import SamplingParams, pair_noise, sample_images, sample_masks
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -90,7 +91,7 @@ def generate_pairs(
         masks = sample_masks(bundle.dpm, bundle.segmenter, noise_m.to(dev), params, on_step)
         images = sample_images(bundle.dpm, bundle.segmenter, noise_i.to(dev), masks, params, on_step)
         losses = score_pairs(bundle.filter, images, masks).cpu()
-        kept = keep(losses, eta)
+        kept = keep(losses, eta, empty=empty_masks(masks).cpu(), allow_empty=bundle.allows_empty_masks)
         image_u8, mask_u8 = to_uint8(images[:, 0]), to_uint8(masks[:, 0])
         for row, index in enumerate(chunk):
             yield GeneratedPair(
@@ -125,7 +126,7 @@ def expand(
         raise ValueError(f"count must be >= 1, got {count}")
     params = params or bundle.default_params()
     eta = bundle.default_eta if eta is None else eta
-    max_attempts = max_attempts if max_attempts is not None else 20 * count
+    max_attempts = max_attempts if max_attempts is not None else default_max_attempts(count)
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     generated = kept = batch_no = 0

@@ -5,14 +5,17 @@ Layout ``[B, 1, H, W]`` throughout. Dice loss with no smoothing term:
     loss = 1 - 2 Σ p·m / (Σ p + Σ m)
 
 Empty-mask rule: when prediction and mask are both empty the pair agrees perfectly (loss 0);
-when exactly one is empty the loss is 1.
+when exactly one is empty the loss is 1. A synthetic pair whose mask is all background never
+passes Stage IV, whatever its loss, unless the bundle's training data had empty masks
+(``bundle.json`` ``data.empty_masks`` > 0): guidance pushed to its limits yields black images with
+empty masks that the filter, predicting nothing, scores as a perfect match.
 """
 
 from __future__ import annotations
 
 import torch
 
-DEFAULT_ETA = 0.065  # the paper's threshold
+from app.params import DEFAULT_ETA as DEFAULT_ETA  # the paper's threshold, defined with the other ranges
 
 
 def dice_loss(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -35,11 +38,22 @@ def dice_score(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return 1.0 - dice_loss(pred, mask)
 
 
-def keep(loss: torch.Tensor, eta: float) -> torch.Tensor:
-    """The Stage IV rule: keep a pair when its Dice loss is at most η (boundary kept)."""
+def empty_masks(masks: torch.Tensor) -> torch.Tensor:
+    """``[B]`` True where a -1/+1 (or 0/1) mask ``[B, ...]`` has no foreground pixel."""
+    return ~(masks > 0).flatten(1).any(dim=1)
+
+
+def keep(
+    loss: torch.Tensor, eta: float, *, empty: torch.Tensor | None = None, allow_empty: bool = False
+) -> torch.Tensor:
+    """The Stage IV rule: keep a pair when its Dice loss is at most η (boundary kept) and, unless
+    ``allow_empty``, its mask is not empty (``empty``, from ``empty_masks``)."""
     if not 0.0 < eta <= 1.0:
         raise ValueError(f"eta must be in (0, 1], got {eta}")
-    return loss <= eta
+    kept = loss <= eta
+    if empty is not None and not allow_empty:
+        kept = kept & ~empty.to(kept.device)
+    return kept
 
 
 @torch.no_grad()

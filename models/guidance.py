@@ -11,15 +11,10 @@ At τ = s = 1 both are the same function. Lemma 3 compares their gradients for s
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 import torch
 from torch.nn import functional as F
 
-
-class GuidanceMode(StrEnum):
-    TAU = "tau"
-    SCALE = "scale"
+from app.params import GuidanceMode as GuidanceMode  # the one definition, shared with the API
 
 
 def bernoulli_log_prob(logits: torch.Tensor, target: torch.Tensor, tau: float = 1.0) -> torch.Tensor:

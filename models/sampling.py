@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DModel
+from pydantic import ValidationError
 
+from app.params import SamplingSettings
 from models.guidance import GuidanceMode, classifier_free, classifier_guided, guidance_log_prob
 from models.networks import Condition, NoisySegmenter
 from models.schedule import make_solver
@@ -30,44 +32,55 @@ from models.schedule import make_solver
 StepCallback = Callable[[dict[str, Any]], None]
 
 
+_DEFAULTS = SamplingSettings()
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Stage III settings. Defaults suit a briefly trained 64x64 bundle on the CPU: on the demo
     chest X-ray bundle, w_cf = 3 with w_cg = 1 at τ = 1 kept the most pairs at η = 0.065 (docs/results.md).
 
+    Defaults and ranges come from ``app.params.SamplingSettings``, which validates every instance
+    (a value out of range raises ``ValueError`` naming the field).
+
     Args:
-        steps (`int`, defaults to 20): DPM-Solver++ steps per phase.
+        steps (`int`, defaults to 20): DPM-Solver++ steps per phase, 1 to 1000.
         order (`int`, defaults to 2): solver order, 1-3 (2 is recommended for guided sampling).
-        w_cf (`float`, defaults to 3.0): classifier-free weight of the image phase (1 = conditional only).
-        w_cg (`float`, defaults to 1.0): classifier-guidance weight (0 = no segmenter guidance).
+        w_cf (`float`, defaults to 3.0): classifier-free weight of the image phase, 0 to 20 (1 = conditional only).
+        w_cg (`float`, defaults to 1.0): classifier-guidance weight, 0 to 50 (0 = no segmenter guidance).
         guidance (`GuidanceMode`, defaults to "tau"): "tau" divides logits by τ (the paper); "scale"
             multiplies log p by s (the Fig. 2 comparison).
-        tau (`float`, defaults to 1.0): temperature τ > 0 for mode "tau".
-        scale (`float`, optional): s > 0 for mode "scale"; defaults to 1/τ.
+        tau (`float`, defaults to 1.0): temperature τ in [0.05, 20] for mode "tau".
+        scale (`float`, optional): s in [0.05, 20] for mode "scale"; defaults to 1/τ.
         clip_x0 (`bool`, defaults to True): clip predicted x0 to [-1, 1] at every step.
     """
 
-    steps: int = 20
-    order: int = 2
-    w_cf: float = 3.0
-    w_cg: float = 1.0
-    guidance: GuidanceMode = GuidanceMode.TAU
-    tau: float = 1.0
-    scale: float | None = None
-    clip_x0: bool = True
+    steps: int = _DEFAULTS.steps
+    order: int = _DEFAULTS.order
+    w_cf: float = _DEFAULTS.w_cf
+    w_cg: float = _DEFAULTS.w_cg
+    guidance: GuidanceMode = _DEFAULTS.guidance
+    tau: float = _DEFAULTS.tau
+    scale: float | None = _DEFAULTS.scale
+    clip_x0: bool = _DEFAULTS.clip_x0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "guidance", GuidanceMode(self.guidance))
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {self.order}")
-        if self.tau <= 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
-        if self.scale is not None and self.scale <= 0:
-            raise ValueError(f"scale must be > 0, got {self.scale}")
-        if self.w_cg < 0:
-            raise ValueError(f"w_cg must be >= 0, got {self.w_cg}")
+        try:
+            settings = SamplingSettings.model_validate(asdict(self))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])} {e['msg'][0].lower()}{e['msg'][1:]} (got {e['input']!r})"
+                for e in exc.errors()
+            )
+            raise ValueError(f"invalid sampling parameters: {problems}") from None
+        object.__setattr__(self, "guidance", settings.guidance)
+
+    def to_settings(self) -> SamplingSettings:
+        return SamplingSettings.model_validate(self.to_dict())
+
+    @classmethod
+    def from_settings(cls, settings: SamplingSettings) -> SamplingParams:
+        return cls.from_dict(settings.model_dump())
 
     @property
     def strength(self) -> float:

@@ -11,14 +11,16 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import redis
 from PIL import Image
+from pydantic import ValidationError
 
+from app.params import JobParams
 from app.schemas import JobStatus
 from app.storage import StorageUnavailable
 from app.store import JobStore
@@ -44,13 +46,15 @@ def png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def shard_indices(params: dict[str, Any], shard: int) -> range:
-    k = params["shard_size"]
-    return range(shard * k, min((shard + 1) * k, params["max_attempts"]))
+def shard_indices(params: JobParams, shard: int) -> range:
+    k = params.shard_size
+    return range(shard * k, min((shard + 1) * k, params.max_attempts))
 
 
-def sampling_params(params: dict[str, Any]) -> SamplingParams:
-    return SamplingParams.from_dict(params["sampling"])
+def sampling_params(params: JobParams | Mapping[str, Any]) -> SamplingParams:
+    """The torch-side settings of a job (its parsed params, or the record's ``params`` dict)."""
+    job = params if isinstance(params, JobParams) else JobParams.model_validate(params)
+    return SamplingParams.from_settings(job.sampling)
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -102,13 +106,19 @@ def run_shard(
         if attempts > max_tries:
             store.fail(job_id, f"shard {shard} did not finish in {max_tries} attempts (its workers crashed)")
             return Outcome.FAILED
-        params = rec["params"]
         try:
-            bundle = get_bundle(params["model"])
+            params = JobParams.model_validate(rec["params"])
+        except ValidationError as exc:  # a record the API did not validate (an older version wrote it)
+            log.error("job %s: invalid parameters: %s", job_id, exc)
+            wrong = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            store.fail(job_id, f"invalid job parameters: {wrong}")
+            return Outcome.FAILED
+        try:
+            bundle = get_bundle(params.model)
             sp = sampling_params(params)
         except Exception as exc:  # a bundle that cannot load fails the job at once: no retry helps
             log.exception("job %s: cannot prepare shard %s", job_id, shard)
-            store.fail(job_id, f"cannot load model {params['model']!r}: {exc}")
+            store.fail(job_id, f"cannot load model {params.model!r}: {exc}")
             return Outcome.FAILED
         return _run_through_outages(store, bundle, sp, params, job_id, shard, token, attempts, sleep)
     finally:
@@ -122,7 +132,7 @@ def _run_through_outages(
     store: JobStore,
     bundle: Bundle,
     sp: SamplingParams,
-    params: dict[str, Any],
+    params: JobParams,
     job_id: str,
     shard: int,
     token: str,
@@ -176,7 +186,7 @@ def _attempt(
     store: JobStore,
     bundle: Bundle,
     sp: SamplingParams,
-    params: dict[str, Any],
+    params: JobParams,
     job_id: str,
     shard: int,
     token: str,
@@ -191,10 +201,10 @@ def _attempt(
     for pair in generate_pairs(
         bundle,
         shard_indices(params, shard),
-        seed=params["seed"],
+        seed=params.seed,
         params=sp,
-        eta=params["eta"],
-        batch_size=params["batch_size"],
+        eta=params.eta,
+        batch_size=params.batch_size,
         callback=callback,
     ):
         generated += 1

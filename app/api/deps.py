@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hmac
+from email.message import Message
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.auth import ADMIN_PRINCIPAL, KeyStore, Principal, QuotaExceeded, Quotas
 from app.core.config import Settings
+from app.schemas import JOB_ID_PATTERN, is_job_id
 from app.store import JobNotFound, JobStore
 
 bearer = HTTPBearer(auto_error=False, description="an API key (`dx_...`) or the admin key")
@@ -35,8 +37,44 @@ def get_quotas(request: Request) -> Quotas:
     return quotas
 
 
+def valid_job_id(
+    job_id: Annotated[
+        str,
+        Path(
+            description="job id: 32 lowercase hex digits; any other string names no job (404)",
+            json_schema_extra={"pattern": JOB_ID_PATTERN},
+            examples=["3f2b9c1e0d4a4e6f8a7b6c5d4e3f2a1b"],
+        ),
+    ],
+) -> str:
+    """The job id of the path, checked before it reaches a Redis key or a storage path."""
+    if not is_job_id(job_id):
+        raise JobNotFound(job_id)
+    return job_id
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON (``application/json`` or ``application/*+json``)."""
+    value = request.headers.get("content-type")
+    if value:
+        message = Message()
+        message["content-type"] = value
+        subtype = message.get_content_subtype()
+        if message.get_content_maintype() == "application" and (
+            subtype == "json" or subtype.endswith("+json")
+        ):
+            return
+    raise HTTPException(
+        status_code=415,
+        detail=f"send the body as application/json (got {value[:100] if value else 'no Content-Type'})",
+        headers={"Accept-Post": "application/json"},
+    )
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
+JobIdDep = Annotated[str, Depends(valid_job_id)]
+JsonBody = Depends(require_json)
 KeysDep = Annotated[KeyStore, Depends(get_keys)]
 QuotasDep = Annotated[Quotas, Depends(get_quotas)]
 
@@ -89,15 +127,12 @@ def require_admin(who: PrincipalDep) -> Principal:
     return who
 
 
-def owned_job(job_id: str, store: StoreDep, who: PrincipalDep) -> dict[str, Any]:
+def owned_job(job_id: JobIdDep, store: StoreDep, who: PrincipalDep) -> dict[str, Any]:
     """The job's record if the caller may see it: its owner or the admin. Anyone else gets the same
     404 as for a job that does not exist, so job ids of other keys cannot be probed."""
-    try:
-        rec = store.get(job_id)
-    except JobNotFound:
-        rec = None
-    if rec is None or not (who.admin or rec.get("owner") == who.name):
-        raise HTTPException(status_code=404, detail=f"job {job_id} not found")
+    rec = store.get(job_id)  # JobNotFound: 404
+    if not (who.admin or rec.get("owner") == who.name):
+        raise JobNotFound(job_id)
     return rec
 
 

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.params import DEFAULT_MAX_ATTEMPTS_FACTOR, MAX_SOLVER_STEPS
+
 PLACEHOLDER_SECRET = "changethis"
 MIN_ADMIN_KEY_LEN = 16
 
@@ -35,6 +37,7 @@ class Settings(BaseSettings):
     environment: Literal["local", "production"] = "local"
     api_v1_str: str = "/v1"
     log_level: str = "INFO"
+    max_body_bytes: int = Field(default=65_536, ge=1)
 
     # Who may call /v1: "required" (a bearer key on every /v1 request) or "off" (anyone; refused
     # unless `host` is a loopback address). /healthz and /readyz are always open.
@@ -71,8 +74,8 @@ class Settings(BaseSettings):
     shard_size: int = Field(default=16, ge=1)
     batch_size: int = Field(default=8, ge=1)
     max_count: int = Field(default=10_000, ge=1)
-    max_steps: int = Field(default=200, ge=1)
-    max_attempts_factor: int = Field(default=20, ge=1)
+    max_steps: int = Field(default=200, ge=1, le=MAX_SOLVER_STEPS)
+    max_attempts_factor: int = Field(default=DEFAULT_MAX_ATTEMPTS_FACTOR, ge=1)
     shard_max_tries: int = Field(default=3, ge=1)
     lease_ttl_s: float = Field(default=30.0, gt=0)
     # How long a shard keeps retrying through a storage or Redis outage before its job fails.

@@ -48,8 +48,18 @@ BAD_BODIES: list[tuple[dict[str, Any], str, str]] = [
     ({"count": 0}, "count", "greater than or equal to 1"),
     ({"count": 51}, "count", "less than or equal to 50"),
     ({"count": "many"}, "count", "valid integer"),
-    ({"count": 2, "tau": 0}, "tau", "greater than 0"),
-    ({"count": 2, "tau": -1.5}, "tau", "greater than 0"),
+    ({"count": "2"}, "count", "valid integer"),  # numbers are JSON numbers
+    ({"count": True}, "count", "valid integer"),
+    ({"count": 2.5}, "count", "valid integer"),
+    ({"count": 2, "seed": False}, "seed", "valid integer"),  # was taken as seed 0
+    ({"count": 2, "tau": "0.5"}, "tau", "valid number"),
+    ({"count": 2, "w_cf": True}, "w_cf", "valid number"),
+    ({"count": 2, "tau": 0}, "tau", "greater than or equal to 0.05"),
+    ({"count": 2, "tau": -1.5}, "tau", "greater than or equal to 0.05"),
+    ({"count": 2, "tau": 5e-324}, "tau", "greater than or equal to 0.05"),  # gave solid black pairs
+    ({"count": 2, "tau": 20.5}, "tau", "less than or equal to 20"),
+    ({"count": 2, "w_cf": 21}, "w_cf", "less than or equal to 20"),
+    ({"count": 2, "w_cg": 1e308}, "w_cg", "less than or equal to 50"),  # gave solid black pairs
     ({"count": 2, "eta": 0}, "eta", "greater than 0"),
     ({"count": 2, "eta": 1.01}, "eta", "less than or equal to 1"),
     ({"count": 2, "steps": 0}, "steps", "greater than or equal to 1"),
@@ -57,6 +67,9 @@ BAD_BODIES: list[tuple[dict[str, Any], str, str]] = [
     ({"count": 2, "w_cg": -1}, "w_cg", "greater than or equal to 0"),
     ({"count": 2, "guidance": "loud"}, "guidance", "'tau' or 'scale'"),
     ({"count": 2, "seed": -1}, "seed", "greater than or equal to 0"),
+    ({"count": 2, "seed": 2**53}, "seed", "less than or equal to 9007199254740991"),
+    ({"count": 2, "max_attempts": 50 * 20 + 1}, "max_attempts", "between count (2) and 1000"),
+    ({"count": 2, "model": "m" * 129}, "model", "at most 128 characters"),
     ({"count": 4, "max_attempts": 3}, "max_attempts", "between count (4)"),
     ({"count": 2, "model": "no-such-model"}, "model", "Unknown model 'no-such-model'"),
     ({"count": 2, "colour": "red"}, "colour", "Extra inputs are not permitted"),
@@ -76,11 +89,11 @@ def test_bad_bodies_get_422_naming_the_field_and_nothing_is_stored(
     bound: str,
 ) -> None:
     resp = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-bad"})
-    assert resp.status_code == 422
-    errors = resp.json()["detail"]
-    mine = [e for e in errors if e["loc"][-1] == field]
+    assert resp.status_code == 422 and resp.headers["content-type"] == "application/problem+json"
+    errors = resp.json()["errors"]
+    mine = [e for e in errors if e["pointer"] == f"#/{field}" and e["loc"] == ["body", field]]
     assert mine, errors
-    assert any(bound in e["msg"] for e in mine), mine
+    assert any(bound in e["detail"] for e in mine), mine
     assert enqueued == [] and stored_keys(settings) == []
     assert store.list_jobs(limit=10, offset=0) == ([], 0, None)
     assert store.r.keys(f"{settings.redis_prefix}:*") == []  # not even the idempotency key
@@ -91,9 +104,9 @@ def test_bad_bodies_get_422_naming_the_field_and_nothing_is_stored(
     [("get", ""), ("post", "/cancel"), ("delete", ""), ("get", "/pairs.zip"), ("get", "/download")],
 )
 def test_unknown_job_is_404(client: TestClient, method: str, path: str) -> None:
-    resp = client.request(method.upper(), f"/v1/jobs/0123456789abcdef{path}")
-    assert resp.status_code == 404
-    assert "not found" in resp.json()["detail"]
+    resp = client.request(method.upper(), f"/v1/jobs/{'0123456789abcdef' * 2}{path}")
+    assert resp.status_code == 404 and resp.headers["content-type"] == "application/problem+json"
+    assert resp.json()["detail"] == f"job {'0123456789abcdef' * 2} not found"
 
 
 def test_idempotency_key_returns_the_same_job_or_409(client: TestClient, enqueued: Enqueued) -> None:

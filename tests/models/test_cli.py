@@ -27,6 +27,7 @@ def test_train_then_expand_then_inspect(tmp_path: Path, shapes_dir: Path) -> Non
     assert meta["resolution"] == 16 and len(meta["split"]["test"]) == 2 and len(meta["split"]["train"]) == 6
     assert set(meta["training"]) == {"dpm", "segmenter", "filter"}
     assert meta["data"]["fingerprint"].startswith("sha256:")
+    assert meta["data"]["empty_masks"] == 0  # Stage IV keeps no synthetic pair with an empty mask
 
     out = tmp_path / "expanded"
     res = runner.invoke(app, ["expand", str(bundle), "--count", "3", "--out", str(out), "--steps", "3",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.filtering import dice_loss, dice_score, keep, score_pairs
+from models.bundle import Bundle
+from models.data import PairDataset
+from models.filtering import dice_loss, dice_score, empty_masks, keep, score_pairs
 
 # rows: pred (2x2), mask (2x2), expected loss = 1 - 2|P∩M| / (|P| + |M|)
 TEST_CASES = [
@@ -60,6 +62,35 @@ def test_keep_rule(loss: float, eta: float, kept: bool) -> None:
 def test_keep_rejects_eta_outside_unit_interval(eta: float) -> None:
     with pytest.raises(ValueError, match="eta"):
         keep(torch.zeros(1), eta)
+
+
+def test_an_empty_synthetic_mask_never_passes_unless_the_training_data_had_some() -> None:
+    """A black image with an empty mask: the filter predicts nothing, Dice loss 0, yet no pair."""
+    masks = -torch.ones(3, 1, 4, 4)  # -1/+1 masks as sampled: pair 0 and 2 all background
+    masks[1, 0, 1, 1] = 1.0
+    empty = empty_masks(masks)
+    assert empty.tolist() == [True, False, True]
+    black = -torch.ones(3, 1, 4, 4)
+    loss = score_pairs(ThresholdFilter(), black, masks)
+    assert loss.tolist() == [0.0, 1.0, 0.0]  # both empty: a perfect score
+    assert keep(loss, 1.0, empty=empty).tolist() == [False, True, False]
+    assert keep(loss, 1.0, empty=empty, allow_empty=True).tolist() == [True, True, True]
+    assert keep(loss, 1.0).tolist() == [True, True, True]  # without masks: the loss rule alone
+
+
+def test_bundles_allow_empty_masks_only_when_their_data_had_some() -> None:
+    images = torch.zeros(3, 1, 4, 4)
+    masks = -torch.ones(3, 1, 4, 4)
+    masks[0, 0, 0, 0] = 1.0
+    assert PairDataset(["a", "b", "c"], images, masks, 4).empty_masks == 2
+    assert PairDataset(["a"], images[:1], masks[:1], 4).empty_masks == 0
+
+    def bundle(meta: dict[str, object]) -> Bundle:
+        return Bundle(path=None, meta=meta, dpm=None, segmenter=None, filter=None)  # type: ignore[arg-type]
+
+    assert not bundle({}).allows_empty_masks  # bundles trained before the count was recorded
+    assert not bundle({"data": {"pairs": 3, "empty_masks": 0}}).allows_empty_masks
+    assert bundle({"data": {"pairs": 3, "empty_masks": 2}}).allows_empty_masks
 
 
 class ThresholdFilter(torch.nn.Module):

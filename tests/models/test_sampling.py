@@ -141,3 +141,29 @@ def test_callback_sees_every_step_and_can_cancel(bundle: Bundle) -> None:
 
     with pytest.raises(Stop):
         list(generate_pairs(bundle, [0], seed=0, params=SamplingParams(steps=3), eta=1.0, callback=stop))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tau", 5e-324),
+        ("tau", 0.01),
+        ("w_cg", 1e308),
+        ("w_cf", 25.0),
+        ("scale", 100.0),
+        ("tau", float("nan")),
+    ],
+)
+def test_sampling_params_are_validated_by_the_shared_ranges(field: str, value: float) -> None:
+    """SamplingParams takes its ranges from app.params.SamplingSettings (τ = 5e-324 gave black pairs)."""
+    with pytest.raises(ValueError, match=f"invalid sampling parameters: {field} "):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_params_round_trip_through_the_shared_settings() -> None:
+    from app.params import SamplingSettings
+
+    assert SamplingParams().to_settings() == SamplingSettings()
+    p = SamplingParams(steps=3, guidance="scale", tau=0.5, w_cg=0.0)  # type: ignore[arg-type]
+    assert SamplingParams.from_settings(p.to_settings()) == p.updated(scale=2.0)
+    assert p.to_dict() == p.to_settings().model_dump(mode="json")

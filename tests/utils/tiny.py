@@ -40,6 +40,7 @@ def make_tiny_bundle(root: Path, size: int = 16, steps: int = 30) -> Path:
         "folder": str(data_dir),
         "fingerprint": data.fingerprint,
         "pairs": len(data),
+        "empty_masks": data.empty_masks,
         "licence_files": [],
     }
     meta["sampling_defaults"]["steps"] = 4

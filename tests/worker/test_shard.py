@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Callable
 
 import numpy as np
@@ -161,6 +162,19 @@ def test_unloadable_model_fails_the_job(harness: Harness) -> None:
 
     assert shard_mod.run_shard(harness.store, broken, job_id, 0) is Outcome.FAILED  # type: ignore[arg-type]
     assert "bundle weights missing" in harness.store.get(job_id)["error"]
+
+
+def test_a_record_with_parameters_out_of_range_fails_the_job(harness: Harness) -> None:
+    """A record the API did not validate (an older version took τ = 5e-324: black pairs, all kept)."""
+    job_id = harness.submit(count=2)
+    key = harness.store._k(job_id)
+    rec = json.loads(harness.store.r.get(key) or b"{}")
+    rec["params"]["sampling"]["tau"] = 5e-324
+    harness.store.r.set(key, json.dumps(rec))
+    assert harness.run(job_id, 0) is Outcome.FAILED
+    failed = harness.store.get(job_id)
+    assert failed["status"] == "failed" and failed["error"].startswith("invalid job parameters: sampling.tau")
+    assert harness.store.kept_pairs(job_id) == []
 
 
 def test_finished_job_survives_the_loss_of_redis(harness: Harness) -> None:

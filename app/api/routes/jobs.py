@@ -3,15 +3,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from app.api.deps import OwnedJob, PrincipalDep, QuotasDep, SettingsDep, StoreDep, too_many
+from app.api.deps import JsonBody, OwnedJob, PrincipalDep, QuotasDep, SettingsDep, StoreDep, too_many
 from app.auth import QuotaExceeded
 from app.bundles import resolve_params
+from app.errors import ErrorResponses
 from app.layout import zip_key
 from app.schemas import JobCreate, JobPublic, JobsPublic
-from app.store import JobConflict, JobNotFound
+from app.store import JobConflict
 from app.zipstream import job_zip
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+MAX_OFFSET = 1_000_000  # deeper pages are refused (422): Redis ranges are 64-bit
 
 
 def public(request: Request, rec: dict[str, Any]) -> JobPublic:
@@ -20,11 +23,9 @@ def public(request: Request, rec: dict[str, Any]) -> JobPublic:
     return JobPublic.model_validate({**rec, "links": links})
 
 
-def not_found(job_id: str) -> HTTPException:
-    return HTTPException(status_code=404, detail=f"job {job_id} not found")
-
-
-@router.post("", status_code=202, response_model=JobPublic)
+@router.post(
+    "", status_code=202, response_model=JobPublic, dependencies=[JsonBody], responses=ErrorResponses.CREATE
+)
 def create_job(
     body: JobCreate,
     request: Request,
@@ -60,20 +61,18 @@ def create_job(
             rec, _ = quotas.create_job(who, params.count, store, create)
     except QuotaExceeded as exc:
         raise too_many(exc) from None
-    except JobConflict as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from None
     job = public(request, rec)
     response.headers["Location"] = job.links.self
     return job
 
 
-@router.get("", response_model=JobsPublic)
+@router.get("", response_model=JobsPublic, responses={**ErrorResponses.LIST, **ErrorResponses.CURSOR})
 def list_jobs(
     request: Request,
     store: StoreDep,
     who: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     cursor: Annotated[
         str | None, Query(max_length=200, description="next_cursor of the previous page")
     ] = None,
@@ -94,43 +93,41 @@ def list_jobs(
     )
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, responses=ErrorResponses.JOB)
 def read_job(request: Request, rec: OwnedJob) -> JobPublic:
     return public(request, rec)
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, request: Request, store: StoreDep, _: OwnedJob) -> JobPublic:
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=ErrorResponses.JOB_CHANGE)
+def cancel_job(request: Request, store: StoreDep, rec: OwnedJob) -> JobPublic:
     """Stop the job within one sampling batch; finished pairs stay downloadable with ``?partial=true``."""
-    try:
-        rec = store.cancel(job_id)
-    except JobNotFound:
-        raise not_found(job_id) from None
-    except JobConflict as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from None
-    return public(request, rec)
+    return public(request, store.cancel(rec["id"]))
 
 
-@router.delete("/{job_id}", status_code=204)
-def delete_job(job_id: str, store: StoreDep, _: OwnedJob) -> Response:
+@router.delete("/{job_id}", status_code=204, responses=ErrorResponses.JOB)
+def delete_job(store: StoreDep, rec: OwnedJob) -> Response:
     """Remove the job, its record and every object it stored."""
-    try:
-        store.delete(job_id)
-    except JobNotFound:
-        raise not_found(job_id) from None
+    store.delete(rec["id"])
     return Response(status_code=204)
 
 
-@router.get("/{job_id}/pairs.zip", response_class=StreamingResponse)
+@router.get(
+    "/{job_id}/pairs.zip",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "the pairs, streamed"},
+        **ErrorResponses.JOB_CHANGE,
+        **ErrorResponses.JOB_QUERY,
+    },
+)
 def download_zip(
-    job_id: str, store: StoreDep, rec: OwnedJob, partial: Annotated[bool, Query()] = False
+    store: StoreDep, rec: OwnedJob, partial: Annotated[bool, Query()] = False
 ) -> StreamingResponse:
     """The pairs as a streamed zip; ``409`` until the job has a result unless ``partial=true``."""
+    job_id = rec["id"]
     result = store.result_rows(job_id, partial=partial)
     if result is None:
-        raise HTTPException(
-            status_code=409, detail=f"job is {rec['status']}; no result yet (try ?partial=true)"
-        )
+        raise JobConflict(f"job is {rec['status']}; no result yet (try ?partial=true)")
     rows, final = result
     headers = {"Content-Disposition": f'attachment; filename="{job_id}.zip"'}
     if final and store.storage.exists(zip_key(job_id)):  # written when the job was decided
@@ -144,13 +141,18 @@ def download_zip(
     )
 
 
-@router.get("/{job_id}/download", status_code=307)
-def download(job_id: str, store: StoreDep, settings: SettingsDep, rec: OwnedJob) -> RedirectResponse:
+@router.get(
+    "/{job_id}/download",
+    status_code=307,
+    response_class=RedirectResponse,
+    responses={307: {"description": "to a presigned S3 URL, or to pairs.zip"}, **ErrorResponses.JOB_CHANGE},
+)
+def download(store: StoreDep, settings: SettingsDep, rec: OwnedJob) -> RedirectResponse:
     """Redirect to a presigned S3 URL of the zip (written when the job was decided; valid
     ``DIFFEXP_S3_PRESIGN_EXPIRY_S``), or to ``pairs.zip``."""
-    result = store.result_rows(job_id, partial=False)
-    if result is None:
-        raise HTTPException(status_code=409, detail=f"job is {rec['status']}; no result yet")
+    job_id = rec["id"]
+    if store.result_rows(job_id, partial=False) is None:
+        raise JobConflict(f"job is {rec['status']}; no result yet")
     key = zip_key(job_id)
     url = store.storage.presigned_url(key, settings.s3_presign_expiry_s)
     if url is None or not store.storage.exists(key):  # local storage, or a job decided before zips

@@ -2,14 +2,22 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Response
 
-from app.api.deps import KeysDep, StoreDep, require_admin
+from app.api.deps import JsonBody, KeysDep, StoreDep, require_admin
 from app.auth import ADMIN, KeyExists, KeyNotFound, cancel_jobs
+from app.errors import ErrorResponses, problem_responses
 from app.schemas import KEY_NAME_PATTERN, KeyCreate, KeyCreated, KeyLimits, KeyPublic, KeysPublic
 
-router = APIRouter(prefix="/keys", tags=["keys"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/keys",
+    tags=["keys"],
+    dependencies=[Depends(require_admin)],
+    responses=problem_responses(403, 503),
+)
 
 
-@router.post("", status_code=201, response_model=KeyCreated)
+@router.post(
+    "", status_code=201, response_model=KeyCreated, dependencies=[JsonBody], responses=ErrorResponses.CREATE
+)
 def create_key(body: KeyCreate, keys: KeysDep) -> KeyCreated:
     """A new API key with its limits (admin only). The key is in this answer and nowhere else."""
     if body.name == ADMIN:
@@ -28,7 +36,7 @@ def list_keys(keys: KeysDep) -> KeysPublic:
     return KeysPublic(data=[KeyPublic.model_validate(rec) for rec in keys.records()])
 
 
-@router.delete("/{name}", status_code=204)
+@router.delete("/{name}", status_code=204, responses=problem_responses(404, 422))
 def revoke_key(
     name: Annotated[str, Path(pattern=KEY_NAME_PATTERN)], keys: KeysDep, store: StoreDep
 ) -> Response:

@@ -1,0 +1,86 @@
+"""The OpenAPI document as the running service enforces it.
+
+FastAPI derives the document from the routes; two things it cannot know are added here:
+error responses are ``application/problem+json`` (``app.errors.Problem``), not ``application/json``;
+and the bounds that depend on settings or on the bundles present (``count`` ≤ DIFFEXP_MAX_COUNT,
+``steps`` ≤ DIFFEXP_MAX_STEPS, ``max_attempts`` ≤ factor x max count, ``model`` one of the bundles)
+are written into the ``JobCreate`` schema, so a client (or a fuzzer) reading the document knows
+which requests are valid. ``max_attempts ≥ count`` relates two fields and stays in the description.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from fastapi import FastAPI
+
+from app.bundles import list_bundles
+from app.core.config import Settings
+from app.errors import PROBLEM_JSON
+
+REF = "#/components/schemas/"
+_ERROR_SCHEMAS = (REF + "Problem", REF + "HTTPValidationError")
+
+
+def _can_fail_validation(operation: dict[str, Any]) -> bool:
+    """A body, or a parameter outside the path: the only path parameters here are string ids, which
+    FastAPI never refuses (an id of the wrong format is a 404)."""
+    return "requestBody" in operation or any(p.get("in") != "path" for p in operation.get("parameters", []))
+
+
+def _problem_content(doc: dict[str, Any]) -> None:
+    """Every error response documented as ``application/json`` becomes a problem+json ``Problem``;
+    the 422 FastAPI adds to every operation with parameters is dropped where none can fail."""
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            auto = responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            if auto.get("$ref") == REF + "HTTPValidationError" and not _can_fail_validation(operation):
+                del responses["422"]
+            for response in responses.values():
+                schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+                if schema.get("$ref") in _ERROR_SCHEMAS:
+                    response["content"] = {PROBLEM_JSON: {"schema": {"$ref": REF + "Problem"}}}
+    schemas = doc.get("components", {}).get("schemas", {})
+    text = json.dumps(doc.get("paths", {}))
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if unused in schemas and f'{REF}{unused}"' not in text:
+            del schemas[unused]
+
+
+def _branch(prop: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The ``kind`` branch of an optional property (``anyOf: [{type: kind}, {type: null}]``)."""
+    for option in prop.get("anyOf", []):
+        if option.get("type") == kind:
+            return option
+    return prop
+
+
+def _settings_bounds(doc: dict[str, Any], settings: Settings) -> None:
+    props = doc["components"]["schemas"]["JobCreate"]["properties"]
+    props["count"]["maximum"] = settings.max_count
+    steps = _branch(props["steps"], "integer")
+    steps["maximum"] = min(steps.get("maximum", settings.max_steps), settings.max_steps)
+    _branch(props["max_attempts"], "integer")["maximum"] = settings.max_attempts_factor * settings.max_count
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    """Serve the adjusted document at ``/openapi.json`` (the bundles are listed anew each time)."""
+    base: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        if not base:
+            doc = copy.deepcopy(FastAPI.openapi(app))
+            _problem_content(doc)
+            _settings_bounds(doc, settings)
+            base.update(doc)
+        doc = copy.deepcopy(base)
+        bundles = sorted(list_bundles(settings))
+        if bundles:
+            model = _branch(doc["components"]["schemas"]["JobCreate"]["properties"]["model"], "string")
+            model["enum"] = bundles
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
