@@ -22,8 +22,8 @@ Why SHA-256 and no slow KDF (bcrypt, scrypt, argon2): a slow KDF makes guessing 
 inverting SHA-256 on them is out of reach at any speed. A fast, unsalted hash is also what allows
 the O(1) lookup by hash on every request.
 
-Quotas, per key (the admin has none). The key's active jobs are counted at every create: the store's
-set of queued and running jobs (P:active) intersected with the key's job list (P:owner:NAME:jobs).
+Quotas, per key (the admin has none). The key's active jobs are counted at every create: the store keeps a
+set of each owner's queued and running jobs (P:owner:NAME:active).
 The rest is in Redis:
 
     P:owner:NAME:pairs:DAY    pairs asked for by jobs created on UTC day DAY (expires after 2 days)
@@ -261,7 +261,7 @@ class Quotas:
         ``count`` pairs; raises ``QuotaExceeded`` otherwise. A replayed job (``created`` False) is free."""
         if who.admin:
             return create()
-        with self.r.lock(self._k(who.name, "lock"), timeout=60, blocking_timeout=60):
+        with self.r.lock(self._k(who.name, "lock"), timeout=15, blocking_timeout=15):
             if who.max_active_jobs is not None:
                 active = len(active_ids(store, who.name))
                 if active >= who.max_active_jobs:
@@ -300,12 +300,8 @@ class Quotas:
 
 
 def active_ids(store: JobStore, owner: str) -> list[str]:
-    """Ids of the owner's queued or running jobs: the store's active jobs that are in the owner's list."""
-    ids = store.active_ids()
-    if not ids:
-        return []
-    scores = store.r.zmscore(store.keys.owner_jobs(owner), ids)
-    return [job_id for job_id, score in zip(ids, scores, strict=True) if score is not None]
+    """Ids of the owner's queued or running jobs."""
+    return store.active_ids_of(owner)
 
 
 def cancel_jobs(store: JobStore, owner: str) -> int:

@@ -13,6 +13,7 @@ Redis (the live side; ``P`` = settings.redis_prefix, ``J`` = ``P:job:ID``):
     J:lock          the per-job lock           J:final     token of the process writing the result
     P:jobs          zset of ids by creation    P:active    set of ids that are queued or running
     P:owner:NAME:jobs   zset of the ids of owner NAME's jobs (an API key's name; see app.auth), by creation
+    P:owner:NAME:active set of the ids of owner NAME's queued or running jobs
     P:idem:H        {"job_id", "body"} of an Idempotency-Key whose SHA-256 is H
     P:alive         set once Redis holds the job list; missing = Redis lost its data
     P:stalled:Q     since when no live worker has served queue Q
@@ -69,6 +70,9 @@ class RedisKeys:
 
     def owner_jobs(self, owner: str) -> str:
         return f"{self.prefix}:owner:{owner}:jobs"
+
+    def owner_active(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:active"
 
     def idem(self, digest: str) -> str:
         return f"{self.prefix}:idem:{digest}"

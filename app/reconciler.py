@@ -77,6 +77,8 @@ def rebuild_from_storage(store: JobStore) -> int:
             rec.pop("progress", None)
             store._save(rec)
             store.r.sadd(store.keys.active, job_id)
+            if rec.get("owner"):
+                store.r.sadd(store.keys.owner_active(rec["owner"]), job_id)
         else:
             store.r.set(store.keys.job(job_id), json.dumps(rec, sort_keys=True))
         store.r.zadd(store.keys.jobs, {job_id: created})
@@ -110,13 +112,17 @@ def sweep(store: JobStore, *, now: float | None = None) -> Sweep:
         store.forget_active(job_id)  # deleted
     live = worker_queues(store)
     serving: dict[str, dict[str, Any]] = {}
+    stalled_since: dict[str, float] = {}
     for job_id, rec in recs.items():
         if JobStatus(rec["status"]).is_terminal():
-            store.forget_active(job_id)
+            store.forget_active(job_id, rec.get("owner"))
         elif str(rec.get("queue") or s.celery_queue) in live:
             serving[job_id] = rec
         else:
-            out.failed += _fail_if_stalled(store, job_id, rec, now)
+            queue = str(rec.get("queue") or s.celery_queue)
+            if queue not in stalled_since:
+                stalled_since[queue] = _stalled_since(store, queue, now)
+            out.failed += _fail_if_stalled(store, job_id, rec, now, stalled_since[queue])
     for queue in live:
         store.r.delete(f"{keys.prefix}:stalled:{queue}")
 
@@ -173,15 +179,22 @@ def _advance(store: JobStore, job_id: str, out: Sweep) -> None:
     out.advanced.append(job_id)
 
 
-def _fail_if_stalled(store: JobStore, job_id: str, rec: dict[str, Any], now: float) -> list[str]:
-    """Fail the job once no live worker has served its queue for ``stall_timeout_s`` of its life."""
-    s = store.settings
-    queue = str(rec.get("queue") or s.celery_queue)
+def _stalled_since(store: JobStore, queue: str, now: float) -> float:
+    """Since when no live worker has served ``queue`` (this sweep's time if it just happened)."""
     key = f"{store.keys.prefix}:stalled:{queue}"
     store.r.set(key, str(now), nx=True)
-    since = max(float(_str(store.r.get(key) or now)), datetime.fromisoformat(rec["created_at"]).timestamp())
+    return float(_str(store.r.get(key) or now))
+
+
+def _fail_if_stalled(
+    store: JobStore, job_id: str, rec: dict[str, Any], now: float, since: float
+) -> list[str]:
+    """Fail the job once no live worker has served its queue for ``stall_timeout_s`` of its life."""
+    s = store.settings
+    since = max(since, datetime.fromisoformat(rec["created_at"]).timestamp())
     if now - since < s.stall_timeout_s:
         return []
+    queue = str(rec.get("queue") or s.celery_queue)
     store.fail(job_id, f"no worker served queue {queue!r} for {s.stall_timeout_s:g} s")
     return [job_id]
 

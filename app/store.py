@@ -277,6 +277,7 @@ class JobStore:
             pipe.zadd(self.keys.jobs, {job_id: score})
             pipe.zadd(self.keys.owner_jobs(owner), {job_id: score})
             pipe.sadd(self.keys.active, job_id)
+            pipe.sadd(self.keys.owner_active(owner), job_id)
             pipe.set(self._k(job_id, "next"), n_first)
             pipe.hset(self._k(job_id, "pending"), mapping={str(k): str(time.time()) for k in range(n_first)})
             pipe.execute()
@@ -318,6 +319,7 @@ class JobStore:
             lambda: self.r.delete(self._k(job_id)),
             lambda: self.r.zrem(self.keys.jobs, job_id),
             lambda: self.r.zrem(self.keys.owner_jobs(owner), job_id) if owner else None,
+            lambda: self.r.srem(self.keys.owner_active(owner), job_id) if owner else None,
             lambda: self.r.srem(self.keys.active, job_id),
             lambda: self.r.delete(ikey) if ikey else None,
             lambda: self.storage.delete_prefix(job_prefix(job_id)),
@@ -352,6 +354,7 @@ class JobStore:
             self.r.srem(self.keys.active, job_id)
             if rec.get("owner"):
                 self.r.zrem(self.keys.owner_jobs(rec["owner"]), job_id)
+                self.r.srem(self.keys.owner_active(rec["owner"]), job_id)
             if rec.get("idempotency_key"):
                 self.r.delete(rec["idempotency_key"])
         self.storage.delete_prefix(job_prefix(job_id))
@@ -367,7 +370,7 @@ class JobStore:
         self._save(rec)
         self.r.set(self._k(job_id, "stop"), status.value, ex=STOP_TTL_S)
         self.r.delete(self._k(job_id, "pending"))
-        self.r.srem(self.keys.active, job_id)
+        self.forget_active(job_id, rec.get("owner"))
 
     # ---- worker side
     def stop_reason(self, job_id: str) -> str | None:
@@ -569,5 +572,11 @@ class JobStore:
         """Ids of the jobs that are queued or running (a set kept by create, finish and delete)."""
         return sorted(_str(i) for i in self.r.smembers(self.keys.active))
 
-    def forget_active(self, job_id: str) -> None:
+    def forget_active(self, job_id: str, owner: str | None = None) -> None:
         self.r.srem(self.keys.active, job_id)
+        if owner:
+            self.r.srem(self.keys.owner_active(owner), job_id)
+
+    def active_ids_of(self, owner: str) -> list[str]:
+        """Ids of ``owner``'s queued or running jobs (a set per owner: counting is O(1) per create)."""
+        return sorted(_str(i) for i in self.r.smembers(self.keys.owner_active(owner)))

@@ -1,4 +1,7 @@
-"""Dependencies, declared once as ``Annotated`` aliases so handlers state their needs in the signature."""
+"""Dependencies, declared once as ``Annotated`` aliases so handlers state their needs in the signature.
+
+Those that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in its thread pool, and
+a dozen thread hops per request cost more CPU than the request itself (bench/load.py)."""
 
 from __future__ import annotations
 
@@ -17,27 +20,27 @@ from app.store import JobNotFound, JobStore
 bearer = HTTPBearer(auto_error=False, description="an API key (`dx_...`) or the admin key")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     store: JobStore = request.app.state.store
     return store
 
 
-def get_keys(request: Request) -> KeyStore:
+async def get_keys(request: Request) -> KeyStore:
     keys: KeyStore = request.app.state.keys
     return keys
 
 
-def get_quotas(request: Request) -> Quotas:
+async def get_quotas(request: Request) -> Quotas:
     quotas: Quotas = request.app.state.quotas
     return quotas
 
 
-def valid_job_id(
+async def valid_job_id(
     job_id: Annotated[
         str,
         Path(
@@ -53,7 +56,7 @@ def valid_job_id(
     return job_id
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """415 unless the body is declared JSON (``application/json`` or ``application/*+json``)."""
     value = request.headers.get("content-type")
     if value:
@@ -121,7 +124,7 @@ def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require_admin(who: PrincipalDep) -> Principal:
+async def require_admin(who: PrincipalDep) -> Principal:
     if not who.admin:
         raise HTTPException(status_code=403, detail="only the admin key may manage API keys")
     return who

@@ -13,7 +13,7 @@ UNREACHABLE = "unreachable"  # what a failed check reports: no host, bucket or e
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
 

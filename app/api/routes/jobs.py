@@ -94,7 +94,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ErrorResponses.JOB)
-def read_job(request: Request, rec: OwnedJob) -> JobPublic:
+async def read_job(request: Request, rec: OwnedJob) -> JobPublic:
     return public(request, rec)
 
 
