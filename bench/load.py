@@ -38,16 +38,29 @@ from tests.integration.servers import RedisServer, free_port, kill, spawn, wait_
 MIX = {"get": 0.6, "list": 0.2, "post": 0.1, "models": 0.05, "healthz": 0.05}
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (uvicorn --workers N forks N processes)."""
+    out = [pid]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        out += tree(int(child))
+    return out
+
+
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    total = 0.0
+    for p in tree(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def machine() -> str:
@@ -273,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="offered requests per second")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--api-workers", type=int, default=1, help="uvicorn --workers")
     parser.add_argument(
         "--mix",
         type=lambda v: {k: float(w) for k, w in (kv.split("=") for kv in v.split(","))},
@@ -297,12 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     log = work / "api.log"
     cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--workers", str(args.api_workers)] if args.api_workers > 1 else []
     api = spawn([*cmd, "--log-level", "warning", "--no-access-log"], log=log, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "uvicorn", api, log)
         print(f"machine: {machine()}")
-        print(f"API: one uvicorn process; Redis: redis-server {redis.url}; no worker (jobs stay queued)")
+        print(
+            f"API: uvicorn, {args.api_workers} process(es); Redis: redis-server {redis.url}; "
+            "no worker (jobs stay queued)"
+        )
         asyncio.run(run(args, port, api.pid, admin))
     finally:
         kill(api)
