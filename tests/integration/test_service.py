@@ -144,7 +144,8 @@ def test_idempotency_bad_bodies_and_unknown_jobs(stack: Stack) -> None:
     ]:
         resp = c.post("/v1/jobs", json=body)
         assert resp.status_code == 422, body
-        assert field in [e["loc"][-1] for e in resp.json()["detail"]]
+        assert resp.headers["content-type"].startswith("application/problem+json")
+        assert field in [e["loc"][-1] for e in resp.json()["errors"]]
     assert c.get("/v1/jobs").json()["count"] == before  # nothing stored
 
     headers = {"Idempotency-Key": "integration-key"}
