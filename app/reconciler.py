@@ -135,6 +135,7 @@ def sweep(store: JobStore, *, now: float | None = None) -> Sweep:
         pipe.exists(keys.job(job_id, "final"))
     replies = pipe.execute()
     candidates: list[tuple[str, int]] = []
+    queue_empty: dict[str, bool] = {}  # one LLEN per queue per sweep
     for n, (job_id, rec) in enumerate(serving.items()):
         raw_next, raw_done, raw_pending, stop, finalising = replies[5 * n : 5 * n + 5]
         next_shard = int(raw_next or 0)
@@ -147,7 +148,10 @@ def sweep(store: JobStore, *, now: float | None = None) -> Sweep:
         if all(k in done for k in range(next_shard)):
             _advance(store, job_id, out)  # nothing in flight: decide or schedule more
             continue
-        queue_empty = store.r.llen(str(rec.get("queue") or s.celery_queue)) == 0
+        queue = str(rec.get("queue") or s.celery_queue)
+        if queue not in queue_empty:
+            queue_empty[queue] = store.r.llen(queue) == 0
+
         for k in range(next_shard):
             if k in done:
                 continue
@@ -155,7 +159,7 @@ def sweep(store: JobStore, *, now: float | None = None) -> Sweep:
                 age = now - pending[k]
                 # In the queue, or taken by a worker this instant: leave it, unless the queue has
                 # drained since (the message was lost) or it has waited implausibly long.
-                if not ((queue_empty and age >= s.reconcile_grace_s) or age >= s.stall_timeout_s):
+                if not ((queue_empty[queue] and age >= s.reconcile_grace_s) or age >= s.stall_timeout_s):
                     continue
             candidates.append((job_id, k))
     if candidates:

@@ -45,6 +45,7 @@ from app.storage import ObjectNotFound, Storage, StorageUnavailable
 log = logging.getLogger(__name__)
 
 STOP_TTL_S = 7 * 24 * 3600
+CLAIM_TTL_S = 60  # an Idempotency-Key claimed by a create that has not stored its job yet
 LOCK_TTL_S = 15  # every critical section is a few Redis calls and one small storage write
 DECIDED = "decided"  # the stop flag while the finaliser writes the result
 FINALISE_TTL_S = 60  # the finaliser's lease, refreshed while it writes the zip: a dead one blocks no longer
@@ -280,6 +281,8 @@ class JobStore:
             pipe.sadd(self.keys.owner_active(owner), job_id)
             pipe.set(self._k(job_id, "next"), n_first)
             pipe.hset(self._k(job_id, "pending"), mapping={str(k): str(time.time()) for k in range(n_first)})
+            if ikey is not None:
+                pipe.expire(ikey, STOP_TTL_S)  # the job exists: the key holds it for a week
             pipe.execute()
         except Exception:
             self._undo_create(job_id, ikey, owner)
@@ -298,7 +301,8 @@ class JobStore:
         """Claim ``ikey`` for a new job (returns None), or return the job that holds it."""
         claim = json.dumps({"job_id": job_id, "body": body_digest(body)})
         for _ in range(2):
-            if self.r.set(ikey, claim, nx=True, ex=STOP_TTL_S):
+            # Short until the job exists: a create killed half-way must not hold the key for a week.
+            if self.r.set(ikey, claim, nx=True, ex=CLAIM_TTL_S):
                 return None
             first = json.loads(self.r.get(ikey) or b"{}")
             if not first:

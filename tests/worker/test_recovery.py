@@ -296,3 +296,22 @@ def test_a_job_lock_left_by_a_dead_holder_expires_within_seconds(harness: Harnes
     job_id = harness.submit(count=1)
     with harness.store._lock(job_id):
         assert 0 < harness.store.r.pttl(harness.store._k(job_id, "lock")) <= 15_000
+
+
+def test_an_idempotency_key_claimed_by_a_create_killed_half_way_frees_itself(harness: Harness) -> None:
+    from app.bundles import resolve_params
+    from app.schemas import JobCreate
+    from app.store import CLAIM_TTL_S, STOP_TTL_S
+
+    store = harness.store
+    ikey = store._idem_key("half-way")
+    assert store._claim_idempotency_key(ikey, "0" * 32, {"count": 1}) is None  # then the process died
+    assert 0 < store.r.ttl(ikey) <= CLAIM_TTL_S  # freed within a minute, not held for a week
+    store.r.delete(ikey)  # ... as it will have expired
+    req = JobCreate(count=1)
+    rec, created = store.create(
+        body=req.model_dump(exclude_none=True),
+        params=resolve_params(req, harness.settings),
+        idempotency_key="half-way",
+    )
+    assert created and store.r.ttl(ikey) > CLAIM_TTL_S and store.r.ttl(ikey) <= STOP_TTL_S
