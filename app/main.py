@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app.api.main import api_router, health_router
 from app.auth import KeyStore, Quotas
 from app.core.config import Settings, get_settings, is_loopback
+from app.docs import install_docs
 from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
 from app.openapi import install_openapi
@@ -57,6 +58,8 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
 
     app = FastAPI(
         lifespan=lifespan,
+        docs_url=None,  # served by app.docs, with local assets
+        redoc_url=None,
         title="DiffuseExpand",
         summary="On-demand expansion of 2D image/mask segmentation datasets with guided diffusion.",
         version="0.1.0",
@@ -83,6 +86,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_openapi(app, settings)
+    install_docs(app)
     return app
 
 

@@ -78,3 +78,17 @@ def test_api_never_imports_torch_or_models() -> None:
     subprocess.run(
         [sys.executable, "-c", code], check=True, env={"PATH": "", "DIFFEXP_STORAGE_DIR": "/tmp/x"}
     )
+
+
+@pytest.mark.parametrize(
+    ("page", "asset"), [("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")]
+)
+def test_api_docs_load_nothing_from_outside(client: TestClient, page: str, asset: str) -> None:
+    """/docs loaded Swagger UI from a CDN: a blank page on a machine without internet."""
+    import re
+
+    html = client.get(page).text
+    assert re.findall(r'(?:src|href)=["\'](https?:)?//', html) == []  # no absolute URL to another host
+    assert f"/static/docs/{asset}" in html
+    resp = client.get(f"/static/docs/{asset}")
+    assert resp.status_code == 200 and len(resp.content) > 100_000
