@@ -46,6 +46,7 @@ from typing import Any
 
 import redis
 
+from app.layout import as_str
 from app.schemas import KEY_NAME_PATTERN
 from app.storage import ObjectNotFound, Storage
 from app.store import JobConflict, JobNotFound, JobStore
@@ -71,10 +72,6 @@ def key_folder(name: str) -> str:
 
 def key_object(name: str) -> str:
     return f"keys/{name}/key.json"
-
-
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -180,7 +177,7 @@ class KeyStore:
             name = self.r.hget(self._hash, digest)
             if name is None:
                 return None
-        rec = self._record(_str(name))
+        rec = self._record(as_str(name))
         if rec is None or not hmac.compare_digest(str(rec["hash"]), digest):
             return None
         return rec

@@ -31,6 +31,11 @@ SAMPLING_FIELDS = ["steps", "order", "w_cf", "w_cg", "guidance", "tau", "scale",
 JOB_PARTS = ("prog", "pairs", "done", "attempts", "next", "pending", "final")
 
 
+def as_str(value: Any) -> str:
+    """A Redis reply (bytes) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import redis
 
-from app.layout import record_key
+from app.layout import as_str, record_key
 from app.schemas import JobStatus
-from app.store import DECIDED, JobStore, _str, now_iso
+from app.store import DECIDED, JobStore, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def sweep(store: JobStore, *, now: float | None = None) -> Sweep:
         done = {int(k) for k in raw_done}
         pending = {int(k): float(v) for k, v in raw_pending.items()}
         if stop is not None:  # decided (or stopping): only an abandoned finaliser needs help
-            if _str(stop) == DECIDED and not finalising:
+            if as_str(stop) == DECIDED and not finalising:
                 _advance(store, job_id, out)
             continue
         if all(k in done for k in range(next_shard)):
@@ -187,7 +187,7 @@ def _stalled_since(store: JobStore, queue: str, now: float) -> float:
     """Since when no live worker has served ``queue`` (this sweep's time if it just happened)."""
     key = f"{store.keys.prefix}:stalled:{queue}"
     store.r.set(key, str(now), nx=True)
-    return float(_str(store.r.get(key) or now))
+    return float(as_str(store.r.get(key) or now))
 
 
 def _fail_if_stalled(

@@ -28,6 +28,7 @@ from app.core.config import Settings
 from app.layout import (
     JOB_PARTS,
     RedisKeys,
+    as_str,
     image_key,
     job_prefix,
     manifest_csv,
@@ -83,14 +84,10 @@ def body_digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _progress(rec: dict[str, Any], values: list[Any]) -> Progress:
     generated = kept = 0
     for value in values:
-        g, k = _str(value).split(",")
+        g, k = as_str(value).split(",")
         generated += int(g)
         kept += int(k)
     return Progress(target=rec["params"]["count"], generated=generated, kept=kept, discarded=generated - kept)
@@ -214,11 +211,11 @@ class JobStore:
             score, last_id = decode_cursor(cursor)
             raw: Any = self.r.zrevrangebyscore(key, score, "-inf", start=0, num=limit + 64, withscores=True)
             # ties in score come in reverse order of id: skip those at or before the cursor's id
-            pairs = [(_str(m), float(sc)) for m, sc in raw]
+            pairs = [(as_str(m), float(sc)) for m, sc in raw]
             entries = [(m, sc) for m, sc in pairs if not (sc == score and m >= last_id)][:limit]
         else:
             raw = self.r.zrevrange(key, offset, offset + limit - 1, withscores=True)
-            entries = [(_str(m), float(sc)) for m, sc in raw]
+            entries = [(as_str(m), float(sc)) for m, sc in raw]
         total = int(self.r.zcard(key))
         recs = self._load_many([m for m, _ in entries])
         next_cursor = encode_cursor(entries[-1][1], entries[-1][0]) if len(entries) == limit else None
@@ -379,7 +376,7 @@ class JobStore:
     # ---- worker side
     def stop_reason(self, job_id: str) -> str | None:
         raw = self.r.get(self._k(job_id, "stop"))
-        return _str(raw) if raw else None
+        return as_str(raw) if raw else None
 
     def record(self, job_id: str) -> dict[str, Any] | None:
         return self._load(job_id)
@@ -569,12 +566,12 @@ class JobStore:
 
     def iter_ids(self) -> Iterator[str]:
         for raw in self.r.zrevrange(self.keys.jobs, 0, -1):
-            yield _str(raw)
+            yield as_str(raw)
 
     # ---- used by the reconciler
     def active_ids(self) -> list[str]:
         """Ids of the jobs that are queued or running (a set kept by create, finish and delete)."""
-        return sorted(_str(i) for i in self.r.smembers(self.keys.active))
+        return sorted(as_str(i) for i in self.r.smembers(self.keys.active))
 
     def forget_active(self, job_id: str, owner: str | None = None) -> None:
         self.r.srem(self.keys.active, job_id)
@@ -583,4 +580,4 @@ class JobStore:
 
     def active_ids_of(self, owner: str) -> list[str]:
         """Ids of ``owner``'s queued or running jobs (a set per owner: counting is O(1) per create)."""
-        return sorted(_str(i) for i in self.r.smembers(self.keys.owner_active(owner)))
+        return sorted(as_str(i) for i in self.r.smembers(self.keys.owner_active(owner)))
