@@ -11,6 +11,8 @@ Redis (the live side; ``P`` = settings.redis_prefix, ``J`` = ``P:job:ID``):
     J:next          next shard to enqueue      J:stop      why workers must stop (set once decided)
     J:pending       shard -> time it was enqueued and no worker has taken it yet
     J:lock          the per-job lock           J:final     token of the process writing the result
+    J:hook          held by the process making a webhook attempt (app.webhooks)
+    P:webhooks      zset of ids of ended jobs whose webhook is due, by when the next attempt is due
     P:jobs          zset of ids by creation    P:active    set of ids that are queued or running
     P:owner:NAME:jobs   zset of the ids of owner NAME's jobs (an API key's name; see app.auth), by creation
     P:owner:NAME:active set of the ids of owner NAME's queued or running jobs
@@ -69,6 +71,7 @@ class RedisKeys:
         self.active = f"{prefix}:active"
         self.alive = f"{prefix}:alive"
         self.reconciler = f"{prefix}:reconciler"
+        self.webhooks = f"{prefix}:webhooks"
 
     def job(self, job_id: str, *parts: str) -> str:
         return ":".join((self.prefix, "job", job_id, *parts))

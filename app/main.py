@@ -21,6 +21,7 @@ from app.queue import Enqueue, celery_enqueue, make_celery
 from app.reconciler import Reconciler
 from app.storage import make_storage
 from app.store import JobStore
+from app.webhooks import WebhookSender
 
 log = logging.getLogger("diffexp.api")
 
@@ -51,9 +52,12 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reconciler = Reconciler(app.state.store)  # also runs in every worker; one sweep per interval
         reconciler.start()
+        webhooks = WebhookSender(app.state.store)  # the API sends webhooks: it is the one facing out
+        webhooks.start()
         try:
             yield
         finally:
+            webhooks.stop()
             reconciler.stop()
 
     app = FastAPI(

@@ -81,6 +81,9 @@ def rebuild_from_storage(store: JobStore) -> int:
                 store.r.sadd(store.keys.owner_active(rec["owner"]), job_id)
         else:
             store.r.set(store.keys.job(job_id), json.dumps(rec, sort_keys=True))
+            hook = rec.get("webhook") or {}
+            if hook.get("status") == "pending":  # its due time was in the Redis that was lost
+                store.r.zadd(store.keys.webhooks, {job_id: float(hook.get("next_attempt_at") or 0)})
         store.r.zadd(store.keys.jobs, {job_id: created})
         if rec.get("owner"):
             store.r.zadd(store.keys.owner_jobs(rec["owner"]), {job_id: created})

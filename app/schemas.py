@@ -62,6 +62,19 @@ class JobCreate(BaseModel):
         description="most pairs generated, count to DIFFEXP_MAX_ATTEMPTS_FACTOR x DIFFEXP_MAX_COUNT; "
         "default: DIFFEXP_MAX_ATTEMPTS_FACTOR x count",
     )
+    callback_url: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="http(s) URL POSTed the job's JSON when it ends (signed: X-DiffuseExpand-Signature); "
+        "public addresses only unless DIFFEXP_WEBHOOK_ALLOW_PRIVATE",
+    )
+    callback_secret: str | None = Field(
+        default=None,
+        min_length=16,
+        max_length=256,
+        description="HMAC-SHA256 key of the webhook's signature; default: drawn and shown once, in the answer",
+    )
 
 
 class Progress(BaseModel):
@@ -69,6 +82,24 @@ class Progress(BaseModel):
     generated: int = 0
     kept: int = 0
     discarded: int = 0
+
+
+class WebhookAttempt(BaseModel):
+    at: float = Field(description="Unix time of the attempt")
+    status_code: int | None = Field(description="the receiver's HTTP status; null: no answer")
+    error: str | None = Field(description="why the attempt failed; null: delivered")
+    duration_ms: float | None = None
+
+
+class WebhookPublic(BaseModel):
+    """The job's webhook (never its secret): ``waiting`` for the job to end, ``pending`` (an attempt is
+    due at ``next_attempt_at``), ``delivered`` or ``failed`` (retried for DIFFEXP_WEBHOOK_RETRY_S)."""
+
+    url: str
+    status: str
+    attempt_count: int = 0
+    attempts: list[WebhookAttempt] = Field(default=[], description="the latest attempts, oldest first")
+    next_attempt_at: float | None = None
 
 
 class JobLinks(BaseModel):
@@ -88,7 +119,23 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     completed_at: datetime | None = None
+    webhook: WebhookPublic | None = None
     links: JobLinks
+
+
+class JobCreated(JobPublic):
+    """The answer to ``POST /v1/jobs``: the job, and the webhook secret that signs its callback."""
+
+    callback_secret: str | None = Field(
+        default=None, description="the key of the webhook's HMAC signature (only in this answer)"
+    )
+
+
+def job_public(rec: dict[str, Any], api_prefix: str) -> JobPublic:
+    """A stored record as the API shows it (the webhook's secret left out by the model)."""
+    base = f"{api_prefix}/jobs/{rec['id']}"
+    links = {"self": base, "pairs_zip": f"{base}/pairs.zip", "download": f"{base}/download"}
+    return JobPublic.model_validate({**rec, "links": links})
 
 
 class JobsPublic(BaseModel):

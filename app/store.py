@@ -18,7 +18,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,8 +40,11 @@ from app.layout import (
 )
 from app.queue import Enqueue
 from app.scheduler import plan
-from app.schemas import JobParams, JobStatus, Progress
+from app.schemas import JobParams, JobStatus, Progress, job_public
 from app.storage import ObjectNotFound, Storage, StorageUnavailable
+from app.webhooks import LEASE_S as WEBHOOK_LEASE_S
+from app.webhooks import after_attempt
+from app.webhooks import payload as webhook_payload
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +238,14 @@ class JobStore:
         params: JobParams,
         idempotency_key: str | None = None,
         owner: str = "admin",
+        webhook: dict[str, str] | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Store a queued job and enqueue its first shards. Returns ``(record, created)``.
 
         With an ``idempotency_key``, the same key and body return the first job (``created`` False)
         and another body raises ``JobConflict``. A create that fails (storage or Redis down) releases
-        its key, so the same request can be sent again.
+        its key, so the same request can be sent again. ``webhook`` (``url``, ``secret``) is called
+        when the job ends (``app.webhooks``).
         """
         job_id = uuid.uuid4().hex
         ikey = None
@@ -264,6 +269,8 @@ class JobStore:
         }
         if ikey is not None:
             rec["idempotency_key"] = ikey
+        if webhook is not None:
+            rec["webhook"] = {**webhook, "status": "waiting", "attempts": [], "attempt_count": 0}
         n_first = plan(rec["params"], {}, 0).add  # a new job: no shard is done, none is pending
         data = json.dumps(rec, sort_keys=True)
         try:
@@ -352,6 +359,7 @@ class JobStore:
             self.r.set(self._k(job_id, "stop"), "deleted", ex=STOP_TTL_S)
             self.r.delete(self._k(job_id), *(self._k(job_id, p) for p in JOB_PARTS))
             self.r.zrem(self.keys.jobs, job_id)
+            self.r.zrem(self.keys.webhooks, job_id)
             self.r.srem(self.keys.active, job_id)
             if rec.get("owner"):
                 self.r.zrem(self.keys.owner_jobs(rec["owner"]), job_id)
@@ -368,10 +376,14 @@ class JobStore:
         rec["completed_at"] = now_iso()
         if "progress" not in rec and status is not JobStatus.CANCELED:  # a canceled job's last batch
             rec["progress"] = self.live_progress(job_id, rec).model_dump()  # may still report: stay live
+        if rec.get("webhook"):  # due now; stored with the record, so a Redis loss does not drop it
+            rec["webhook"] = {**rec["webhook"], "status": "pending", "next_attempt_at": time.time()}
         self._save(rec)
         self.r.set(self._k(job_id, "stop"), status.value, ex=STOP_TTL_S)
         self.r.delete(self._k(job_id, "pending"))
         self.forget_active(job_id, rec.get("owner"))
+        if rec.get("webhook"):
+            self.r.zadd(self.keys.webhooks, {job_id: rec["webhook"]["next_attempt_at"]})
 
     # ---- worker side
     def stop_reason(self, job_id: str) -> str | None:
@@ -551,6 +563,51 @@ class JobStore:
             raise
         except Exception as exc:
             raise StorageUnavailable(str(exc)) from exc
+
+    # ---- webhooks (app.webhooks)
+    def due_webhooks(self, now: float, limit: int = 50) -> list[str]:
+        return [as_str(i) for i in self.r.zrangebyscore(self.keys.webhooks, "-inf", now, start=0, num=limit)]
+
+    def deliver_webhook(
+        self, job_id: str, send: Callable[[str, str, bytes, str], dict[str, Any]], now: float | None = None
+    ) -> bool:
+        """Make one delivery attempt of the job's webhook if it is due and no other process is making
+        one; record it in the job. Returns whether an attempt was made."""
+        now = time.time() if now is None else now
+        lease = self._k(job_id, "hook")
+        if not self.r.set(lease, "1", nx=True, ex=WEBHOOK_LEASE_S):
+            return False
+        try:
+            found = self._load_many([job_id])  # with its progress, as GET shows it
+            rec = found[0] if found else None
+            hook = (rec or {}).get("webhook") or {}
+            if rec is None or hook.get("status") != "pending":
+                self.r.zrem(self.keys.webhooks, job_id)  # deleted, or delivered/given up meanwhile
+                return False
+            if float(hook.get("next_attempt_at") or 0) > now:
+                self.r.zadd(self.keys.webhooks, {job_id: float(hook["next_attempt_at"])})
+                return False
+            body = webhook_payload(job_public(rec, self.settings.api_v1_str).model_dump(mode="json"))
+            record = send(hook["url"], hook["secret"], body, f"job.{rec['status']}")
+            with self._lock(job_id):
+                rec = self._load(job_id)
+                if rec is None or not rec.get("webhook"):
+                    return True
+                ended = datetime.fromisoformat(rec["completed_at"]).timestamp()
+                rec["webhook"] = after_attempt(
+                    rec["webhook"], record, ended_at=ended, retry_s=self.settings.webhook_retry_s
+                )
+                self._save(rec)
+                due = rec["webhook"]["next_attempt_at"]
+                if due is None:
+                    self.r.zrem(self.keys.webhooks, job_id)
+                else:
+                    self.r.zadd(self.keys.webhooks, {job_id: float(due)})
+            if record["error"] is not None:
+                log.warning("job %s: webhook attempt failed: %s", job_id, record["error"])
+            return True
+        finally:
+            self.r.delete(lease)
 
     # ---- results
     def result_rows(self, job_id: str, *, partial: bool) -> tuple[list[dict[str, Any]], bool] | None:

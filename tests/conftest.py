@@ -61,6 +61,7 @@ def settings_factory(tmp_path: Path, redis_server: RedisServer, tiny_bundle: Pat
             "max_steps": 50,
             "lease_ttl_s": 5.0,
             "reconcile_interval_s": 0.0,  # tests sweep by hand (app.reconciler.sweep)
+            "webhook_interval_s": 0.0,  # tests send due webhooks by hand (WebhookSender.tick)
             "admin_key": ADMIN_KEY,
         }
         values.update(overrides)

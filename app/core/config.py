@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     reconcile_grace_s: float = Field(default=20.0, gt=0)
     stall_timeout_s: float = Field(default=900.0, gt=0)
 
+    # Webhooks (app/webhooks.py): whether callback URLs may point to private or loopback addresses
+    # (tests, on-premise receivers), how long after a job ends failed deliveries are retried, and how
+    # often the API looks for due deliveries (0 = not in this process).
+    webhook_allow_private: bool = False
+    webhook_retry_s: float = Field(default=3600.0, gt=0)
+    webhook_interval_s: float = Field(default=1.0, ge=0)
+
     # Celery.
     celery_queue: str = "diffexp"
     visibility_timeout_s: int = Field(default=600, ge=1)

@@ -57,6 +57,7 @@ def stack_env(redis_url: str, s3: SeaweedS3, bundle: Path, prefix: str, **extra:
         "DIFFEXP_RECONCILE_INTERVAL_S": "1",
         "DIFFEXP_RECONCILE_GRACE_S": "3",
         "DIFFEXP_ADMIN_KEY": ADMIN_KEY,
+        "DIFFEXP_WEBHOOK_ALLOW_PRIVATE": "true",  # the test's receiver listens on loopback
     }
     env.update(extra)
     return env

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import signal
 import time
 import zipfile
@@ -19,9 +20,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from app.webhooks import SIGNATURE_HEADER, verify
 from tests.conftest import ADMIN_HEADERS
 from tests.integration.conftest import Q_ALL, Q_ONE, Stack, settings_from, stack_env, wait_job
 from tests.integration.servers import CeleryWorker, RedisServer, SeaweedS3
+from tests.utils.receiver import Receiver
 
 pytestmark = pytest.mark.integration
 ETA = 0.42
@@ -194,3 +197,20 @@ def test_worker_killed_mid_job_the_job_still_succeeds(
     finally:
         for w in workers:
             w.stop(sig=signal.SIGKILL)
+
+
+def test_a_webhook_reaches_its_receiver_signed_when_the_job_ends(stack: Stack) -> None:
+    receiver = Receiver()
+    try:
+        job = stack.client.post("/v1/jobs", json={"count": 2, "seed": 5, "callback_url": receiver.url}).json()
+        done = wait_job(
+            lambda: stack.client.get(f"/v1/jobs/{job['id']}").json(),
+            until=lambda j: (j.get("webhook") or {}).get("status") == "delivered",
+        )
+        assert done["status"] == "succeeded" and len(receiver.requests) == 1
+        headers, body = receiver.requests[0]
+        assert verify(job["callback_secret"], headers[SIGNATURE_HEADER], body)
+        sent = json.loads(body)
+        assert sent["status"] == "succeeded" and sent["progress"] == done["progress"]
+    finally:
+        receiver.close()

@@ -1,15 +1,18 @@
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.api.deps import JsonBody, OwnedJob, PrincipalDep, QuotasDep, SettingsDep, StoreDep, too_many
 from app.auth import QuotaExceeded
 from app.bundles import resolve_params
+from app.core.config import Settings
 from app.errors import ErrorResponses
 from app.layout import zip_key
-from app.schemas import JobCreate, JobPublic, JobsPublic
+from app.schemas import JobCreate, JobCreated, JobPublic, JobsPublic, job_public
 from app.store import JobConflict
+from app.webhooks import Unresolvable, WebhookError, new_secret, resolve_target
 from app.zipstream import job_zip
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -18,13 +21,31 @@ MAX_OFFSET = 1_000_000  # deeper pages are refused (422): Redis ranges are 64-bi
 
 
 def public(request: Request, rec: dict[str, Any]) -> JobPublic:
-    base = f"{request.app.state.settings.api_v1_str}/jobs/{rec['id']}"
-    links = {"self": base, "pairs_zip": f"{base}/pairs.zip", "download": f"{base}/download"}
-    return JobPublic.model_validate({**rec, "links": links})
+    return job_public(rec, request.app.state.settings.api_v1_str)
+
+
+def callback(body: JobCreate, settings: Settings) -> dict[str, str] | None:
+    """The job's webhook (url, secret), or a 422 naming why the URL is refused."""
+    if body.callback_url is None:
+        if body.callback_secret is not None:
+            raise _invalid("callback_secret", "callback_secret needs a callback_url", "***")
+        return None
+    try:
+        resolve_target(body.callback_url, allow_private=settings.webhook_allow_private)
+    except Unresolvable:
+        pass  # DNS may be down for a moment: checked again at every delivery attempt
+    except WebhookError as exc:
+        raise _invalid("callback_url", str(exc), body.callback_url) from None
+    return {"url": body.callback_url, "secret": body.callback_secret or new_secret()}
+
+
+def _invalid(field: str, message: str, value: str) -> RequestValidationError:
+    error = {"type": "value_error", "loc": ("body", field), "msg": message, "input": value}
+    return RequestValidationError([error])
 
 
 @router.post(
-    "", status_code=202, response_model=JobPublic, dependencies=[JsonBody], responses=ErrorResponses.CREATE
+    "", status_code=202, response_model=JobCreated, dependencies=[JsonBody], responses=ErrorResponses.CREATE
 )
 def create_job(
     body: JobCreate,
@@ -35,12 +56,13 @@ def create_job(
     who: PrincipalDep,
     quotas: QuotasDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-) -> JobPublic:
-    """Queue an expansion job; poll the ``Location`` it answers with.
+) -> JobCreated:
+    """Queue an expansion job; poll the ``Location`` it answers with (or give a ``callback_url``).
 
     ``429`` (with ``Retry-After``) when the key has ``max_active_jobs`` jobs queued or running, or
     the job would take it past ``pairs_per_day``."""
     params = resolve_params(body, settings)  # 422 before anything is stored
+    webhook = callback(body, settings)
     if who.pairs_per_day is not None and params.count > who.pairs_per_day:
         raise HTTPException(
             status_code=422,
@@ -51,7 +73,11 @@ def create_job(
 
     def create() -> tuple[dict[str, Any], bool]:
         return store.create(
-            body=body.model_dump(exclude_none=True), params=params, idempotency_key=scoped_key, owner=who.name
+            body=body.model_dump(exclude_none=True, exclude={"callback_secret"}),
+            params=params,
+            idempotency_key=scoped_key,
+            owner=who.name,
+            webhook=webhook,
         )
 
     try:
@@ -61,7 +87,8 @@ def create_job(
             rec, _ = quotas.create_job(who, params.count, store, create)
     except QuotaExceeded as exc:
         raise too_many(exc) from None
-    job = public(request, rec)
+    secret = (rec.get("webhook") or {}).get("secret")
+    job = JobCreated.model_validate({**public(request, rec).model_dump(), "callback_secret": secret})
     response.headers["Location"] = job.links.self
     return job
 
