@@ -29,6 +29,8 @@ from typing import Any
 
 MANIFEST_FIELDS = ["name", "index", "seed", "dice_loss", "model", "eta"]
 SAMPLING_FIELDS = ["steps", "order", "w_cf", "w_cg", "guidance", "tau", "scale", "clip_x0"]
+# Every row is a generated pair: said in the row, so it stays said once rows are mixed with real ones.
+PROVENANCE_FIELDS = ["synthetic"]
 # Per-job Redis hashes/strings that DELETE removes (leases and the lock expire by themselves).
 JOB_PARTS = ("prog", "pairs", "done", "attempts", "next", "pending", "final")
 
@@ -93,9 +95,10 @@ class RedisKeys:
 
 
 def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
-    """One row per pair: name, index, seed, dice_loss, then the parameters that produced it."""
+    """One row per pair: name, index, seed, dice_loss, the parameters that produced it, ``synthetic`` (1)."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=MANIFEST_FIELDS + SAMPLING_FIELDS, lineterminator="\n")
+    fields = MANIFEST_FIELDS + SAMPLING_FIELDS + PROVENANCE_FIELDS
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     sampling = params["sampling"]
     for row in rows:
@@ -106,6 +109,7 @@ def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
                 "model": params["model"],
                 "eta": params["eta"],
                 **{k: sampling.get(k) for k in SAMPLING_FIELDS},
+                "synthetic": 1,
             }
         )
     return out.getvalue().encode()

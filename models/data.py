@@ -288,20 +288,23 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
     return out * 2.0 - 1.0
 
 
-def load_mask(path: Path, resolution: int) -> np.ndarray:
-    """One mask as float32 ``[R, R]`` of -1 (background) / +1 (foreground)."""
+def load_mask(path: Path, resolution: int, *, allow_empty: bool = False) -> np.ndarray:
+    """One mask as float32 ``[R, R]`` of -1 (background) / +1 (foreground).
+
+    ``allow_empty`` accepts a mask without foreground (a real negative case in an export); training
+    refuses them."""
     img = _open(path)
     arr, full = _to_grey_float(img, path)
     if arr.max() <= 1.0:
         full = 1.0  # masks stored as 0/1
     binary = (arr >= full / 2.0).astype(np.uint8) * 255
-    if not binary.any():
+    if not binary.any() and not allow_empty:
         raise DatasetError(
             f"{path}: mask with no foreground (no pixel reaches half of the mask's full value)"
         )
     pil = Image.fromarray(binary, mode="L").resize((resolution, resolution), Image.Resampling.NEAREST)
     out = np.asarray(pil) > 127
-    if not out.any():
+    if not out.any() and binary.any():
         raise DatasetError(
             f"{path}: mask foreground vanishes at {resolution}x{resolution}; use a higher resolution"
         )
