@@ -69,6 +69,20 @@ def test_lifecycle_post_poll_download_delete(stack: Stack) -> None:
     assert dl.status_code == 307 and "X-Amz-Signature" in dl.headers["location"]
     presigned = httpx.get(dl.headers["location"])
     assert pair_bytes(unzip(presigned.content)[0]) == pair_bytes(zf)
+    assert presigned.content == c.get(job["links"]["pairs_zip"]).content  # the same bytes every time
+
+    # ?format=nnunet from S3: the same bytes on every download, labels 0/1, one training case per pair
+    nn = [c.get(job["links"]["pairs_zip"], params={"format": "nnunet"}).content for _ in range(2)]
+    assert nn[0] == nn[1]
+    nz = zipfile.ZipFile(io.BytesIO(nn[0]))
+    assert json.loads(nz.read("dataset.json"))["numTraining"] == 5
+    for r in rows:
+        label = np.array(Image.open(io.BytesIO(nz.read(f"labelsTr/{r['name']}.png"))))
+        assert (
+            set(np.unique(label)) <= {0, 1}
+            and label.sum() * 255 == np.array(Image.open(io.BytesIO(zf.read(f"masks/{r['name']}.png")))).sum()
+        )
+        assert nz.read(f"imagesTr/{r['name']}_0000.png") == zf.read(f"images/{r['name']}.png")
 
     assert c.delete(loc).status_code == 204
     assert c.get(loc).status_code == 404
