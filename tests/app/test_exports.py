@@ -303,3 +303,24 @@ def test_openapi_documents_the_formats(client: TestClient) -> None:
         ref = schema.get("$ref") or schema.get("allOf", [{}])[0].get("$ref")
         enum = doc["components"]["schemas"][ref.rsplit("/", 1)[-1]]["enum"] if ref else schema["enum"]
         assert enum == FORMATS and "nnunet" in fmt["description"]
+
+
+def test_the_zip_never_carries_the_webhook_secret(settings_factory: Any, enqueued: Any) -> None:
+    """job.json in the zip was the stored record, webhook secret included (the record keeps it)."""
+    from app.main import create_app
+    from tests.conftest import ADMIN_HEADERS
+
+    secret = "whsec-" + "7" * 32
+    settings = settings_factory(webhook_allow_private=True)
+    with TestClient(create_app(settings, enqueue=enqueued), headers=ADMIN_HEADERS) as c:
+        body = {"count": 1, "seed": 1, "callback_url": "http://127.0.0.1:9/hook", "callback_secret": secret}
+        job = c.post("/v1/jobs", json=body).json()
+        store = c.app.state.store  # type: ignore[attr-defined]
+        image, mask = pair_pngs(0)
+        store.put_pair(job["id"], name="s1-000000", index=0, seed=1, dice_loss=0.1, image_png=image, mask_png=mask)  # fmt: skip
+        assert secret in store.storage.get(f"jobs/{job['id']}/job.json").decode()  # the record holds it
+        store.finish_shard(job["id"], 0, 1, [0])
+        for fmt in FORMATS:
+            zf = unzip(c.get(f"/v1/jobs/{job['id']}/pairs.zip", params={"format": fmt}).content)
+            assert "webhook" not in json.loads(zf.read("job.json"))
+            assert all(secret.encode() not in zf.read(name) for name in zf.namelist()), fmt
