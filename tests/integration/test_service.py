@@ -24,8 +24,8 @@ from app.webhooks import SIGNATURE_HEADER, verify
 from tests.conftest import ADMIN_HEADERS
 from tests.integration.conftest import Q_ALL, Q_ONE, Stack, settings_from, stack_env, wait_job
 from tests.integration.servers import CeleryWorker, RedisServer, SeaweedS3
-from tests.utils.receiver import Receiver
 from tests.utils.prom import parse, value
+from tests.utils.receiver import Receiver
 
 pytestmark = pytest.mark.integration
 ETA = 0.42
