@@ -19,6 +19,7 @@ Redis (the live side; ``P`` = settings.redis_prefix, ``J`` = ``P:job:ID``):
     P:idem:H        {"job_id", "body"} of an Idempotency-Key whose SHA-256 is H
     P:alive         set once Redis holds the job list; missing = Redis lost its data
     P:stalled:Q     since when no live worker has served queue Q
+    P:metrics       the service-wide counters of /metrics (field -> count; see app.counters)
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class RedisKeys:
         self.alive = f"{prefix}:alive"
         self.reconciler = f"{prefix}:reconciler"
         self.webhooks = f"{prefix}:webhooks"
+        self.metrics = f"{prefix}:metrics"
 
     def job(self, job_id: str, *parts: str) -> str:
         return ":".join((self.prefix, "job", job_id, *parts))

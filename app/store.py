@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from app import counters
 from app.core.config import Settings
 from app.layout import (
     JOB_PARTS,
@@ -384,6 +385,7 @@ class JobStore:
         self.forget_active(job_id, rec.get("owner"))
         if rec.get("webhook"):
             self.r.zadd(self.keys.webhooks, {job_id: rec["webhook"]["next_attempt_at"]})
+        counters.count(self.r, self.keys.prefix, "jobs_finished", model=counters.model_of(rec), status=status)
 
     # ---- worker side
     def stop_reason(self, job_id: str) -> str | None:

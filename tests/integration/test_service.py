@@ -24,6 +24,7 @@ from app.webhooks import SIGNATURE_HEADER, verify
 from tests.conftest import ADMIN_HEADERS
 from tests.integration.conftest import Q_ALL, Q_ONE, Stack, settings_from, stack_env, wait_job
 from tests.integration.servers import CeleryWorker, RedisServer, SeaweedS3
+from tests.utils.prom import parse, value
 from tests.utils.receiver import Receiver
 
 pytestmark = pytest.mark.integration
@@ -204,6 +205,8 @@ def test_worker_killed_mid_job_the_job_still_succeeds(
             job = wait_job(lambda: c.get(loc).json(), 120)
             assert job["status"] == "succeeded", job["error"]
             zf, rows = unzip(c.get(f"{loc}/pairs.zip").content)
+            lost = parse(c.get("/metrics").text)  # the reconciler's requeue, counted for operators
+            assert value(lost, "diffexp_shards_lost_total", model=settings.default_model) >= 1
         assert [int(r["index"]) for r in rows] == list(range(8))  # eta 1: the first 8, each once
         assert len(zf.namelist()) == len(set(zf.namelist())) == 2 + 16
         attempts = [int(v) for v in r.hvals(f"kill:job:{job['id']}:attempts")]
