@@ -404,7 +404,7 @@ class Client(_Base):
         path = self.events_path.format(id=quote(job_id, safe=""))
         failures, last = 0, None
         while failures <= self.retries:
-            alive = False  # an event came, or the stream was only quiet: not a failure
+            alive = False  # events came, or the stream was quiet or ended: not a failure
             try:
                 with self._http.stream(
                     "GET", path, headers=self._events_headers(decoder), timeout=self._stream_timeout(deadline)
@@ -425,6 +425,7 @@ class Client(_Base):
                             if job.done:
                                 return job
                             self._check_deadline(deadline, job_id, timeout, last)
+                        alive = True  # ended by the service (its time limit, a restart): resume
             except httpx.ReadTimeout:
                 alive = True  # silent for long (a slow phase, no keep-alive): not a failure
             except httpx.TransportError:
@@ -643,7 +644,7 @@ class AsyncClient(_Base):
         path = self.events_path.format(id=quote(job_id, safe=""))
         failures, last = 0, None
         while failures <= self.retries:
-            alive = False  # an event came, or the stream was only quiet: not a failure
+            alive = False  # events came, or the stream was quiet or ended: not a failure
             try:
                 async with self._http.stream(
                     "GET", path, headers=self._events_headers(decoder), timeout=self._stream_timeout(deadline)
@@ -667,6 +668,7 @@ class AsyncClient(_Base):
                             if job.done:
                                 return job
                             self._check_deadline(deadline, job_id, timeout, last)
+                        alive = True  # ended by the service (its time limit, a restart): resume
             except httpx.ReadTimeout:
                 alive = True
             except httpx.TransportError:
