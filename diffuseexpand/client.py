@@ -92,7 +92,7 @@ class _Bar:
                 file=self.file or sys.stderr,
             )
         self.bar.total = p.target
-        self.bar.n = p.kept
+        self.bar.n = p.kept_capped
         postfix = {"status": job.status, "generated": p.generated, "discarded": p.discarded}
         if p.phase:
             postfix["phase"] = p.phase

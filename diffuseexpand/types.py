@@ -21,7 +21,7 @@ def _float(value: Any) -> float | None:
 @dataclass(frozen=True)
 class Progress:
     """Pair counts of a job: ``generated`` counts every pair any shard made, ``kept`` those Stage IV
-    kept (the job is done at ``kept == target``)."""
+    kept (which may pass ``target``: the result takes ``target`` of them)."""
 
     target: int
     generated: int = 0
@@ -30,6 +30,11 @@ class Progress:
     pairs_per_second: float | None = None
     eta_seconds: float | None = None
     phase: str | None = None
+
+    @property
+    def kept_capped(self) -> int:
+        """``kept`` up to ``target``: shards running alongside may keep more than the result takes."""
+        return min(self.kept, self.target)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Progress:

@@ -106,7 +106,7 @@ def _client(url: str, api_key: str | None) -> Client:
 
 def _summary(job: Any) -> str:
     p = job.progress
-    return f"job {job.id} {job.status}: {p.kept}/{p.target} pairs kept, {p.generated} generated"
+    return f"job {job.id} {job.status}: {p.kept_capped}/{p.target} pairs kept, {p.generated} generated"
 
 
 @contextmanager
@@ -150,7 +150,7 @@ def expand(
         with _interrupted(job.id):
             job = client.wait(job.id, progress=progress, timeout=timeout)
         client.download(job.id, out, format=format.value, unpack=True)
-        typer.echo(f"{job.progress.kept} pairs of job {job.id} in {out}")
+        typer.echo(f"{job.progress.target} pairs of job {job.id} in {out}")  # succeeded: exactly target
 
 
 @app.command()
@@ -180,12 +180,13 @@ def download(
     unpack: Annotated[
         bool, typer.Option("--unpack/--zip", help="unpack into OUT, or keep the zip there")
     ] = True,
+    progress: Progress = True,
 ) -> None:
     """Download the job's pairs into OUT (unpacked, or as ID.zip with --zip)."""
     with remote_errors(), _client(url, api_key) as client:
         out.mkdir(parents=True, exist_ok=True)  # OUT is a folder: with --zip, ID.zip goes in it
         path = client.download(
-            job_id, out, format=format.value, unpack=unpack, partial=partial, progress=True
+            job_id, out, format=format.value, unpack=unpack, partial=partial, progress=progress
         )
         typer.echo(str(path))
 
@@ -225,7 +226,7 @@ def jobs(
             if limit is not None and i >= limit:
                 break
             p, created = job.progress, job.created_at.isoformat() if job.created_at else ""
-            typer.echo(f"{job.id}\t{job.status}\t{p.kept}/{p.target}\t{created}")
+            typer.echo(f"{job.id}\t{job.status}\t{p.kept_capped}/{p.target}\t{created}")
 
 
 def main() -> None:

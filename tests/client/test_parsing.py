@@ -97,3 +97,9 @@ def test_job_json_parses_and_ignores_unknown_fields() -> None:
     assert job.progress.pairs_per_second == 1.5 and job.progress.phase == "mask"
     assert job.created_at == datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
     assert job.raw["something_new"] == {"x": 1}
+
+
+def test_kept_beyond_the_target_is_capped_for_display() -> None:
+    # shards running alongside may keep more pairs than the result takes
+    job = Job.from_json(job_json("a" * 32, "succeeded", 5, target=4))
+    assert job.progress.kept == 5 and job.progress.kept_capped == 4

@@ -63,7 +63,11 @@ def test_submit_wait_download_unpack_round_trip(client: Client, tmp_path: Path) 
 
     bar = io.StringIO()
     done = client.wait(job.id, progress=True, timeout=120, file=bar)
-    assert done.status == "succeeded" and done.progress.kept == 2 and done.params["sampling"]["steps"] == 4
+    assert (
+        done.status == "succeeded"
+        and done.progress.kept_capped == 2
+        and done.params["sampling"]["steps"] == 4
+    )
     assert "2/2" in bar.getvalue() and f"job {job.id[:8]}" in bar.getvalue()
 
     folder = client.download(job.id, tmp_path / "pairs", unpack=True)
