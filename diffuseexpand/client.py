@@ -53,7 +53,7 @@ MAX_BACKOFF_S = 30.0
 CHUNK = 1 << 20
 Format = Literal["plain", "nnunet", "monai"]
 SUBMIT_FIELDS = frozenset(
-    "count model tau eta steps w_cf w_cg seed guidance max_attempts callback_url".split()
+    "count model tau eta steps w_cf w_cg seed guidance max_attempts callback_url callback_secret".split()
 )
 
 # A request that surely never reached the service may always be sent again; one that may have
@@ -317,10 +317,13 @@ class Client(_Base):
         guidance: str | None = None,
         max_attempts: int | None = None,
         callback_url: str | None = None,
+        callback_secret: str | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Queue a job for ``count`` kept pairs; unset parameters take the model's defaults.
-        Sending it twice with the same ``idempotency_key`` returns the first job."""
+        ``callback_url`` is POSTed the job when it ends, signed with ``callback_secret`` (drawn by the
+        service unless given, and then only in this answer: ``Job.callback_secret``). Sending it
+        twice with the same ``idempotency_key`` returns the first job."""
         body = {
             "count": count,
             "model": model,
@@ -333,6 +336,7 @@ class Client(_Base):
             "guidance": guidance,
             "max_attempts": max_attempts,
             "callback_url": callback_url,
+            "callback_secret": callback_secret,
         }
         return Job.from_json(self._json(self._submit_call(body, idempotency_key)))
 
@@ -582,7 +586,7 @@ class AsyncClient(_Base):
 
     async def submit(self, count: int, *, idempotency_key: str | None = None, **params: Any) -> Job:
         """As ``Client.submit``: ``model``, ``tau``, ``eta``, ``steps``, ``w_cf``, ``w_cg``, ``seed``,
-        ``guidance``, ``max_attempts``, ``callback_url``."""
+        ``guidance``, ``max_attempts``, ``callback_url``, ``callback_secret``."""
         body = {"count": count, **params}
         return Job.from_json(await self._json(self._submit_call(body, idempotency_key)))
 

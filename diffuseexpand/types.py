@@ -63,6 +63,8 @@ class Job:
     created_at: datetime | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
+    webhook: dict[str, Any] | None = None  # url, status, attempts (never the secret)
+    callback_secret: str | None = field(default=None, repr=False)  # only in submit's answer
     links: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -84,6 +86,8 @@ class Job:
             created_at=_time(data.get("created_at")),
             started_at=_time(data.get("started_at")),
             completed_at=_time(data.get("completed_at")),
+            webhook=data.get("webhook"),
+            callback_secret=data.get("callback_secret"),
             links=dict(data.get("links") or {}),
             raw=data,
         )

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +27,14 @@ from diffuseexpand import (
     Client,
     Conflict,
     InvalidRequest,
+    Job,
     JobFailed,
     NotFound,
     RateLimited,
     Unauthorized,
 )
 from models.cli import app as cli_app
+from tests.client.scripted import Scripted, json_reply
 from tests.conftest import ADMIN_KEY
 from tests.integration.conftest import Stack
 from tests.integration.servers import ROOT, free_port, worker_env
@@ -56,10 +60,25 @@ def remote(*args: str, env: dict[str, str] | None = None) -> Result:
     return runner.invoke(cli_app, ["remote", *args], env=env)
 
 
-def test_submit_wait_download_unpack_round_trip(client: Client, tmp_path: Path) -> None:
-    job = client.submit(2, eta=ETA, steps=4, seed=7, idempotency_key="round-trip")
+@pytest.fixture()
+def receiver() -> Iterator[Scripted]:
+    """A webhook receiver on loopback (the stack sets DIFFEXP_WEBHOOK_ALLOW_PRIVATE)."""
+    server = Scripted()
+    server.on("POST", "/hook", json_reply(200, {}))
+    yield server
+    server.close()
+
+
+def test_submit_wait_download_unpack_round_trip(client: Client, receiver: Scripted, tmp_path: Path) -> None:
+    hook = f"{receiver.url}/hook"
+
+    def submit() -> Job:
+        return client.submit(2, eta=ETA, steps=4, seed=7, callback_url=hook, idempotency_key="round-trip")
+
+    job = submit()
     assert job.status in ("queued", "running") and job.progress.target == 2
-    assert client.submit(2, eta=ETA, steps=4, seed=7, idempotency_key="round-trip").id == job.id  # a replay
+    assert job.callback_secret and job.webhook is not None and job.webhook["url"] == hook
+    assert submit().id == job.id  # a replay
 
     bar = io.StringIO()
     done = client.wait(job.id, progress=True, timeout=120, file=bar)
@@ -69,6 +88,11 @@ def test_submit_wait_download_unpack_round_trip(client: Client, tmp_path: Path) 
         and done.params["sampling"]["steps"] == 4
     )
     assert "2/2" in bar.getvalue() and f"job {job.id[:8]}" in bar.getvalue()
+    deadline = time.monotonic() + 30  # the webhook: the ended job, POSTed and signed
+    while not receiver.seen("POST", "/hook") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    delivered = receiver.seen("POST", "/hook")[0]
+    assert json.loads(delivered.body)["id"] == job.id and delivered.headers["x-diffuseexpand-signature"]
 
     folder = client.download(job.id, tmp_path / "pairs", unpack=True)
     rows, files = pair_files(folder)
@@ -140,6 +164,9 @@ def test_typed_errors_carry_the_problem(stack: Stack, client: Client) -> None:
         client.submit(0, tau=30)
     assert sorted(invalid.value.fields) == ["count", "tau"]
     assert "count: Input should be greater than or equal to 1 (got 0)" in str(invalid.value)
+    with pytest.raises(InvalidRequest) as hook:
+        client.submit(1, callback_url="ftp://example.org/hook")
+    assert hook.value.fields == ["callback_url"] and "http:// or https://" in str(hook.value)
 
     # a key allowed one request a second: the second within the second is a 429 with Retry-After
     name = f"slow-{os.getpid()}"
@@ -154,11 +181,14 @@ def test_remote_expand_then_status_jobs_download(stack: Stack, tmp_path: Path) -
     out = tmp_path / "synthetic"
     result = remote(
         "expand", "--url", stack.url, "--api-key", ADMIN_KEY, "--count", "2", "--steps", "4",
-        "--eta", str(ETA), "--seed", "9", "--out", str(out),
+        "--eta", str(ETA), "--seed", "9", "--out", str(out), "--format", "nnunet",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    rows, files = pair_files(out)
-    assert len(rows) == 2 and len(files) == 4
+    rows, files = pair_files(out)  # the nnU-Net v2 raw layout
+    assert len(rows) == 2 and (out / "dataset.json").exists()
+    assert files == sorted(
+        [f"imagesTr/{r['name']}_0000.png" for r in rows] + [f"labelsTr/{r['name']}.png" for r in rows]
+    )
     said = re.fullmatch(r"2 pairs of job ([0-9a-f]{32}) in (.+)", result.stdout.strip())
     assert said is not None and said[2] == str(out)
     job_id = said[1]
@@ -169,8 +199,10 @@ def test_remote_expand_then_status_jobs_download(stack: Stack, tmp_path: Path) -
     assert status.exit_code == 0 and '"status": "succeeded"' in status.stdout
     listed = remote("jobs", "--limit", "1", env=env)
     assert listed.exit_code == 0 and listed.stdout.startswith(f"{job_id}\tsucceeded\t2/2\t")
-    dl = remote("download", job_id, "--out", str(tmp_path / "zips"), "--zip", env=env)
-    assert dl.exit_code == 0 and Path(dl.stdout.strip()) == tmp_path / "zips" / f"{job_id}.zip"
+    dl = remote("download", job_id, "--out", str(tmp_path / "zips"), "--zip", "--format", "monai", env=env)
+    assert dl.exit_code == 0 and Path(dl.stdout.strip()) == tmp_path / "zips" / f"{job_id}-monai.zip"
+    with zipfile.ZipFile(tmp_path / "zips" / f"{job_id}-monai.zip") as zf:
+        assert "datalist.json" in zf.namelist()
     assert remote("delete", job_id, env=env).stdout.strip() == f"job {job_id} deleted"
 
 
