@@ -527,8 +527,10 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> N
 
 
 from models.cli_evaluate import evaluate_cmd  # noqa: E402
+from models.cli_remote import app as remote_app  # noqa: E402
 
 app.command("evaluate")(evaluate_cmd)
+app.add_typer(remote_app, name="remote")
 
 
 def main() -> None:
