@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data import DatasetError, Split, load_folder, make_split
+from models.data import DatasetError, Split, find_pairs, load_folder, make_split
 
 
 def write_pair(root: Path, name: str, image: Image.Image, mask: Image.Image, ext: str = ".png") -> None:
@@ -181,3 +181,22 @@ def test_group_aware_split_never_straddles_a_group(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no row for 1 pairs"):
         pair_groups(tmp_path, [*names, "stray"])
     assert pair_groups(tmp_path / "none", names) == (None, None)
+
+
+def test_an_orphan_mask_is_an_error_naming_every_orphan(tmp_path: Path) -> None:
+    """A mask without an image used to be skipped silently: the pair count shrank with no word."""
+    grey = Image.fromarray(np.zeros((32, 32), np.uint8))
+    for name in ("a", "b"):
+        write_pair(tmp_path, name, grey, square_mask())
+    square_mask().save(tmp_path / "masks" / "lost1.png")
+    square_mask().save(tmp_path / "masks" / "lost2.png")
+    with pytest.raises(DatasetError) as info:
+        load_folder(tmp_path, 16)
+    message = str(info.value)
+    assert "masks/lost1.png" in message and "masks/lost2.png" in message and "orphan mask" in message
+    # with an image without a mask too, both kinds are named in one error
+    grey.save(tmp_path / "images" / "alone.png")
+    with pytest.raises(DatasetError) as info:
+        find_pairs(tmp_path)
+    message = str(info.value)
+    assert "masks/lost1.png" in message and "images/alone.png" in message and "missing mask" in message
