@@ -265,6 +265,11 @@ def check_pair(
     if isize != msize:
         detail = f"size mismatch: the mask is {msize[0]}x{msize[1]}, its image images/{image} is {isize[0]}x{isize[1]}"
         return None, [Issue("size_mismatch", f"masks/{mask}", detail)]
+    if mask.lower().endswith((".jpg", ".jpeg")):
+        detail = (
+            "not a usable mask: JPEG is lossy (edges get grey levels that are no labels); save masks as PNG"
+        )
+        return None, [Issue("not_label_map", f"masks/{mask}", detail)]
     problem = mask_problem(greys["masks"])
     if problem is not None:
         kind = "empty_mask" if problem.startswith("has no foreground") else "not_label_map"

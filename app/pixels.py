@@ -194,8 +194,8 @@ def _channels_differ(rgb: Image.Image) -> bool:
 def _read_pil(path: Path, max_pixels: int | None) -> Grey:
     try:
         img = Image.open(path)  # reads the header only
-    except Image.DecompressionBombError as exc:
-        raise PixelsError("too_many_pixels", str(exc)) from None
+    except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours
+        raise PixelsError("too_many_pixels", f"{exc} (DIFFEXP_MAX_IMAGE_PIXELS: {max_pixels})") from None
     except Exception as exc:  # a broken file can raise nearly anything from a decoder
         raise PixelsError("unreadable", f"unreadable image file ({exc})") from None
     with img:
