@@ -5,6 +5,7 @@ The bad uploads are one table: each is a 4xx problem naming what is wrong, and l
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import stat
@@ -578,13 +579,64 @@ def test_a_body_that_is_not_multipart_is_415(
     assert_nothing_stored(client, settings)
 
 
-def test_two_files_or_no_file_are_refused(client: TestClient, settings: Settings) -> None:
+def test_a_malformed_form_is_refused(client: TestClient, settings: Settings) -> None:
     data = zip_bytes(good())
     two = client.post("/v1/datasets", files=[("file", ("a.zip", data)), ("file", ("b.zip", data))])
     assert two.status_code == 400 and "files" in two.json()["detail"].lower()
-    none = client.post("/v1/datasets", data={"name": "x"}, files={"other": ("a.txt", b"x")})
-    assert none.status_code in (400, 422)
+    missing = client.post("/v1/datasets", data={"name": "x"}, files={"archive": ("a.zip", data)})
+    assert missing.status_code == 422 and missing.json()["errors"][0]["pointer"] == "#/archive"
+    text = client.post("/v1/datasets", data={"file": "not a file"}, files={"other": ("a.txt", b"")})
+    assert text.status_code == 422
+    field = client.post("/v1/datasets", files={"file": ("a.zip", data)}, data={"colour": "red"})
+    assert field.status_code == 422 and field.json()["errors"][0]["type"] == "extra_forbidden"
+    bad_name = upload(client, data, name="two\nlines")
+    assert bad_name.status_code == 422 and bad_name.json()["errors"][0]["pointer"] == "#/name"
+    long_name = upload(client, data, name="x" * 129)
+    assert long_name.status_code == 422
     assert_nothing_stored(client, settings)
+
+
+def test_names_the_schema_allows_are_accepted(client: TestClient) -> None:
+    data = zip_bytes(good())
+    for name in ("x", "Lungs – Montgomery set, 2024 (v2) 🫁", "n" * 128):
+        resp = upload(client, data, name=name)
+        assert resp.status_code == 201 and resp.json()["name"] == name
+
+
+def test_an_upload_without_a_key_is_not_read(settings: Settings) -> None:
+    """The key is checked before the body is read: a client without one cannot make the API spool
+    DIFFEXP_MAX_UPLOAD_MB (FastAPI reads File/Form parameters before any dependency)."""
+    app = create_app(settings, enqueue=Enqueued())
+    chunks = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal chunks
+        chunks += 1
+        return {"type": "http.request", "body": b"\0" * 65536, "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/datasets",
+        "raw_path": b"/v1/datasets",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"content-type", b"multipart/form-data; boundary=x"),
+            (b"transfer-encoding", b"chunked"),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=10))
+    assert sent[0]["status"] == 401 and chunks == 0
 
 
 # ---- good uploads
@@ -759,4 +811,7 @@ def test_openapi_documents_the_dataset_routes(client: TestClient) -> None:
         assert {s for s in responses if s >= "400"} == statuses | {"401", "429"}, (method, path)
     body = doc["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]
     assert list(body) == ["multipart/form-data"]
+    form = body["multipart/form-data"]["schema"]
+    assert form["required"] == ["file"] and set(form["properties"]) == {"file", "name"}
+    assert form["additionalProperties"] is False
     assert "member" in doc["components"]["schemas"]["ProblemError"]["properties"]

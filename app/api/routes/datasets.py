@@ -1,8 +1,21 @@
-import tempfile
-from pathlib import Path
-from typing import Annotated
+"""``/v1/datasets``: upload an archive of image/mask pairs, list, read and delete datasets.
 
-from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+The upload is read by ``read_upload``, a dependency of the route that runs after the key has been
+checked (``PrincipalDep``): a route with ``File``/``Form`` parameters has FastAPI read the whole
+body before any dependency, so anyone without a key could make the API spool DIFFEXP_MAX_UPLOAD_MB.
+Its request body is therefore declared by hand (``UPLOAD_BODY``).
+"""
+
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import StringConstraints, TypeAdapter, ValidationError
+from starlette.datastructures import UploadFile
 
 from app.api.deps import DatasetsDep, MultipartBody, OwnedDataset, PrincipalDep, SettingsDep
 from app.archive import Limits, extract
@@ -15,10 +28,81 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 MAX_OFFSET = 1_000_000
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # any text on one line
+DatasetName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NAME_PATTERN)]
+_NAME = TypeAdapter(DatasetName)
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "additionalProperties": False,
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "contentMediaType": "application/octet-stream",
+                        "description": "a .zip or .tar.gz holding images/NAME.ext and masks/NAME.ext (PNG, "
+                        "JPEG, TIFF, BMP, DICOM .dcm, NIfTI .nii/.nii.gz), optionally pairs.csv (columns name, "
+                        "group); at most DIFFEXP_MAX_UPLOAD_MB",
+                    },
+                    "name": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": 128,
+                        "pattern": NAME_PATTERN,
+                        "description": "a name for the dataset",
+                    },
+                },
+            }
+        }
+    },
+}
 
 
-def public(request: Request, rec: dict[str, object]) -> DatasetPublic:
+def public(request: Request, rec: dict[str, Any]) -> DatasetPublic:
     return dataset_public(rec, request.app.state.settings.api_v1_str)
+
+
+@dataclass
+class Upload:
+    file: UploadFile
+    name: str | None
+
+
+def _invalid(field: str, kind: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"type": kind, "loc": ("body", field), "msg": message}])
+
+
+async def read_upload(request: Request, who: PrincipalDep) -> AsyncIterator[Upload]:
+    """The form (``file`` and an optional ``name``), read once the caller is known; the archive is
+    spooled to a temporary file (Starlette: in memory up to 1 MB). 400 for a malformed or
+    oversized form, 422 for a missing file, a bad name or another field."""
+    del who  # a dependency only for its order: the key is checked before the body is read
+    form = await request.form(max_files=1, max_fields=4, max_part_size=4096)
+    try:
+        unknown = sorted(k for k in form.keys() if k not in ("file", "name"))
+        if unknown:
+            raise _invalid(unknown[0], "extra_forbidden", "Extra inputs are not permitted")
+        file = form.get("file")
+        if file is None:
+            raise _invalid("file", "missing", "Field required: the archive, as a file part named 'file'")
+        if not isinstance(file, UploadFile):
+            raise _invalid("file", "value_error", "Expected a file part (with a filename), not a text field")
+        raw_name = form.get("name")
+        if isinstance(raw_name, UploadFile):
+            raise _invalid("name", "string_type", "Expected a text field, not a file")
+        try:
+            name = None if raw_name is None else _NAME.validate_python(raw_name)
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("body", "name")} for e in exc.errors(include_url=False)]
+            raise RequestValidationError(errors) from None
+        yield Upload(file=file, name=name)
+    finally:
+        await form.close()
+
+
+UploadDep = Annotated[Upload, Depends(read_upload)]
 
 
 def unpack_and_check(upload: UploadFile, dest: Path, settings: Settings) -> tuple[Path, CheckedDataset]:
@@ -49,33 +133,22 @@ def unpack_and_check(upload: UploadFile, dest: Path, settings: Settings) -> tupl
     response_model=DatasetPublic,
     dependencies=[MultipartBody],
     responses=ErrorResponses.UPLOAD,
-    # one archive and a name; anything more is a 400 before a byte is spooled
-    form_limits={"max_files": 1, "max_fields": 4, "max_part_size": 4096},
+    openapi_extra={"requestBody": UPLOAD_BODY},
 )
 def create_dataset(
     request: Request,
     response: Response,
-    file: Annotated[
-        UploadFile,
-        File(
-            description="a .zip or .tar.gz holding images/NAME.ext and masks/NAME.ext (PNG, JPEG, TIFF, "
-            "BMP, DICOM .dcm, NIfTI .nii/.nii.gz), optionally pairs.csv (columns name, group); "
-            "at most DIFFEXP_MAX_UPLOAD_MB"
-        ),
-    ],
+    upload: UploadDep,
     datasets: DatasetsDep,
     settings: SettingsDep,
     who: PrincipalDep,
-    name: Annotated[
-        str | None,
-        Form(min_length=1, max_length=128, pattern=NAME_PATTERN, description="a name for the dataset"),
-    ] = None,
 ) -> DatasetPublic:
-    """Upload image/mask pairs as one archive; 201 with the dataset once every file has passed the
-    checks (docs/datasets.md), 422 naming every problem otherwise, and then nothing is stored."""
+    """Upload image/mask pairs as one archive (multipart field ``file``, optional ``name``); 201
+    with the dataset once every file has passed the checks (docs/datasets.md), 422 naming every
+    problem otherwise, and then nothing is stored."""
     with tempfile.TemporaryDirectory(prefix="diffexp-dataset-") as tmp:
-        root, checked = unpack_and_check(file, Path(tmp), settings)
-        rec = datasets.create(checked, root, owner=who.name, name=name)
+        root, checked = unpack_and_check(upload.file, Path(tmp), settings)
+        rec = datasets.create(checked, root, owner=who.name, name=upload.name)
     dataset = public(request, rec)
     response.headers["Location"] = dataset.links.self
     return dataset
