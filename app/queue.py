@@ -27,6 +27,10 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        # Task events (Flower, `celery events`): workers send started/succeeded/failed, and the API,
+        # which sends the shards, a task-sent event for each.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         broker_transport_options={
             # An unacked shard (its worker was killed) is delivered again after this many seconds.
             "visibility_timeout": vis,

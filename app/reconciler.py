@@ -28,6 +28,7 @@ from typing import Any
 
 import redis
 
+from app import counters
 from app.layout import as_str, record_key
 from app.schemas import JobStatus
 from app.store import DECIDED, JobStore, now_iso
@@ -174,6 +175,7 @@ def sweep(store: JobStore, *, now: float | None = None) -> Sweep:
                 continue
             store.requeue(job_id, k)
             out.requeued.append((job_id, k))
+            counters.count(store.r, keys.prefix, "shards_lost", model=counters.model_of(serving[job_id]))
             log.warning("job %s: shard %s was lost (no live lease, not queued); requeued", job_id, k)
     return out
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from app import counters
 from app.core.config import Settings
 from app.layout import (
     JOB_PARTS,
@@ -384,6 +385,7 @@ class JobStore:
         self.forget_active(job_id, rec.get("owner"))
         if rec.get("webhook"):
             self.r.zadd(self.keys.webhooks, {job_id: rec["webhook"]["next_attempt_at"]})
+        counters.count(self.r, self.keys.prefix, "jobs_finished", model=counters.model_of(rec), status=status)
 
     # ---- worker side
     def stop_reason(self, job_id: str) -> str | None:
@@ -522,8 +524,14 @@ class JobStore:
                 )
                 return
             self._put(manifest_key(job_id), manifest_csv(rows, rec["params"]), "text/csv")
+        # The zip's job.json says how the job ends (known now), so a zip streamed later is the same bytes.
+        decided = {
+            **rec,
+            "status": (JobStatus.FAILED if p.error else JobStatus.SUCCEEDED).value,
+            "error": p.error,
+        }
         try:
-            self._write_zip(job_id, rows, rec["params"], token)
+            self._write_zip(decided, rows, token)
         except Exception:
             self.r.delete(self._k(job_id, "final"))  # the reconciler finishes it later
             raise
@@ -547,16 +555,18 @@ class JobStore:
             return None
         return [json.loads(v) for v in raw if v is not None]
 
-    def _write_zip(self, job_id: str, rows: list[dict[str, Any]], params: dict[str, Any], token: str) -> None:
+    def _write_zip(self, rec: dict[str, Any], rows: list[dict[str, Any]], token: str) -> None:
+        """The ``plain`` zip, written once at decision (what ``/download`` presigns)."""
         from app.zipstream import job_zip  # stream-zip is only needed here
 
+        job_id = rec["id"]
         final_key = self._k(job_id, "final")
 
         def keep_alive(i: int) -> None:
             if i % 16 == 0:
                 self.r.eval(_LEASE_REFRESH, 1, final_key, token, FINALISE_TTL_S * 1000)
 
-        chunks = job_zip(self.storage, job_id, rows, params, final=True, on_member=keep_alive)
+        chunks = job_zip(self.storage, rec, rows, final=True, on_member=keep_alive)
         try:
             self.storage.put_stream(zip_key(job_id), chunks, "application/zip")
         except ObjectNotFound:

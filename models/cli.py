@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import sys
@@ -16,11 +17,13 @@ import typer
 from PIL import Image
 from tqdm import tqdm
 
+from app.exports import GENERATOR, Entry, ExportFormat, Labels, describe, index_file, layout, mask_member
 from app.params import default_max_attempts, draw_seed
 from models.bundle import Bundle, BundleError, new_meta, read_meta, resolve_device, write_meta
 from models.data import DatasetError, PairDataset, Split, find_pairs, load_folder, make_split, pair_groups
 from models.expand import Cancelled, expand
 from models.guidance import GuidanceMode
+from models.merge import merge
 from models.training import TrainConfig, train_dpm, train_filter, train_segmenter
 
 app = typer.Typer(
@@ -145,6 +148,21 @@ GroupColumnOpt = Annotated[
         help="Group-aware split by this column of the data's pairs.csv (default: 'group' if present)."
     ),
 ]
+
+FormatOpt = Annotated[
+    ExportFormat,
+    typer.Option(
+        "--format",
+        help="Layout: plain (images/, masks/ 0/255), nnunet (raw nnU-Net v2 dataset: imagesTr/, labelsTr/ "
+        "0/1, dataset.json) or monai (images/, labels/ 0/1, datalist.json). See docs/exports.md.",
+    ),
+]
+
+
+def _png(array: Any) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _device(device: str) -> Any:
@@ -299,7 +317,10 @@ def train_filter_cmd(
 def expand_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder made by `diffuseexpand train`.")],
     count: Annotated[int, typer.Option(help="Number of pairs to keep.", callback=_positive("--count"))],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (images/, masks/, manifest.csv).")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Output folder (its layout: see --format; always manifest.csv)."),
+    ],
     tau: Annotated[
         float | None, typer.Option(help="Temperature τ > 0 (guidance tau).", callback=_positive("--tau"))
     ] = None,
@@ -329,6 +350,7 @@ def expand_cmd(
         ),  # fmt: skip
     ] = None,
     keep_rejected: Annotated[bool, typer.Option(help="Also write discarded pairs under rejected/.")] = False,
+    export_format: FormatOpt = ExportFormat.PLAIN,
     device: DeviceOpt = "auto",
 ) -> None:
     """Generate pairs until COUNT pass the Stage IV filter; write them and a manifest of every attempt."""
@@ -350,7 +372,8 @@ def expand_cmd(
         )
         eta_used = b.default_eta if eta is None else eta
         seed_used = seed if seed is not None else draw_seed()
-        for sub in ("images", "masks") + (("rejected/images", "rejected/masks") if keep_rejected else ()):
+        lay = layout(export_format)
+        for sub in (lay.images, lay.masks) + (("rejected/images", "rejected/masks") if keep_rejected else ()):
             (out / sub).mkdir(parents=True, exist_ok=True)
         run = {
             "bundle": str(bundle),
@@ -374,16 +397,24 @@ def expand_cmd(
 
         manifest = (out / "manifest.csv").open("w", newline="")
         writer = csv.writer(manifest)
-        writer.writerow(["name", "index", "seed", "dice_loss", "kept"])
+        writer.writerow(["name", "index", "seed", "dice_loss", "kept", "synthetic"])
+        names: list[str] = []
         try:
             for pair in expand(b, count, seed=seed_used, params=params, eta=eta_used, batch_size=batch_size,
                                max_attempts=max_attempts, callback=on_event):  # fmt: skip
                 generated += 1
-                folder = out if pair.kept else (out / "rejected" if keep_rejected else None)
-                if folder is not None:
-                    Image.fromarray(pair.image, mode="L").save(folder / "images" / f"{pair.name}.png")
-                    Image.fromarray(pair.mask, mode="L").save(folder / "masks" / f"{pair.name}.png")
-                writer.writerow([pair.name, pair.index, pair.seed, f"{pair.dice_loss:.6f}", int(pair.kept)])
+                if pair.kept:
+                    Image.fromarray(pair.image, mode="L").save(out / lay.image(pair.name))
+                    (out / lay.mask(pair.name)).write_bytes(mask_member(lay, _png(pair.mask)))
+                    names.append(pair.name)
+                elif keep_rejected:  # rejected pairs stay plain (0/255 masks), outside the format's folders
+                    Image.fromarray(pair.image, mode="L").save(
+                        out / "rejected" / "images" / f"{pair.name}.png"
+                    )
+                    Image.fromarray(pair.mask, mode="L").save(out / "rejected" / "masks" / f"{pair.name}.png")
+                writer.writerow(
+                    [pair.name, pair.index, pair.seed, f"{pair.dice_loss:.6f}", int(pair.kept), 1]
+                )
                 manifest.flush()
                 if pair.kept:
                     kept += 1
@@ -392,10 +423,20 @@ def expand_cmd(
         except (KeyboardInterrupt, Cancelled):
             typer.echo("interrupted: the pairs written so far are complete", err=True)
             raise typer.Exit(130) from None
-        finally:
+        finally:  # an interrupted run's index names the pairs written so far
             manifest.close()
             steps_bar.close()
             bar.close()
+            provenance = {"synthetic": True, "generator": GENERATOR, "model": bundle.name, **run}
+            index = index_file(
+                lay.format,
+                [Entry(n) for n in names],
+                Labels.from_bundle(b.meta),
+                provenance,
+                describe(len(names), bundle.name, "diffuseexpand expand"),
+            )
+            if index is not None:
+                (out / index[0]).write_bytes(index[1])
     dt = time.perf_counter() - t0
     typer.echo(
         f"kept {kept} of {generated} generated ({kept / max(generated, 1):.1%}) in {dt:.1f} s -> {out}"
@@ -403,6 +444,59 @@ def expand_cmd(
     if kept < count:
         typer.echo(f"warning: only {kept} of {count} pairs kept within max_attempts", err=True)
         raise typer.Exit(1)
+
+
+@app.command("merge")
+def merge_cmd(
+    real: Annotated[
+        Path, typer.Argument(help="Real set: images/NAME.ext + masks/NAME.ext (optional pairs.csv).")
+    ],
+    synthetic: Annotated[
+        Path,
+        typer.Argument(help="Synthetic set: what `expand` writes or a job's zip unpacks to (manifest.csv)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New (or empty) folder for the merged set.")],
+    export_format: FormatOpt = ExportFormat.NNUNET,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="Keep this bundle's held-out real pairs as the test set (its saved split)."),
+    ] = None,
+    split_column: Annotated[
+        str | None,
+        typer.Option(
+            help="Column of the real set's pairs.csv saying train/test per pair (default: 'split' if present)."
+        ),
+    ] = None,
+    resolution: Annotated[
+        int | None,
+        typer.Option(
+            help="Square size of every pair (default: the synthetic pairs' size).",
+            callback=_positive("--resolution"),
+        ),
+    ] = None,
+    modality: Annotated[
+        str | None,
+        typer.Option(help="Name of the image channel (default: the synthetic set's, else 'image')."),
+    ] = None,
+    structure: Annotated[
+        str | None, typer.Option(help="Name of label 1 (default: the synthetic set's, else 'foreground').")
+    ] = None,
+) -> None:
+    """Merge a real and a synthetic set into one training set; real held-out pairs stay the test set."""
+    with user_errors():
+        summary = merge(real, synthetic, out, export_format, resolution=resolution, bundle=bundle,
+                        split_column=split_column, modality=modality, structure=structure)  # fmt: skip
+    r, s = summary["real"], summary["synthetic"]
+    typer.echo(
+        f"{r['train']} real + {s['pairs']} synthetic training pairs, {r['test']} real held out, "
+        f"{summary['resolution']}x{summary['resolution']}, {summary['format']} -> {out}"
+    )
+    if r["split_from"] is None:
+        typer.echo(
+            "note: the real set says no pair is held out, so every real pair is a training pair; if the "
+            "synthetic pairs' model was trained on part of it, give --bundle so its test pairs stay out",
+            err=True,
+        )
 
 
 @app.command()
@@ -433,8 +527,10 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> N
 
 
 from models.cli_evaluate import evaluate_cmd  # noqa: E402
+from models.cli_remote import app as remote_app  # noqa: E402
 
 app.command("evaluate")(evaluate_cmd)
+app.add_typer(remote_app, name="remote")
 
 
 def main() -> None:

@@ -322,17 +322,20 @@ def image_from_grey(grey: Grey, resolution: int) -> np.ndarray:
     return out * 2.0 - 1.0
 
 
-def mask_from_grey(grey: Grey, resolution: int, path: Path) -> np.ndarray:
+def mask_from_grey(grey: Grey, resolution: int, path: Path, *, allow_empty: bool = False) -> np.ndarray:
     """A mask as float32 ``[R, R]`` of -1 (background) / +1 (foreground), binarised
-    (``app.pixels.foreground``) before a nearest-neighbour resize."""
+    (``app.pixels.foreground``) before a nearest-neighbour resize.
+
+    ``allow_empty`` accepts a mask without foreground (a real negative case in an export); training
+    refuses them."""
     binary = foreground(grey).astype(np.uint8) * 255
-    if not binary.any():
+    if not binary.any() and not allow_empty:
         raise DatasetError(
             f"{path}: mask with no foreground (no label above 0, no pixel at half of the mask's full value)"
         )
     pil = Image.fromarray(binary, mode="L").resize((resolution, resolution), Image.Resampling.NEAREST)
     out = np.asarray(pil) > 127
-    if not out.any():
+    if not out.any() and binary.any():
         raise DatasetError(
             f"{path}: mask foreground vanishes at {resolution}x{resolution}; use a higher resolution"
         )
@@ -344,9 +347,9 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
     return image_from_grey(read_grey(path), resolution)
 
 
-def load_mask(path: Path, resolution: int) -> np.ndarray:
-    """One mask as float32 ``[R, R]`` of -1 (background) / +1 (foreground)."""
-    return mask_from_grey(read_grey(path, as_image=False), resolution, path)
+def load_mask(path: Path, resolution: int, *, allow_empty: bool = False) -> np.ndarray:
+    """One mask as float32 ``[R, R]`` of -1 (background) / +1 (foreground) (``mask_from_grey``)."""
+    return mask_from_grey(read_grey(path, as_image=False), resolution, path, allow_empty=allow_empty)
 
 
 def load_folder(root: str | Path, resolution: int, names: Sequence[str] | None = None) -> PairDataset:

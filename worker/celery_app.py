@@ -70,6 +70,20 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     threading.Thread(target=_heartbeat, args=args, name="heartbeat", daemon=True).start()
 
 
+@worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    from worker import metrics
+
+    metrics.serve(settings)  # this worker's /metrics (DIFFEXP_WORKER_METRICS_PORT; docs/metrics.md)
+
+
 @worker_shutdown.connect
 def _stop_heartbeat(**_: Any) -> None:
     _stop.set()
+
+
+@worker_shutdown.connect
+def _stop_metrics(**_: Any) -> None:
+    from worker import metrics
+
+    metrics.stop()

@@ -38,6 +38,13 @@ def get_bundle(name: str, settings: Settings | None = None) -> Bundle:
         return _bundles[name]
 
 
+def loaded_bundles() -> dict[str, str]:
+    """Model name -> device of the bundles this process holds in memory (for ``worker.metrics``).
+
+    Without ``_lock``, which is held while a bundle loads: a scrape must not wait for that."""
+    return {name: str(bundle.device) for name, bundle in list(_bundles.items())}
+
+
 def get_store() -> JobStore:
     global _store
     with _lock:

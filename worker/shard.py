@@ -27,6 +27,7 @@ from app.store import JobStore
 from models.bundle import Bundle
 from models.expand import Cancelled, generate_pairs
 from models.sampling import SamplingParams
+from worker.metrics import counted, metered_pairs
 from worker.progress import ShardProgress
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def is_outage(exc: BaseException) -> bool:
     return False
 
 
+@counted  # shard runs by outcome, for /metrics
 def run_shard(
     store: JobStore,
     get_bundle: Callable[[str], Bundle],
@@ -198,7 +200,7 @@ def _attempt(
     callback = ShardProgress(store, job_id, shard, token)
     callback.check()
     generated, kept = 0, []
-    for pair in generate_pairs(
+    pairs = generate_pairs(
         bundle,
         shard_indices(params, shard),
         seed=params.seed,
@@ -206,7 +208,8 @@ def _attempt(
         eta=params.eta,
         batch_size=params.batch_size,
         callback=callback,
-    ):
+    )
+    for pair in metered_pairs(pairs, store, params.model, bundle.device):  # counted for /metrics
         generated += 1
         if pair.kept:
             stored = store.put_pair(

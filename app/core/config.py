@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     celery_queue: str = "diffexp"
     visibility_timeout_s: int = Field(default=600, ge=1)
 
+    # Metrics (docs/metrics.md). The API serves /metrics, without a key unless `metrics_key` is set
+    # (then "Authorization: Bearer KEY"; 16+ characters). Each worker process serves its own /metrics
+    # on worker_metrics_host:worker_metrics_port (0 = none): one port per process on a host.
+    metrics_key: SecretStr | None = None
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(default=9808, ge=0, le=65535)
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.shard_size % self.batch_size:
@@ -119,6 +126,8 @@ class Settings(BaseSettings):
             secret = self.s3_secret_access_key.get_secret_value() if self.s3_secret_access_key else ""
             if secret == PLACEHOLDER_SECRET:
                 raise ValueError(f"DIFFEXP_S3_SECRET_ACCESS_KEY is {PLACEHOLDER_SECRET!r}; set a real one")
+        if self.metrics_key is not None and len(self.metrics_key.get_secret_value()) < MIN_ADMIN_KEY_LEN:
+            raise ValueError(f"DIFFEXP_METRICS_KEY must be at least {MIN_ADMIN_KEY_LEN} characters long")
         return self
 
     def admin_key_value(self) -> str | None:

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from app.core.config import Settings
+from app.metrics import METRICS_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
 FIELDS = {f"DIFFEXP_{name.upper()}" for name in Settings.model_fields}
@@ -24,7 +25,7 @@ def test_compose_has_the_services_with_healthchecks_and_volumes() -> None:
     assert {"api", "worker", "redis", "seaweedfs", "bucket"} <= set(services)
     for name in ("api", "worker", "redis", "seaweedfs"):
         assert "test" in services[name]["healthcheck"], name
-    assert set(compose()["volumes"]) == {"redis-data", "seaweed-data"}
+    assert set(compose()["volumes"]) == {"redis-data", "seaweed-data", "prometheus-data"}
     worker = services["worker"]
     assert "container_name" not in worker and "ports" not in worker  # --scale worker=N works
     (gpu,) = worker["deploy"]["resources"]["reservations"]["devices"]
@@ -90,3 +91,44 @@ def test_the_api_container_listens_on_all_addresses_only_with_keys() -> None:
     (cmd,) = [ln for ln in dockerfile.splitlines() if ln.startswith("CMD ")]
     assert '--host \\"$DIFFEXP_HOST\\"' in cmd  # binds where the start-up check looks
     assert not re.search(r"^(ENV|ARG) .*DIFFEXP_AUTH", dockerfile, re.M)  # the default stays: required
+
+
+def test_the_monitoring_profile_scrapes_the_api_every_worker_and_flower() -> None:
+    services = compose()["services"]
+    for name in ("prometheus", "flower"):
+        assert services[name]["profiles"] == ["monitoring"], name
+        assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), name  # no login
+    for name in ("api", "worker", "redis", "seaweedfs", "bucket"):
+        assert "profiles" not in services[name], name  # `docker compose up` still starts the service
+    prom = services["prometheus"]
+    (mount,) = [v for v in prom["volumes"] if v.startswith("./docker/prometheus.yml:")]
+    start = " ".join(prom["command"])
+    assert f"--config.file={mount.split(':')[1]}" in start
+    config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"diffexp-api", "diffexp-worker", "flower"}
+
+    # the API: the port it listens on in its container, the app's path, the key the entrypoint writes
+    api = jobs["diffexp-api"]
+    ((host, port),) = [t.split(":") for t in api["static_configs"][0]["targets"]]
+    assert host == "api" and services["api"]["ports"][0].endswith(f":{port}")
+    assert f"--port {port}" in (ROOT / "docker" / "Dockerfile.api").read_text()
+    assert api["metrics_path"] == METRICS_PATH
+    key_file = api["authorization"]["credentials_file"]
+    assert f"printf '%s' \"$$DIFFEXP_METRICS_KEY\" > {key_file}" in start  # $$: the container's env
+    assert prom["environment"]["DIFFEXP_METRICS_KEY"] == services["api"]["environment"]["DIFFEXP_METRICS_KEY"]
+
+    # every worker replica (compose DNS: one A record each), where the workers listen
+    (sd,) = jobs["diffexp-worker"]["dns_sd_configs"]
+    worker = services["worker"]
+    assert sd["names"] == ["worker"] and sd["type"] == "A"
+    assert str(sd["port"]) == worker["environment"]["DIFFEXP_WORKER_METRICS_PORT"]
+    assert worker["environment"]["DIFFEXP_WORKER_METRICS_HOST"] == "0.0.0.0"
+    assert worker["expose"] == [str(sd["port"])]
+    assert f"EXPOSE {sd['port']}" in (ROOT / "docker" / "Dockerfile.worker").read_text()
+
+    # Flower reads the service's Redis broker, on the port Prometheus scrapes
+    flower = services["flower"]
+    assert f"--broker={compose()['x-settings']['DIFFEXP_REDIS_URL']}" in flower["command"]
+    (target,) = jobs["flower"]["static_configs"][0]["targets"]
+    assert target == "flower:5555" and "--port=5555" in flower["command"]

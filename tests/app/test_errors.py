@@ -344,7 +344,7 @@ def test_openapi_documents_the_problems_of_every_route(client: TestClient, setti
         ("post", "/v1/jobs/{job_id}/cancel"): {"404", "409", "503"},
         ("delete", "/v1/jobs/{job_id}"): {"404", "503"},
         ("get", "/v1/jobs/{job_id}/pairs.zip"): {"404", "409", "422", "503"},
-        ("get", "/v1/jobs/{job_id}/download"): {"404", "409", "503"},
+        ("get", "/v1/jobs/{job_id}/download"): {"404", "409", "422", "503"},
         ("get", "/v1/models"): set(),
         ("post", "/v1/keys"): {"400", "403", "409", "413", "415", "422", "429", "503"},
         ("get", "/v1/keys"): {"403", "503"},

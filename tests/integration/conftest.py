@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,9 @@ def stack_env(redis_url: str, s3: SeaweedS3, bundle: Path, prefix: str, **extra:
         "DIFFEXP_RECONCILE_GRACE_S": "3",
         "DIFFEXP_ADMIN_KEY": ADMIN_KEY,
         "DIFFEXP_WEBHOOK_ALLOW_PRIVATE": "true",  # the test's receiver listens on loopback
+        # no worker metrics endpoint unless a test gives its worker a port: two workers on one host
+        # would both ask for the default one
+        "DIFFEXP_WORKER_METRICS_PORT": "0",
     }
     env.update(extra)
     return env
@@ -76,6 +79,7 @@ class Stack:
     client: httpx.Client
     workers: dict[str, CeleryWorker]
     s3: SeaweedS3
+    worker_metrics: dict[str, str] = field(default_factory=dict)  # worker name -> its /metrics URL
 
     def settings(self, **overrides: Any) -> Settings:
         return settings_from(self.env, **overrides)
@@ -87,10 +91,14 @@ def stack(
 ) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("stack")
     env = stack_env(f"{redis_server.url}/0", seaweed, tiny_bundle, "int")
+    queues = {"a": f"{Q_ONE},{Q_ALL}", "b": Q_ALL}
+    taken: set[int] = set()
+    ports = {name: free_port(taken=taken) for name in queues}  # one metrics port per worker process
     workers = {
-        "a": CeleryWorker(work, env, "a", queues=f"{Q_ONE},{Q_ALL}"),
-        "b": CeleryWorker(work, env, "b", queues=Q_ALL),
+        name: CeleryWorker(work, {**env, "DIFFEXP_WORKER_METRICS_PORT": str(ports[name])}, name, queues=q)
+        for name, q in queues.items()
     }
+    worker_metrics = {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()}
     port = free_port()
     api_log = work / "api.log"
     api = spawn(
@@ -105,7 +113,9 @@ def stack(
         for w in workers.values():
             w.wait_ready(90)
         wait_for(lambda: client.get("/readyz").status_code == 200, 30, "readyz", api, api_log)
-        yield Stack(env=env, url=url, client=client, workers=workers, s3=seaweed)
+        yield Stack(
+            env=env, url=url, client=client, workers=workers, s3=seaweed, worker_metrics=worker_metrics
+        )
     finally:
         client.close()
         kill(api)

@@ -24,6 +24,7 @@ from app.webhooks import SIGNATURE_HEADER, verify
 from tests.conftest import ADMIN_HEADERS
 from tests.integration.conftest import Q_ALL, Q_ONE, Stack, settings_from, stack_env, wait_job
 from tests.integration.servers import CeleryWorker, RedisServer, SeaweedS3
+from tests.utils.prom import parse, value
 from tests.utils.receiver import Receiver
 
 pytestmark = pytest.mark.integration
@@ -69,6 +70,20 @@ def test_lifecycle_post_poll_download_delete(stack: Stack) -> None:
     assert dl.status_code == 307 and "X-Amz-Signature" in dl.headers["location"]
     presigned = httpx.get(dl.headers["location"])
     assert pair_bytes(unzip(presigned.content)[0]) == pair_bytes(zf)
+    assert presigned.content == c.get(job["links"]["pairs_zip"]).content  # the same bytes every time
+
+    # ?format=nnunet from S3: the same bytes on every download, labels 0/1, one training case per pair
+    nn = [c.get(job["links"]["pairs_zip"], params={"format": "nnunet"}).content for _ in range(2)]
+    assert nn[0] == nn[1]
+    nz = zipfile.ZipFile(io.BytesIO(nn[0]))
+    assert json.loads(nz.read("dataset.json"))["numTraining"] == 5
+    for r in rows:
+        label = np.array(Image.open(io.BytesIO(nz.read(f"labelsTr/{r['name']}.png"))))
+        assert (
+            set(np.unique(label)) <= {0, 1}
+            and label.sum() * 255 == np.array(Image.open(io.BytesIO(zf.read(f"masks/{r['name']}.png")))).sum()
+        )
+        assert nz.read(f"imagesTr/{r['name']}_0000.png") == zf.read(f"images/{r['name']}.png")
 
     assert c.delete(loc).status_code == 204
     assert c.get(loc).status_code == 404
@@ -190,6 +205,8 @@ def test_worker_killed_mid_job_the_job_still_succeeds(
             job = wait_job(lambda: c.get(loc).json(), 120)
             assert job["status"] == "succeeded", job["error"]
             zf, rows = unzip(c.get(f"{loc}/pairs.zip").content)
+            lost = parse(c.get("/metrics").text)  # the reconciler's requeue, counted for operators
+            assert value(lost, "diffexp_shards_lost_total", model=settings.default_model) >= 1
         assert [int(r["index"]) for r in rows] == list(range(8))  # eta 1: the first 8, each once
         assert len(zf.namelist()) == len(set(zf.namelist())) == 2 + 16
         attempts = [int(v) for v in r.hvals(f"kill:job:{job['id']}:attempts")]

@@ -6,9 +6,10 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.api.deps import JsonBody, OwnedJob, PrincipalDep, QuotasDep, SettingsDep, StoreDep, too_many
 from app.auth import QuotaExceeded
-from app.bundles import resolve_params
+from app.bundles import list_bundles, resolve_params
 from app.core.config import Settings
 from app.errors import ErrorResponses
+from app.exports import ExportFormat, Labels
 from app.layout import zip_key
 from app.schemas import JobCreate, JobCreated, JobPublic, JobsPublic, job_public
 from app.store import JobConflict
@@ -138,6 +139,17 @@ def delete_job(store: StoreDep, rec: OwnedJob) -> Response:
     return Response(status_code=204)
 
 
+FormatQuery = Annotated[
+    ExportFormat,
+    Query(
+        alias="format",
+        description="plain: images/, masks/ (0/255); nnunet: a raw nnU-Net v2 dataset (imagesTr/NAME_0000.png, "
+        "labelsTr/NAME.png with labels 0/1, dataset.json); monai: images/, labels/ (0/1) and a decathlon "
+        "datalist.json. Every format has manifest.csv and job.json (docs/exports.md).",
+    ),
+]
+
+
 @router.get(
     "/{job_id}/pairs.zip",
     response_class=StreamingResponse,
@@ -148,21 +160,30 @@ def delete_job(store: StoreDep, rec: OwnedJob) -> Response:
     },
 )
 def download_zip(
-    store: StoreDep, rec: OwnedJob, partial: Annotated[bool, Query()] = False
+    store: StoreDep,
+    settings: SettingsDep,
+    rec: OwnedJob,
+    partial: Annotated[bool, Query()] = False,
+    fmt: FormatQuery = ExportFormat.PLAIN,
 ) -> StreamingResponse:
-    """The pairs as a streamed zip; ``409`` until the job has a result unless ``partial=true``."""
+    """The pairs as a streamed zip, the same bytes on every download; ``409`` until the job has a result
+    unless ``partial=true``. ``format`` picks the layout (``plain``, ``nnunet``, ``monai``)."""
     job_id = rec["id"]
     result = store.result_rows(job_id, partial=partial)
     if result is None:
         raise JobConflict(f"job is {rec['status']}; no result yet (try ?partial=true)")
     rows, final = result
-    headers = {"Content-Disposition": f'attachment; filename="{job_id}.zip"'}
-    if final and store.storage.exists(zip_key(job_id)):  # written when the job was decided
+    suffix = "" if fmt is ExportFormat.PLAIN else f"-{fmt.value}"
+    headers = {"Content-Disposition": f'attachment; filename="{job_id}{suffix}.zip"'}
+    if fmt is ExportFormat.PLAIN and final and store.storage.exists(zip_key(job_id)):  # written at decision
         return StreamingResponse(
             store.storage.iter_chunks(zip_key(job_id)), media_type="application/zip", headers=headers
         )
+    # nnunet / monai are streamed on demand, not cached: only masks are re-encoded (a few kB each), and a
+    # cached copy per format would double the job's storage for what the same bytes rebuild.
+    labels = Labels.from_bundle(list_bundles(settings).get(str(rec["params"]["model"])))
     return StreamingResponse(
-        job_zip(store.storage, job_id, rows, rec["params"], final=final),
+        job_zip(store.storage, rec, rows, final=final, fmt=fmt, labels=labels),
         media_type="application/zip",
         headers=headers,
     )
@@ -172,16 +193,26 @@ def download_zip(
     "/{job_id}/download",
     status_code=307,
     response_class=RedirectResponse,
-    responses={307: {"description": "to a presigned S3 URL, or to pairs.zip"}, **ErrorResponses.JOB_CHANGE},
+    responses={
+        307: {"description": "to a presigned S3 URL, or to pairs.zip"},
+        **ErrorResponses.JOB_CHANGE,
+        **ErrorResponses.JOB_QUERY,
+    },
 )
-def download(store: StoreDep, settings: SettingsDep, rec: OwnedJob) -> RedirectResponse:
+def download(
+    store: StoreDep, settings: SettingsDep, rec: OwnedJob, fmt: FormatQuery = ExportFormat.PLAIN
+) -> RedirectResponse:
     """Redirect to a presigned S3 URL of the zip (written when the job was decided; valid
-    ``DIFFEXP_S3_PRESIGN_EXPIRY_S``), or to ``pairs.zip``."""
+    ``DIFFEXP_S3_PRESIGN_EXPIRY_S``), or to ``pairs.zip`` (always for ``format`` other than plain:
+    those are streamed on demand)."""
     job_id = rec["id"]
     if store.result_rows(job_id, partial=False) is None:
         raise JobConflict(f"job is {rec['status']}; no result yet")
+    zip_url = f"{settings.api_v1_str}/jobs/{job_id}/pairs.zip"
+    if fmt is not ExportFormat.PLAIN:
+        return RedirectResponse(f"{zip_url}?format={fmt.value}", status_code=307)
     key = zip_key(job_id)
     url = store.storage.presigned_url(key, settings.s3_presign_expiry_s)
     if url is None or not store.storage.exists(key):  # local storage, or a job decided before zips
-        return RedirectResponse(f"{settings.api_v1_str}/jobs/{job_id}/pairs.zip", status_code=307)
+        return RedirectResponse(zip_url, status_code=307)
     return RedirectResponse(url, status_code=307)

@@ -1,0 +1,237 @@
+"""``diffuseexpand remote ...``: drive a DiffuseExpand service over HTTP with the Python client
+(``diffuseexpand.Client``). Nothing here samples, so nothing here imports torch; the client itself
+is imported when a command runs. ``python -m models.cli_remote`` runs these commands alone.
+
+Errors end the command with one line on stderr, never a traceback: exit code 2 for a value the
+service refused (naming the option), 1 for everything else (unreachable, bad key, unknown job,
+rate limit, a job that failed).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from diffuseexpand import Client
+
+app = typer.Typer(
+    name="remote",
+    help="Use a DiffuseExpand service: submit jobs, follow them, download their pairs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class ExportFormat(StrEnum):
+    plain = "plain"
+    nnunet = "nnunet"
+    monai = "monai"
+
+
+Url = Annotated[
+    str,
+    typer.Option(
+        "--url", envvar="DIFFEXP_URL", help="the service, e.g. http://localhost:8000", show_envvar=True
+    ),
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="DIFFEXP_API_KEY", help="the API key (dx_...)", show_envvar=True),
+]
+JobIdArg = Annotated[str, typer.Argument(help="the job id (32 hex digits)", show_default=False)]
+Out = Annotated[Path, typer.Option("--out", help="folder to unpack the pairs into", file_okay=False)]
+FormatOpt = Annotated[
+    ExportFormat, typer.Option("--format", help="layout of the pairs: plain, nnunet (v2 raw) or monai")
+]
+Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar on stderr")]
+Timeout = Annotated[
+    float | None, typer.Option("--timeout", help="stop waiting after this many seconds (the job goes on)")
+]
+
+# body fields of POST /v1/jobs as this CLI spells them, to name the option the service refused
+_OPTIONS = {"w_cf": "--w-cf", "w_cg": "--w-cg", "max_attempts": "--max-attempts"}
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(code=code)
+
+
+def _option(field: str) -> str:
+    return _OPTIONS.get(field, f"--{field.replace('_', '-')}")
+
+
+@contextmanager
+def remote_errors() -> Iterator[None]:
+    """The client's errors as one line each and an exit code (2: a refused value, 1: the rest)."""
+    import httpx
+
+    from diffuseexpand import DiffuseExpandError, InvalidRequest, Unauthorized
+
+    try:
+        yield
+    except InvalidRequest as exc:
+        body_errors = [e for e in exc.errors if str(e.get("pointer", "")).startswith("#/")]
+        if body_errors:
+            parts = []
+            for e in body_errors:
+                field = str(e["pointer"])[2:]
+                got = f" {json.dumps(e['input'])}" if e.get("input") is not None else ""
+                parts.append(f"invalid {_option(field)}{got}: {e.get('detail', 'invalid')}")
+            raise _fail("; ".join(parts), 2) from None
+        raise _fail(str(exc), 2) from None
+    except Unauthorized as exc:
+        raise _fail(f"{exc} (give the key with --api-key or DIFFEXP_API_KEY)") from None
+    except DiffuseExpandError as exc:
+        raise _fail(str(exc)) from None
+    except ValueError as exc:  # a URL that is not one
+        raise _fail(str(exc), 2) from None
+    except (OSError, httpx.HTTPError) as exc:
+        raise _fail(str(exc) or type(exc).__name__) from None
+
+
+def _client(url: str, api_key: str | None) -> Client:
+    from diffuseexpand import Client
+
+    return Client(url, api_key=api_key or "")  # "": no key, not a fallback to the environment
+
+
+def _summary(job: Any) -> str:
+    p = job.progress
+    return f"job {job.id} {job.status}: {p.kept_capped}/{p.target} pairs kept, {p.generated} generated"
+
+
+@contextmanager
+def _interrupted(job_id: str) -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(
+            f"\nStopped waiting; job {job_id} goes on. Follow it with `diffuseexpand remote wait {job_id}`, "
+            f"stop it with `diffuseexpand remote cancel {job_id}`.",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def expand(
+    url: Url,
+    count: Annotated[int, typer.Option("--count", help="pairs to keep")],
+    out: Out,
+    api_key: ApiKey = None,
+    model: Annotated[
+        str | None, typer.Option(help="model name (remote models); default: the service's")
+    ] = None,
+    tau: Annotated[float | None, typer.Option(help="guidance temperature τ")] = None,
+    eta: Annotated[float | None, typer.Option(help="Stage IV threshold η")] = None,
+    steps: Annotated[int | None, typer.Option(help="solver steps per phase")] = None,
+    w_cf: Annotated[float | None, typer.Option("--w-cf", help="classifier-free weight")] = None,
+    w_cg: Annotated[float | None, typer.Option("--w-cg", help="classifier guidance weight")] = None,
+    seed: Annotated[int | None, typer.Option(help="request seed (default: drawn and recorded)")] = None,
+    format: FormatOpt = ExportFormat.plain,
+    progress: Progress = True,
+    timeout: Timeout = None,
+) -> None:
+    """Submit a job, follow it with a progress bar, then download and unpack its pairs into OUT."""
+    with remote_errors(), _client(url, api_key) as client:
+        job = client.submit(
+            count, model=model, tau=tau, eta=eta, steps=steps, w_cf=w_cf, w_cg=w_cg, seed=seed
+        )
+        typer.echo(f"job {job.id} queued", err=True)
+        with _interrupted(job.id):
+            job = client.wait(job.id, progress=progress, timeout=timeout)
+        client.download(job.id, out, format=format.value, unpack=True)
+        typer.echo(f"{job.progress.target} pairs of job {job.id} in {out}")  # succeeded: exactly target
+
+
+@app.command()
+def status(job_id: JobIdArg, url: Url, api_key: ApiKey = None) -> None:
+    """Print the job as JSON (status, progress, parameters)."""
+    with remote_errors(), _client(url, api_key) as client:
+        typer.echo(json.dumps(client.get(job_id).raw, indent=2))
+
+
+@app.command()
+def wait(
+    job_id: JobIdArg, url: Url, api_key: ApiKey = None, progress: Progress = True, timeout: Timeout = None
+) -> None:
+    """Follow the job until it finishes; exit code 1 if it failed or was canceled."""
+    with remote_errors(), _client(url, api_key) as client, _interrupted(job_id):
+        typer.echo(_summary(client.wait(job_id, progress=progress, timeout=timeout)))
+
+
+@app.command()
+def download(
+    job_id: JobIdArg,
+    url: Url,
+    out: Out,
+    api_key: ApiKey = None,
+    format: FormatOpt = ExportFormat.plain,
+    partial: Annotated[bool, typer.Option(help="the pairs kept so far of an unfinished job")] = False,
+    unpack: Annotated[
+        bool, typer.Option("--unpack/--zip", help="unpack into OUT, or keep the zip there")
+    ] = True,
+    progress: Progress = True,
+) -> None:
+    """Download the job's pairs into OUT (unpacked, or as ID.zip with --zip)."""
+    with remote_errors(), _client(url, api_key) as client:
+        out.mkdir(parents=True, exist_ok=True)  # OUT is a folder: with --zip, ID.zip goes in it
+        path = client.download(
+            job_id, out, format=format.value, unpack=unpack, partial=partial, progress=progress
+        )
+        typer.echo(str(path))
+
+
+@app.command()
+def cancel(job_id: JobIdArg, url: Url, api_key: ApiKey = None) -> None:
+    """Stop the job; the pairs kept so far stay downloadable with `download --partial`."""
+    with remote_errors(), _client(url, api_key) as client:
+        typer.echo(_summary(client.cancel(job_id)))
+
+
+@app.command()
+def delete(job_id: JobIdArg, url: Url, api_key: ApiKey = None) -> None:
+    """Remove the job and everything it stored."""
+    with remote_errors(), _client(url, api_key) as client:
+        client.delete(job_id)
+        typer.echo(f"job {job_id} deleted")
+
+
+@app.command()
+def models(url: Url, api_key: ApiKey = None) -> None:
+    """The models the service serves: name, resolution, and which is the default."""
+    with remote_errors(), _client(url, api_key) as client:
+        for m in client.models():
+            typer.echo(f"{m.name}\t{m.resolution}px" + ("\t(default)" if m.default else ""))
+
+
+@app.command()
+def jobs(
+    url: Url,
+    api_key: ApiKey = None,
+    limit: Annotated[int | None, typer.Option(help="list at most this many (newest first)")] = None,
+) -> None:
+    """The key's jobs, newest first: id, status, kept/target, created."""
+    with remote_errors(), _client(url, api_key) as client:
+        for i, job in enumerate(client.jobs(page_size=min(limit or 100, 100))):
+            if limit is not None and i >= limit:
+                break
+            p, created = job.progress, job.created_at.isoformat() if job.created_at else ""
+            typer.echo(f"{job.id}\t{job.status}\t{p.kept_capped}/{p.target}\t{created}")
+
+
+def main() -> None:
+    app(prog_name="diffuseexpand remote")
+
+
+if __name__ == "__main__":
+    main()
