@@ -28,6 +28,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from app.dataset_check import DatasetInvalid
+from app.datasets import DatasetInUse, DatasetNotFound
 from app.schemas import is_job_id
 from app.storage import StorageUnavailable
 from app.store import JobConflict, JobNotFound
@@ -48,6 +50,9 @@ class ProblemError(BaseModel):
     pointer: str | None = Field(default=None, description="JSON Pointer into the request body, e.g. '#/tau'")
     parameter: str | None = Field(default=None, description="the query or path parameter at fault")
     header: str | None = Field(default=None, description="the request header at fault")
+    member: str | None = Field(
+        default=None, description="the file in the uploaded archive at fault (datasets)"
+    )
     input: Any = Field(default=None, description="the offending value, only when short (≤ 200 characters)")
 
 
@@ -70,9 +75,9 @@ _DESCRIPTIONS = {
     400: "Malformed request (a body that is not JSON)",
     401: "Missing or invalid credentials",
     403: "Credentials without the needed permission",
-    404: "No such job (ids are 32 lowercase hex digits) or route",
+    404: "No such job or dataset (ids are 32 lowercase hex digits) or route",
     405: "Method not allowed (see the Allow header)",
-    409: "Conflict with the job's state or with an earlier use of the Idempotency-Key",
+    409: "Conflict with the job's state, an earlier use of the Idempotency-Key, or a training using the dataset",
     413: "Request body larger than DIFFEXP_MAX_BODY_BYTES",
     415: "Request body is not application/json",
     422: "Invalid parameters: `errors` names each field and bound",
@@ -99,6 +104,16 @@ class ErrorResponses:
     CURSOR = problem_responses(400)
     AUTH = problem_responses(401, 429)  # every /v1 route: a missing, wrong or revoked key; its rate
     ADMIN = problem_responses(401, 403, 429)  # /v1/keys
+    DATASET = problem_responses(404, 503)
+    DATASET_DELETE = problem_responses(404, 409, 503)
+    UPLOAD = {  # POST /v1/datasets: a multipart body, up to DIFFEXP_MAX_UPLOAD_MB
+        **problem_responses(400, 415, 422, 503),
+        413: {"model": Problem, "description": "Upload larger than DIFFEXP_MAX_UPLOAD_MB"},
+        422: {
+            "model": Problem,
+            "description": "Not a usable dataset: `errors` names each problem (`type`) and archive `member`",
+        },
+    }
 
 
 def problem(
@@ -225,6 +240,28 @@ async def on_job_not_found(request: Request, exc: Exception) -> Response:
     return problem(404, detail, instance=request.url.path)
 
 
+async def on_dataset_invalid(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, DatasetInvalid)
+    errors = []
+    for issue in exc.issues:
+        entry: dict[str, Any] = {"detail": issue.detail, "type": issue.kind, "loc": ["body", "file"]}
+        if issue.member is not None:
+            entry["loc"].append(issue.member)
+            entry["member"] = issue.member
+        errors.append(entry)
+    return problem(422, exc.summary(), instance=request.url.path, errors=errors)
+
+
+async def on_dataset_not_found(request: Request, exc: Exception) -> Response:
+    dataset_id = str(exc.args[0]) if exc.args else ""
+    detail = (
+        f"dataset {dataset_id} not found"
+        if is_job_id(dataset_id)
+        else "dataset not found (ids are 32 lowercase hex digits)"
+    )
+    return problem(404, detail, instance=request.url.path)
+
+
 async def on_job_conflict(request: Request, exc: Exception) -> Response:
     return problem(409, str(exc), instance=request.url.path)
 
@@ -267,6 +304,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, on_http_exception)
     app.add_exception_handler(JobNotFound, on_job_not_found)
     app.add_exception_handler(JobConflict, on_job_conflict)
+    app.add_exception_handler(DatasetInvalid, on_dataset_invalid)
+    app.add_exception_handler(DatasetNotFound, on_dataset_not_found)
+    app.add_exception_handler(DatasetInUse, on_job_conflict)
     for kind in unavailable_errors():
         app.add_exception_handler(kind, on_unavailable)
     app.add_exception_handler(Exception, on_unexpected)

@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app.api.main import api_router, health_router, metrics_router
 from app.auth import KeyStore, Quotas
 from app.core.config import Settings, get_settings, is_loopback
+from app.datasets import DatasetStore
 from app.docs import install_docs
 from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     app.state.admin_key = admin_key
     app.state.store = JobStore(r, storage, settings, enqueue)
     app.state.keys = KeyStore(r, storage, settings.redis_prefix)
+    app.state.datasets = DatasetStore(r, storage, settings.redis_prefix)
     app.state.quotas = Quotas(r, settings.redis_prefix)
     if origins := settings.cors_origin_list():
         app.add_middleware(
@@ -90,7 +92,11 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     app.include_router(metrics_router)
     app.include_router(api_router, prefix=settings.api_v1_str)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        uploads={f"{settings.api_v1_str}/datasets": settings.max_upload_mb << 20},
+    )
     install_openapi(app, settings)
     install_docs(app)
     app.state.metrics_registry = install_metrics(app, settings)  # last: its middleware is the outermost

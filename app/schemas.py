@@ -201,3 +201,43 @@ class KeyCreated(KeyPublic):
 
 class KeysPublic(BaseModel):
     data: list[KeyPublic]
+
+
+# ---- datasets (POST /v1/datasets; app.datasets)
+
+
+class DatasetSize(BaseModel):
+    width: int
+    height: int
+    pairs: int = Field(description="how many pairs have this size")
+
+
+class DatasetLinks(BaseModel):
+    self: str
+
+
+class DatasetPublic(BaseModel):
+    id: JobId = Field(description="32 lowercase hex digits")
+    name: str | None = Field(default=None, description="the name given at upload, if any")
+    owner: str = Field(description="name of the API key that uploaded it")
+    pairs: int = Field(description="image/mask pairs")
+    sizes: list[DatasetSize] = Field(description="image sizes (each mask has its image's), most common first")
+    fingerprint: str = Field(description="sha256 over every pair's name and file bytes")
+    bytes: int = Field(description="bytes of the image and mask files stored")
+    groups: int | None = Field(
+        default=None, description="distinct groups of pairs.csv's `group` column; null without one"
+    )
+    notes: list[str] = Field(default=[], description="pairs.csv and licence/source notes stored with it")
+    created_at: datetime
+    links: DatasetLinks
+
+
+def dataset_public(rec: dict[str, Any], api_prefix: str) -> DatasetPublic:
+    return DatasetPublic.model_validate({**rec, "links": {"self": f"{api_prefix}/datasets/{rec['id']}"}})
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    count: int
+    limit: int
+    offset: int

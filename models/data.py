@@ -1,27 +1,52 @@
 """Image/mask folders: loading, validation, the seeded train/test split and the data fingerprint.
 
-A dataset folder holds ``images/NAME.ext`` and ``masks/NAME.ext`` with the same NAME. Images are
-read as greyscale (RGB through luminance, RGBA composited on black), 8-bit scaled by 255 and
-deeper formats min-max scaled, then resized with area filtering (bilinear when enlarging) and
-mapped to [-1, 1]. Masks are binarised at half their full value (128 for 8-bit, 0.5 for 0/1
-masks, half the maximum for deeper formats) *before* a nearest-neighbour resize, so no boundary pixel is lost to interpolation (original defect 7), and stored as -1/+1.
+A dataset folder holds ``images/NAME.ext`` and ``masks/NAME.ext`` with the same NAME; every image
+needs its mask and every mask its image. Formats: PNG, JPEG, TIFF, BMP, DICOM (``.dcm``) and NIfTI
+(``.nii``, ``.nii.gz``), one 2D frame per file; DICOM and NIfTI are read through MONAI's readers.
+Images are read as greyscale (RGB through luminance, RGBA composited on black), 8-bit scaled by 255,
+DICOM by its window, other deeper formats min-max scaled, then resized with area filtering (bilinear
+when enlarging) and mapped to [-1, 1]. Masks are binarised *before* a nearest-neighbour resize, so
+no boundary pixel is lost to interpolation (original defect 7), and stored as -1/+1: a label map
+(whole values, at most 16 of them) by value > 0, any other mask at half its full value (128 for
+8-bit, 0.5 for 0/1 masks, half the maximum for deeper formats). ``app.pixels`` holds those rules,
+shared with the API's upload check.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import random
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# The formats, the grey conversion, the DICOM window and the mask rule are defined once, with the
+# API (which has no torch): app.pixels; pairing and the fingerprint in app.dataset_check.
+from app.dataset_check import fingerprint as fingerprint
+from app.dataset_check import match_pairs, read_groups
+from app.pixels import (
+    FORMATS,
+    Grey,
+    PixelsError,
+    dicom_window,
+    foreground,
+    format_of,
+    grey_from_array,
+    split_suffix,
+    squeeze_2d,
+    to_unit,
+)
+from app.pixels import read_grey as pixels_read_grey
+
+IMAGE_SUFFIXES = tuple(FORMATS)
 
 
 class DatasetError(ValueError):
@@ -166,18 +191,10 @@ def groups_from_csv(root: str | Path, names: Sequence[str], column: str = "group
     path = Path(root) / "pairs.csv"
     if not path.is_file():
         raise DatasetError(f"{path}: no pairs.csv, so no '{column}' column to group pairs by")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = reader.fieldnames or []
-        if "name" not in fields or column not in fields:
-            raise DatasetError(
-                f"{path}: needs the columns 'name' and '{column}' to group pairs (has: {', '.join(fields)})"
-            )
-        table = {row["name"]: (row[column] or "").strip() for row in reader}
-    missing = [n for n in names if n not in table]
-    if missing:
-        raise DatasetError(f"{path}: no row for {len(missing)} pairs ({', '.join(missing[:3])})")
-    return {n: table[n] or n for n in names}
+    try:
+        return read_groups(path.read_text(encoding="utf-8-sig"), names, column)
+    except ValueError as exc:
+        raise DatasetError(f"{path}: {exc}") from None
 
 
 def pair_groups(
@@ -209,7 +226,9 @@ def groups_straddling(split: Split, groups: dict[str, str]) -> list[str]:
 
 
 def find_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
-    """List ``(name, image_path, mask_path)`` for a folder, raising DatasetError on a broken layout."""
+    """List ``(name, image_path, mask_path)`` for a folder, raising DatasetError on a broken layout:
+    a missing folder, no images, two files of one name, an image without a mask or a mask without
+    an image (every one named)."""
     root = Path(root)
     image_dir, mask_dir = root / "images", root / "masks"
     if not root.is_dir():
@@ -223,61 +242,76 @@ def find_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
     masks = _by_stem(mask_dir)
     if not images:
         raise DatasetError(f"{image_dir}: empty folder, no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    pairs = []
-    for name in sorted(images):
-        if name not in masks:
-            raise DatasetError(f"{images[name]}: missing mask (no masks/{name}.* beside it)")
-        pairs.append((name, images[name], masks[name]))
-    return pairs
+    matched, issues = match_pairs(
+        {n: p.name for n, p in images.items()}, {n: p.name for n, p in masks.items()}
+    )
+    if issues:
+        listed = "; ".join(f"{i.member}: {i.detail}" for i in issues[:20])
+        more = f"; and {len(issues) - 20} more" if len(issues) > 20 else ""
+        raise DatasetError(f"{root}: {len(issues)} unpaired file(s): {listed}{more}")
+    return [(name, images[name], masks[name]) for name, _, _ in matched]
 
 
 def _by_stem(folder: Path) -> dict[str, Path]:
+    """Files of a supported format by NAME (files of other formats are not the dataset's)."""
     found: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-            if p.stem in found:
-                raise DatasetError(f"{p}: two files share the name '{p.stem}' ({found[p.stem].name})")
-            found[p.stem] = p
+        parts = split_suffix(p.name)
+        if p.is_file() and parts is not None:
+            if parts[0] in found:
+                raise DatasetError(f"{p}: two files share the name '{parts[0]}' ({found[parts[0]].name})")
+            found[parts[0]] = p
     return found
 
 
-def _open(path: Path) -> Image.Image:
+@lru_cache(maxsize=2)
+def _monai_loader(kind: str) -> Any:
+    """MONAI's ``LoadImage`` with its pydicom or nibabel reader; arrays come as float32 ``(x, y)``."""
+    from monai.data import NibabelReader, PydicomReader
+    from monai.transforms import LoadImage
+
+    # prune_metadata=False keeps the DICOM tags (the window) in the metadata
+    reader = PydicomReader(prune_metadata=False) if kind == "dicom" else NibabelReader()
+    return LoadImage(reader=reader, image_only=True, dtype=np.float32)
+
+
+def _tag(meta: dict[str, Any], tag: str) -> Any:
+    """A DICOM tag from MONAI's metadata (pydicom's JSON form: ``{"vr": ..., "Value": [...]}``)."""
+    entry = meta.get(tag)
+    values = entry.get("Value") if isinstance(entry, dict) else None
+    return values if values else None
+
+
+def read_grey(path: Path, *, as_image: bool = True) -> Grey:
+    """One file as ``app.pixels.Grey``: PNG, JPEG, TIFF and BMP through PIL (``app.pixels``), DICOM
+    and NIfTI through MONAI's readers, with the same rescale, window and axes as the API's."""
     try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DatasetError(f"{path}: unreadable image file ({exc})") from exc
-    return img
+        kind = format_of(path)
+        if kind == "pil":
+            return pixels_read_grey(path, as_image=as_image)
+        with warnings.catch_warnings():  # a 2D file has no orientation tags: MONAI warns of its affine
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = _monai_loader(kind)(str(path))
+        values = squeeze_2d(np.asarray(loaded)).T  # (x, y) -> [rows, columns]
+    except PixelsError as exc:
+        raise DatasetError(f"{path}: {exc}") from None
+    except Exception as exc:
+        raise DatasetError(f"{path}: unreadable image file ({exc})") from None
+    if kind != "dicom" or not as_image:
+        return grey_from_array(values)
+    meta = dict(getattr(loaded, "meta", {}))
+    photometric = _tag(meta, "00280004")
+    return grey_from_array(
+        values,
+        window=dicom_window(_tag(meta, "00281050"), _tag(meta, "00281051")),
+        invert=bool(photometric) and str(photometric[0]).strip() == "MONOCHROME1",
+    )
 
 
-def _to_grey_float(img: Image.Image, path: Path) -> tuple[np.ndarray, float]:
-    """Greyscale float array and the value that stands for 'full scale' in its format."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(black, rgba).convert("L")
-    elif img.mode in ("RGB", "CMYK", "YCbCr", "P", "1"):
-        img = img.convert("L")
-    arr = np.asarray(img)
-    if arr.ndim == 3:  # multi-channel 16-bit arrays that PIL keeps as-is
-        arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    arr = arr.astype(np.float64)
-    if arr.size == 0:
-        raise DatasetError(f"{path}: empty image")
-    if img.mode == "L":
-        return arr, 255.0
-    return arr, float(arr.max()) if arr.max() > 0 else 1.0
-
-
-def load_image(path: Path, resolution: int) -> np.ndarray:
-    """One image as float32 ``[R, R]`` in [-1, 1]."""
-    img = _open(path)
-    arr, full = _to_grey_float(img, path)
-    if img.mode == "L":
-        unit = arr / full
-    else:  # 16-bit, 32-bit and float images: min-max, since their range varies by scanner
-        lo, hi = float(arr.min()), float(arr.max())
-        unit = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+def image_from_grey(grey: Grey, resolution: int) -> np.ndarray:
+    """An image as float32 ``[R, R]`` in [-1, 1]: [0, 1] by ``app.pixels.to_unit``, then resized
+    with area filtering (bilinear when enlarging)."""
+    unit = to_unit(grey)
     h, w = unit.shape
     pil = Image.fromarray(unit.astype(np.float32), mode="F")
     shrinking = resolution < min(h, w)
@@ -288,19 +322,16 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
     return out * 2.0 - 1.0
 
 
-def load_mask(path: Path, resolution: int, *, allow_empty: bool = False) -> np.ndarray:
-    """One mask as float32 ``[R, R]`` of -1 (background) / +1 (foreground).
+def mask_from_grey(grey: Grey, resolution: int, path: Path, *, allow_empty: bool = False) -> np.ndarray:
+    """A mask as float32 ``[R, R]`` of -1 (background) / +1 (foreground), binarised
+    (``app.pixels.foreground``) before a nearest-neighbour resize.
 
     ``allow_empty`` accepts a mask without foreground (a real negative case in an export); training
     refuses them."""
-    img = _open(path)
-    arr, full = _to_grey_float(img, path)
-    if arr.max() <= 1.0:
-        full = 1.0  # masks stored as 0/1
-    binary = (arr >= full / 2.0).astype(np.uint8) * 255
+    binary = foreground(grey).astype(np.uint8) * 255
     if not binary.any() and not allow_empty:
         raise DatasetError(
-            f"{path}: mask with no foreground (no pixel reaches half of the mask's full value)"
+            f"{path}: mask with no foreground (no label above 0, no pixel at half of the mask's full value)"
         )
     pil = Image.fromarray(binary, mode="L").resize((resolution, resolution), Image.Resampling.NEAREST)
     out = np.asarray(pil) > 127
@@ -311,8 +342,14 @@ def load_mask(path: Path, resolution: int, *, allow_empty: bool = False) -> np.n
     return np.where(out, 1.0, -1.0).astype(np.float32)
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    return _open(path).size
+def load_image(path: Path, resolution: int) -> np.ndarray:
+    """One image as float32 ``[R, R]`` in [-1, 1]."""
+    return image_from_grey(read_grey(path), resolution)
+
+
+def load_mask(path: Path, resolution: int, *, allow_empty: bool = False) -> np.ndarray:
+    """One mask as float32 ``[R, R]`` of -1 (background) / +1 (foreground) (``mask_from_grey``)."""
+    return mask_from_grey(read_grey(path, as_image=False), resolution, path, allow_empty=allow_empty)
 
 
 def load_folder(root: str | Path, resolution: int, names: Sequence[str] | None = None) -> PairDataset:
@@ -330,13 +367,12 @@ def load_folder(root: str | Path, resolution: int, names: Sequence[str] | None =
             )
     images, masks = [], []
     for _name, ip, mp in pairs:
-        isize, msize = _image_size(ip), _image_size(mp)
-        if isize != msize:
-            raise DatasetError(
-                f"{mp}: size mismatch, mask is {msize[0]}x{msize[1]} but image is {isize[0]}x{isize[1]}"
-            )
-        images.append(load_image(ip, resolution))
-        masks.append(load_mask(mp, resolution))
+        image, mask = read_grey(ip), read_grey(mp, as_image=False)
+        if image.size != mask.size:
+            (iw, ih), (mw, mh) = image.size, mask.size
+            raise DatasetError(f"{mp}: size mismatch, mask is {mw}x{mh} but image is {iw}x{ih}")
+        images.append(image_from_grey(image, resolution))
+        masks.append(mask_from_grey(mask, resolution, mp))
     return PairDataset(
         names=[p[0] for p in pairs],
         images=torch.from_numpy(np.stack(images))[:, None],
@@ -345,16 +381,6 @@ def load_folder(root: str | Path, resolution: int, names: Sequence[str] | None =
         root=Path(root),
         fingerprint=fingerprint(pairs),
     )
-
-
-def fingerprint(pairs: Sequence[tuple[str, Path, Path]]) -> str:
-    """sha256 over every pair's name and file bytes: the same folder content gives the same value."""
-    h = hashlib.sha256()
-    for name, ip, mp in sorted(pairs):
-        h.update(name.encode())
-        h.update(hashlib.sha256(ip.read_bytes()).digest())
-        h.update(hashlib.sha256(mp.read_bytes()).digest())
-    return "sha256:" + h.hexdigest()
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

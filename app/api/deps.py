@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.auth import ADMIN_PRINCIPAL, KeyStore, Principal, QuotaExceeded, Quotas
 from app.core.config import Settings
+from app.datasets import DatasetNotFound, DatasetStore
 from app.schemas import JOB_ID_PATTERN, is_job_id
 from app.store import JobNotFound, JobStore
 
@@ -35,6 +36,11 @@ async def get_keys(request: Request) -> KeyStore:
     return keys
 
 
+async def get_datasets(request: Request) -> DatasetStore:
+    datasets: DatasetStore = request.app.state.datasets
+    return datasets
+
+
 async def get_quotas(request: Request) -> Quotas:
     quotas: Quotas = request.app.state.quotas
     return quotas
@@ -54,6 +60,36 @@ async def valid_job_id(
     if not is_job_id(job_id):
         raise JobNotFound(job_id)
     return job_id
+
+
+async def valid_dataset_id(
+    dataset_id: Annotated[
+        str,
+        Path(
+            description="dataset id: 32 lowercase hex digits; any other string names no dataset (404)",
+            json_schema_extra={"pattern": JOB_ID_PATTERN},
+            examples=["9c1e0d4a4e6f8a7b6c5d4e3f2a1b3f2b"],
+        ),
+    ],
+) -> str:
+    if not is_job_id(dataset_id):
+        raise DatasetNotFound(dataset_id)
+    return dataset_id
+
+
+async def require_multipart(request: Request) -> None:
+    """415 unless the body is declared ``multipart/form-data`` (a file upload)."""
+    value = request.headers.get("content-type")
+    if value:
+        message = Message()
+        message["content-type"] = value
+        if message.get_content_type() == "multipart/form-data":
+            return
+    raise HTTPException(
+        status_code=415,
+        detail=f"send the archive as multipart/form-data (got {value[:100] if value else 'no Content-Type'})",
+        headers={"Accept-Post": "multipart/form-data"},
+    )
 
 
 async def require_json(request: Request) -> None:
@@ -80,6 +116,9 @@ JobIdDep = Annotated[str, Depends(valid_job_id)]
 JsonBody = Depends(require_json)
 KeysDep = Annotated[KeyStore, Depends(get_keys)]
 QuotasDep = Annotated[Quotas, Depends(get_quotas)]
+DatasetsDep = Annotated[DatasetStore, Depends(get_datasets)]
+DatasetIdDep = Annotated[str, Depends(valid_dataset_id)]
+MultipartBody = Depends(require_multipart)
 
 
 def too_many(exc: QuotaExceeded) -> HTTPException:
@@ -140,3 +179,15 @@ def owned_job(job_id: JobIdDep, store: StoreDep, who: PrincipalDep) -> dict[str,
 
 
 OwnedJob = Annotated[dict[str, Any], Depends(owned_job)]
+
+
+def owned_dataset(dataset_id: DatasetIdDep, datasets: DatasetsDep, who: PrincipalDep) -> dict[str, Any]:
+    """The dataset's record if the caller may see it (its owner or the admin); anyone else gets the
+    404 of a dataset that does not exist."""
+    rec = datasets.get(dataset_id)  # DatasetNotFound: 404
+    if not (who.admin or rec.get("owner") == who.name):
+        raise DatasetNotFound(dataset_id)
+    return rec
+
+
+OwnedDataset = Annotated[dict[str, Any], Depends(owned_dataset)]

@@ -94,6 +94,16 @@ class Settings(BaseSettings):
     webhook_retry_s: float = Field(default=3600.0, gt=0)
     webhook_interval_s: float = Field(default=1.0, ge=0)
 
+    # Dataset uploads (POST /v1/datasets, docs/datasets.md): the request body, what the archive may
+    # unpack to (bytes, entries, compression ratio), pixels per image (checked on the header, before
+    # decoding) and the fewest image/mask pairs a dataset may have.
+    max_upload_mb: int = Field(default=512, ge=1)
+    max_dataset_mb: int = Field(default=2048, ge=1)
+    max_dataset_members: int = Field(default=20_000, ge=1)
+    max_compression_ratio: float = Field(default=250.0, gt=1)
+    max_image_pixels: int = Field(default=25_000_000, ge=1)
+    min_dataset_pairs: int = Field(default=8, ge=1)
+
     # Celery.
     celery_queue: str = "diffexp"
     visibility_timeout_s: int = Field(default=600, ge=1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data import DatasetError, Split, load_folder, make_split
+from models.data import DatasetError, Split, find_pairs, load_folder, make_split
 
 
 def write_pair(root: Path, name: str, image: Image.Image, mask: Image.Image, ext: str = ".png") -> None:
@@ -181,3 +181,81 @@ def test_group_aware_split_never_straddles_a_group(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no row for 1 pairs"):
         pair_groups(tmp_path, [*names, "stray"])
     assert pair_groups(tmp_path / "none", names) == (None, None)
+
+
+def test_an_orphan_mask_is_an_error_naming_every_orphan(tmp_path: Path) -> None:
+    """A mask without an image used to be skipped silently: the pair count shrank with no word."""
+    grey = Image.fromarray(np.zeros((32, 32), np.uint8))
+    for name in ("a", "b"):
+        write_pair(tmp_path, name, grey, square_mask())
+    square_mask().save(tmp_path / "masks" / "lost1.png")
+    square_mask().save(tmp_path / "masks" / "lost2.png")
+    with pytest.raises(DatasetError) as info:
+        load_folder(tmp_path, 16)
+    message = str(info.value)
+    assert "masks/lost1.png" in message and "masks/lost2.png" in message and "orphan mask" in message
+    # with an image without a mask too, both kinds are named in one error
+    grey.save(tmp_path / "images" / "alone.png")
+    with pytest.raises(DatasetError) as info:
+        find_pairs(tmp_path)
+    message = str(info.value)
+    assert "masks/lost1.png" in message and "images/alone.png" in message and "missing mask" in message
+
+
+# ---- DICOM and NIfTI through MONAI's readers agree with the API's torch-free readers (app.pixels)
+
+
+def _medical_files(root: Path) -> dict[str, tuple[Path, bool]]:
+    from tests.utils.medical import disc_mask, ramp, write_dicom, write_nifti
+
+    raw = ramp()
+    signed = (raw.astype(np.int32) - 2000).astype(np.int16)
+    return {
+        "dicom-rescale-window": (
+            write_dicom(root / "a.dcm", raw, slope=2, intercept=-1024, center=40, width=400),
+            True,
+        ),
+        "dicom-plain": (write_dicom(root / "b.dcm", raw), True),
+        "dicom-monochrome1-windows": (
+            write_dicom(root / "c.dcm", raw, center=[900, 50], width=[1200, 10], photometric="MONOCHROME1"),
+            True,
+        ),
+        "dicom-signed": (write_dicom(root / "d.dcm", signed, slope=0.5, intercept=3), True),
+        "dicom-mask": (write_dicom(root / "e.dcm", disc_mask(label=2), center=1, width=2), False),
+        "nifti-scaled": (write_nifti(root / "f.nii", raw.astype(np.int16), slope=0.5, inter=10), True),
+        "nifti-gz": (write_nifti(root / "g.nii.gz", signed), True),
+        "nifti-float-mask": (write_nifti(root / "h.nii.gz", disc_mask().astype(np.float32)), False),
+    }
+
+
+def test_monai_readers_agree_with_the_api_readers_on_every_pixel(tmp_path: Path) -> None:
+    from app import pixels
+    from models.data import read_grey
+
+    for case, (path, as_image) in _medical_files(tmp_path).items():
+        ours, api = read_grey(path, as_image=as_image), pixels.read_grey(path, as_image=as_image)
+        assert ours.values.shape == api.values.shape, case
+        np.testing.assert_array_equal(ours.values, api.values, err_msg=case)
+        assert (ours.lo, ours.hi, ours.full) == (api.lo, api.hi, api.full), case
+        np.testing.assert_array_equal(pixels.to_unit(ours), pixels.to_unit(api), err_msg=case)
+
+
+def test_loads_dicom_images_with_nifti_label_map_masks(tmp_path: Path) -> None:
+    """Label maps (0, 1, 2) are foreground wherever the label is above 0; they used to be binarised
+    at half of 255, which left them empty."""
+    from tests.utils.medical import disc_mask, write_dicom, write_nifti
+
+    gradient = np.tile(np.linspace(0, 1600, 32), (32, 1)).astype(np.uint16)  # -100..1500 after the intercept
+    for i in range(2):
+        write_dicom(
+            tmp_path / "images" / f"p{i}.dcm", gradient, slope=1, intercept=-100, center=500, width=800
+        )
+        labels = disc_mask(32, 32, 1) + (disc_mask(32, 32, 1) * (np.arange(32)[None, :] > 16))
+        write_nifti(tmp_path / "masks" / f"p{i}.nii.gz", labels.astype(np.uint8))
+    ds = load_folder(tmp_path, 16)
+    assert ds.names == ["p0", "p1"] and ds.images.shape == (2, 1, 16, 16)
+    full = Image.fromarray((disc_mask(32, 32, 1) * 255).astype(np.uint8)).resize(
+        (16, 16), Image.Resampling.NEAREST
+    )
+    assert ds.masks[0, 0].eq(1).numpy().tolist() == (np.asarray(full) > 0).tolist()  # labels 1 and 2 alike
+    assert float(ds.images.min()) == -1.0 and float(ds.images.max()) == 1.0  # the window clips both ends

@@ -1,0 +1,89 @@
+"""Small DICOM, NIfTI and 16-bit TIFF files written on the spot (pydicom, nibabel, PIL): no downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    slope: float | None = None,
+    intercept: float | None = None,
+    center: float | list[float] | None = None,
+    width: float | list[float] | None = None,
+    photometric: str = "MONOCHROME2",
+    frames: int = 1,
+) -> Path:
+    """A secondary-capture DICOM of ``pixels`` (uint16 or int16 ``[rows, columns]``), with the
+    rescale and window tags given."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.PatientID = "synthetic"
+    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if slope is not None:
+        ds.RescaleSlope = slope
+    if intercept is not None:
+        ds.RescaleIntercept = intercept
+    if center is not None and width is not None:
+        ds.WindowCenter, ds.WindowWidth = center, width
+    data = np.ascontiguousarray(pixels).tobytes()
+    ds.PixelData = data * frames
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_nifti(
+    path: Path, pixels: np.ndarray, *, slope: float | None = None, inter: float | None = None
+) -> Path:
+    """A NIfTI-1 (``.nii`` or ``.nii.gz``) holding ``pixels`` ``[rows, columns]`` as a 2D slice:
+    stored as ``(x, y)`` = ``(columns, rows)``, the NIfTI axis order."""
+    import nibabel as nib
+
+    data = pixels.T if pixels.ndim == 2 else pixels
+    img = nib.Nifti1Image(np.ascontiguousarray(data), np.eye(4))
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter or 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+def write_tiff16(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint16)).save(path)
+    return path
+
+
+def ramp(rows: int = 24, cols: int = 20, scale: int = 37) -> np.ndarray:
+    """A uint16 ramp with distinct values, not square (so transposed axes show)."""
+    return (np.arange(rows * cols).reshape(rows, cols) * scale % 4000).astype(np.uint16)
+
+
+def disc_mask(rows: int = 24, cols: int = 20, label: int = 1) -> np.ndarray:
+    yy, xx = np.mgrid[:rows, :cols]
+    return ((((yy - rows / 2) / (rows / 3)) ** 2 + ((xx - cols / 2) / (cols / 3)) ** 2) < 1).astype(
+        np.uint16
+    ) * label
