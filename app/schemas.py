@@ -37,7 +37,11 @@ class JobStatus(StrEnum):
 class JobCreate(BaseModel):
     """Body of ``POST /v1/jobs``; unset fields take the bundle's defaults. Unknown fields are rejected."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={"dependentRequired": {"callback_secret": ["callback_url"]}},
+    )
 
     model: str | None = Field(
         default=None,
@@ -66,6 +70,7 @@ class JobCreate(BaseModel):
         default=None,
         min_length=1,
         max_length=2048,
+        pattern="^[Hh][Tt][Tt][Pp][Ss]?://",
         description="http(s) URL POSTed the job's JSON when it ends (signed: X-DiffuseExpand-Signature); "
         "public addresses only unless DIFFEXP_WEBHOOK_ALLOW_PRIVATE",
     )
