@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,13 @@ def _error(field: str, msg: str, value: Any, kind: str = "value_error", **ctx: A
     return {"type": kind, "loc": ("body", field), "msg": msg, "input": value, "ctx": ctx}
 
 
+def shard_size_for(count: int, settings: Settings) -> int:
+    """``DIFFEXP_SHARD_SIZE``, or less for a job smaller than a shard: ``count`` rounded up to whole
+    batches, so a job of 1 pair does not sample a shard of 16. Always a multiple of the batch size:
+    pair i comes out bit for bit the same for one batch size, whatever the shard that samples it."""
+    return min(settings.shard_size, math.ceil(count / settings.batch_size) * settings.batch_size)
+
+
 def resolve_params(body: JobCreate, settings: Settings) -> JobParams:
     """Check the bounds that depend on settings and on the bundle, then merge over the bundle's defaults.
 
@@ -131,7 +139,7 @@ def resolve_params(body: JobCreate, settings: Settings) -> JobParams:
         sampling_defaults=meta.get("sampling_defaults", {}),
         eta_default=meta.get("eta_default"),
         batch_size=settings.batch_size,
-        shard_size=settings.shard_size,
+        shard_size=shard_size_for(body.count, settings),
         max_attempts_factor=settings.max_attempts_factor,
         seed=body.seed,
         eta=body.eta,

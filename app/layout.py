@@ -5,7 +5,9 @@ Storage (the durable side): ``jobs/ID/job.json`` (the record, rewritten at every
 ``jobs/ID/pairs.zip`` (written when the job is decided).
 
 Redis (the live side; ``P`` = settings.redis_prefix, ``J`` = ``P:job:ID``):
-    J               the record (JSON)          J:prog      shard -> "generated,kept"
+    J               the record (JSON)          J:prog      shard -> "generated,kept,phase,position"
+    J:ver           the job's version: incremented by every state change and progress report
+                    (the ids of its event stream, app.events)
     J:pairs         index -> kept pair (JSON)  J:done      shard -> {"generated", "kept": [indices]}
     J:attempts      shard -> runs that crashed J:lease:k   token of the worker running shard k
     J:next          next shard to enqueue      J:stop      why workers must stop (set once decided)
@@ -33,7 +35,8 @@ SAMPLING_FIELDS = ["steps", "order", "w_cf", "w_cg", "guidance", "tau", "scale",
 # Every row is a generated pair: said in the row, so it stays said once rows are mixed with real ones.
 PROVENANCE_FIELDS = ["synthetic"]
 # Per-job Redis hashes/strings that DELETE removes (leases and the lock expire by themselves).
-JOB_PARTS = ("prog", "pairs", "done", "attempts", "next", "pending", "final")
+VERSION = "ver"
+JOB_PARTS = ("prog", "pairs", "done", "attempts", "next", "pending", "final", VERSION)
 
 
 def as_str(value: Any) -> str:

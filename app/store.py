@@ -7,6 +7,10 @@ says is terminal is terminal in storage too, so a finished job survives the loss
 Worker-side writes (pairs, progress, finished shards) go through Lua scripts that write only while
 the job's record exists, so a job deleted while a worker stores a batch leaves no key behind; the
 worker removes the objects it wrote after the delete began (``put_pair``).
+
+Every change a client can see (a state change, a progress report) increments the job's version
+``J:ver``, in the same round trip as the change: the event stream (``app.events``) numbers its events
+with it and sends an event when it grows.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from app import counters
 from app.core.config import Settings
 from app.layout import (
     JOB_PARTS,
+    VERSION,
     RedisKeys,
     as_str,
     image_key,
@@ -39,9 +44,10 @@ from app.layout import (
     record_key,
     zip_key,
 )
+from app.progress import job_progress
 from app.queue import Enqueue
 from app.scheduler import plan
-from app.schemas import JobParams, JobStatus, Progress, job_public
+from app.schemas import JobParams, JobStatus, Phase, job_public
 from app.storage import ObjectNotFound, Storage, StorageUnavailable
 from app.webhooks import LEASE_S as WEBHOOK_LEASE_S
 from app.webhooks import after_attempt
@@ -70,6 +76,20 @@ _HINCR_IF_LIVE = """
 if redis.call('exists', KEYS[1]) == 0 then return -1 end
 return redis.call('hincrby', KEYS[2], ARGV[1], ARGV[2])
 """
+# A shard's progress report "generated,kept,phase,position" (app.progress), while the job's record
+# exists; the counts never go back (a shard run again after a crash regenerates the same pairs), the
+# phase and position are the current run's. Increments the job's version; returns it (-1: no record).
+_SHARD_PROGRESS = """
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+local g, k = tonumber(ARGV[2]), tonumber(ARGV[3])
+local old = redis.call('hget', KEYS[2], ARGV[1])
+if old then
+  local og, ok = string.match(old, '^(%d+),(%d+)')
+  if og and tonumber(og) > g then g, k = tonumber(og), tonumber(ok) end
+end
+redis.call('hset', KEYS[2], ARGV[1], string.format('%d,%d,%s', g, k, ARGV[4]))
+return redis.call('incr', KEYS[3])
+"""
 
 
 class JobNotFound(LookupError):
@@ -88,13 +108,12 @@ def body_digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _progress(rec: dict[str, Any], values: list[Any]) -> Progress:
-    generated = kept = 0
-    for value in values:
-        g, k = as_str(value).split(",")
-        generated += int(g)
-        kept += int(k)
-    return Progress(target=rec["params"]["count"], generated=generated, kept=kept, discarded=generated - kept)
+def _progress(rec: dict[str, Any], values: list[Any]) -> dict[str, Any]:
+    """Progress from the shards' reports; a finished job whose reports Redis lost keeps the progress
+    recorded when it finished (``JobStore._finish``)."""
+    if not values and "progress" in rec:
+        return dict(rec["progress"])
+    return job_progress(rec, values, time.time()).model_dump()
 
 
 def encode_cursor(score: float, job_id: str) -> str:
@@ -153,10 +172,19 @@ class JobStore:
         return rec
 
     def _save(self, rec: dict[str, Any]) -> None:
-        """Write the record to storage, then to Redis; called at every state change (lock held)."""
+        """Write the record to storage, then to Redis with a new version; called at every state change
+        (lock held)."""
         data = json.dumps(rec, sort_keys=True)
         self._put(record_key(rec["id"]), data.encode(), "application/json")
-        self.r.set(self._k(rec["id"]), data)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self._k(rec["id"]), data)
+        pipe.incr(self._k(rec["id"], VERSION))
+        pipe.execute()
+
+    def version(self, job_id: str) -> int | None:
+        """The job's version: it grows with every change a client can see (None: no job in Redis)."""
+        raw = self.r.get(self._k(job_id, VERSION))
+        return int(raw) if raw is not None else None
 
     def get(self, job_id: str) -> dict[str, Any]:
         """The record with its progress. Falls back to storage when Redis lost the record, and when
@@ -173,8 +201,7 @@ class JobStore:
         rec = self._load_stored(job_id)
         if rec is None:
             raise JobNotFound(job_id)
-        if "progress" not in rec:
-            rec["progress"] = self.live_progress(job_id, rec).model_dump()
+        rec["progress"] = self.live_progress(job_id, rec)
         return rec
 
     def _load_many(self, ids: list[str]) -> list[dict[str, Any]]:
@@ -189,12 +216,11 @@ class JobStore:
             if not raw:
                 continue
             rec = json.loads(raw)
-            if "progress" not in rec:
-                rec["progress"] = _progress(rec, prog).model_dump()
+            rec["progress"] = _progress(rec, prog)
             out.append(rec)
         return out
 
-    def live_progress(self, job_id: str, rec: dict[str, Any]) -> Progress:
+    def live_progress(self, job_id: str, rec: dict[str, Any]) -> dict[str, Any]:
         try:
             values = self.r.hvals(self._k(job_id, "prog"))
         except redis.RedisError:
@@ -285,6 +311,7 @@ class JobStore:
             pipe.sadd(self.keys.active, job_id)
             pipe.sadd(self.keys.owner_active(owner), job_id)
             pipe.set(self._k(job_id, "next"), n_first)
+            pipe.incr(self._k(job_id, VERSION))
             pipe.hset(self._k(job_id, "pending"), mapping={str(k): str(time.time()) for k in range(n_first)})
             if ikey is not None:
                 pipe.expire(ikey, STOP_TTL_S)  # the job exists: the key holds it for a week
@@ -299,7 +326,7 @@ class JobStore:
             log.warning(
                 "job %s: could not enqueue its first shards; the reconciler will", job_id, exc_info=True
             )
-        rec["progress"] = Progress(target=params.count).model_dump()
+        rec["progress"] = job_progress(rec, [], time.time()).model_dump()
         return rec, True
 
     def _claim_idempotency_key(self, ikey: str, job_id: str, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -375,8 +402,10 @@ class JobStore:
         rec["status"] = status.value
         rec["error"] = error
         rec["completed_at"] = now_iso()
-        if "progress" not in rec and status is not JobStatus.CANCELED:  # a canceled job's last batch
-            rec["progress"] = self.live_progress(job_id, rec).model_dump()  # may still report: stay live
+        # Recorded for when Redis loses the shards' reports; while it has them, reads sum them anew, so
+        # a batch that lands after this (a canceled job's last one) counts too (see ``settle_progress``).
+        rec.pop("progress", None)
+        rec["progress"] = self.live_progress(job_id, rec)
         if rec.get("webhook"):  # due now; stored with the record, so a Redis loss does not drop it
             rec["webhook"] = {**rec["webhook"], "status": "pending", "next_attempt_at": time.time()}
         self._save(rec)
@@ -464,10 +493,36 @@ class JobStore:
         self.storage.delete_prefix(job_prefix(job_id))
         return False
 
-    def shard_progress(self, job_id: str, shard: int, generated: int, kept: int) -> None:
-        self._hset_if_live(job_id, "prog", str(shard), f"{generated},{kept}")
+    def shard_progress(
+        self,
+        job_id: str,
+        shard: int,
+        generated: int,
+        kept: int,
+        phase: Phase | None = None,
+        position: int = 0,
+    ) -> bool:
+        """Report a shard's counts (never lowered: see ``_SHARD_PROGRESS``) and what its run is doing
+        (``phase`` None: not running); False when the job was deleted."""
+        keys = (self._k(job_id), self._k(job_id, "prog"), self._k(job_id, VERSION))
+        where = f"{phase or ''},{position}"
+        return int(self.r.eval(_SHARD_PROGRESS, 3, *keys, str(shard), generated, kept, where)) >= 0
+
+    def settle_progress(self, job_id: str) -> None:
+        """After a shard stopped: if its job has finished meanwhile, record the progress again, so the
+        stored record counts the batch the shard wrote after the job finished (durable past Redis)."""
+        with self._lock(job_id):
+            rec = self._load(job_id)
+            if rec is None or not JobStatus(rec["status"]).is_terminal():
+                return
+            progress = self.live_progress(job_id, rec)
+            if progress != rec.get("progress"):
+                rec["progress"] = progress
+                self._save(rec)
 
     def finish_shard(self, job_id: str, shard: int, generated: int, kept: list[int]) -> None:
+        """Record the shard's result (its final counts too: it no longer runs), then advance the job."""
+        self.shard_progress(job_id, shard, generated, len(kept))
         self._hset_if_live(job_id, "done", str(shard), json.dumps({"generated": generated, "kept": kept}))
         self.advance(job_id)
 
@@ -542,10 +597,6 @@ class JobStore:
                 return
             if JobStatus(rec["status"]).is_terminal():
                 return
-            count, kept = rec["params"]["count"], len(p.chosen)
-            rec["progress"] = Progress(
-                target=count, generated=p.generated, kept=kept, discarded=p.generated - kept
-            ).model_dump()
             self._finish(rec, JobStatus.FAILED if p.error else JobStatus.SUCCEEDED, error=p.error)
             self.r.delete(self._k(job_id, "final"))
 

@@ -62,6 +62,8 @@ def settings_factory(tmp_path: Path, redis_server: RedisServer, tiny_bundle: Pat
             "lease_ttl_s": 5.0,
             "reconcile_interval_s": 0.0,  # tests sweep by hand (app.reconciler.sweep)
             "webhook_interval_s": 0.0,  # tests send due webhooks by hand (WebhookSender.tick)
+            "events_poll_s": 0.05,
+            "events_max_s": 5.0,  # an event stream no test reads to its end (a fuzzer's) is bounded
             "admin_key": ADMIN_KEY,
         }
         values.update(overrides)

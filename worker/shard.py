@@ -152,12 +152,14 @@ def _run_through_outages(
             return _attempt(store, bundle, sp, params, job_id, shard, token)
         except Cancelled as exc:
             log.info("job %s shard %s stopped: %s", job_id, shard, exc)
+            _stopped(store, job_id, shard, str(exc))
             return Outcome.STOPPED
         except Exception as exc:
             if not is_outage(exc):
                 log.exception(
                     "job %s shard %s crashed (attempt %s of %s)", job_id, shard, attempts, max_tries
                 )
+                _stopped(store, job_id, shard, "crashed")
                 if attempts >= max_tries:
                     store.fail(job_id, f"shard {shard} failed {attempts} times, last: {exc!r}")
                     return Outcome.FAILED
@@ -184,6 +186,18 @@ def _run_through_outages(
                 pass
 
 
+def _stopped(store: JobStore, job_id: str, shard: int, reason: str) -> None:
+    """Best effort, after a run stopped: its shard no longer runs (the job's ``phase`` must not show
+    it), and if the job finished meanwhile, its recorded progress counts the batch this run wrote last."""
+    if reason == "lease lost":
+        return  # another worker runs the shard now: its reports stand
+    try:
+        store.shard_progress(job_id, shard, 0, 0, None)  # counts are never lowered: only the phase goes
+        store.settle_progress(job_id)
+    except Exception:  # Redis or storage down: the progress is a little stale, nothing is lost
+        log.warning("job %s shard %s: could not report that it stopped", job_id, shard, exc_info=True)
+
+
 def _attempt(
     store: JobStore,
     bundle: Bundle,
@@ -198,11 +212,12 @@ def _attempt(
         return Outcome.DONE
     store.mark_running(job_id)
     callback = ShardProgress(store, job_id, shard, token)
-    callback.check()
+    callback.start()
+    indices = shard_indices(params, shard)
     generated, kept = 0, []
     pairs = generate_pairs(
         bundle,
-        shard_indices(params, shard),
+        indices,
         seed=params.seed,
         params=sp,
         eta=params.eta,
@@ -224,6 +239,7 @@ def _attempt(
             if not stored:
                 raise Cancelled("job deleted")
             kept.append(pair.index)
-        store.shard_progress(job_id, shard, generated, len(kept))
+        if generated % params.batch_size == 0 and generated < len(indices):  # a batch is stored
+            callback.batch_done(generated, len(kept))
     store.finish_shard(job_id, shard, generated, kept)
     return Outcome.DONE

@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=25_000_000, ge=1)
     min_dataset_pairs: int = Field(default=8, ge=1)
 
+    # The event stream (GET /v1/jobs/{id}/events): how often it looks for a change of the job, how
+    # often it sends a keep-alive comment, and how long it stays open at most (the client then
+    # reconnects with Last-Event-ID, which also suits proxies that cut long responses).
+    events_poll_s: float = Field(default=0.5, gt=0, le=60)
+    events_ping_s: float = Field(default=15.0, gt=0, le=3600)
+    events_max_s: float = Field(default=300.0, gt=0)
+
     # Celery.
     celery_queue: str = "diffexp"
     visibility_timeout_s: int = Field(default=600, ge=1)

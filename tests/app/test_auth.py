@@ -202,6 +202,7 @@ JOB_ROUTES = [
     ("DELETE", ""),
     ("GET", "/pairs.zip?partial=true"),
     ("GET", "/download"),
+    ("GET", "/events"),
 ]
 
 

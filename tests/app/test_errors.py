@@ -19,7 +19,14 @@ from tests.app.conftest import Enqueued
 from tests.conftest import ADMIN_HEADERS
 
 PROBLEM = "application/problem+json"
-JOB_ROUTES = [("GET", ""), ("POST", "/cancel"), ("DELETE", ""), ("GET", "/pairs.zip"), ("GET", "/download")]
+JOB_ROUTES = [
+    ("GET", ""),
+    ("POST", "/cancel"),
+    ("DELETE", ""),
+    ("GET", "/pairs.zip"),
+    ("GET", "/download"),
+    ("GET", "/events"),
+]
 
 
 def assert_problem(resp: Any, status: int, path: str) -> dict[str, Any]:

@@ -36,7 +36,15 @@ def test_create_job_answers_202_with_location_and_the_values_used(
     assert p["sampling"]["tau"] == 0.25 and p["sampling"]["steps"] == 4  # request over the bundle defaults
     assert p["eta"] == 1.0 and isinstance(p["seed"], int)
     assert p["max_attempts"] == 20 * 3 and p["batch_size"] == 2 and p["shard_size"] == 2
-    assert job["progress"] == {"target": 3, "generated": 0, "kept": 0, "discarded": 0}
+    assert job["progress"] == {
+        "target": 3,
+        "generated": 0,
+        "kept": 0,
+        "discarded": 0,
+        "pairs_per_second": None,
+        "eta_seconds": None,
+        "phase": None,
+    }
     # the record is committed (Redis and storage) before the first shards are enqueued
     assert enqueued == [(job["id"], 0, settings.celery_queue), (job["id"], 1, settings.celery_queue)]
     assert json.loads((settings.storage_dir / f"jobs/{job['id']}/job.json").read_text())["status"] == "queued"
@@ -171,11 +179,16 @@ def test_download_redirects_to_the_zip_on_local_storage(client: TestClient, stor
     assert resp.status_code == 307 and resp.headers["location"] == f"/v1/jobs/{job['id']}/pairs.zip"
     zf = zipfile.ZipFile(io.BytesIO(client.get(resp.headers["location"]).content))
     assert zf.read("images/s1-000000.png") == b"i" and zf.read("masks/s1-000000.png") == b"m"
-    assert client.get(f"/v1/jobs/{job['id']}").json()["progress"] == {
+    progress = client.get(f"/v1/jobs/{job['id']}").json()["progress"]
+    # every pair the shard generated counts, not only those up to the one the result needed
+    assert progress == {
         "target": 1,
-        "generated": 1,
+        "generated": 2,
         "kept": 1,
-        "discarded": 0,
+        "discarded": 1,
+        "pairs_per_second": None,  # the job never ran (no worker marked it running here)
+        "eta_seconds": 0.0,
+        "phase": None,
     }
 
 

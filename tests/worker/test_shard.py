@@ -47,11 +47,21 @@ def test_job_keeps_exactly_count_lowest_kept_indices(harness: Harness) -> None:
     rows = manifest(harness, job_id)
     assert [int(r["index"]) for r in rows] == [pair.index for pair in want]
     assert all(float(r["dice_loss"]) <= ETA for r in rows)
-    assert rec["progress"] == {
+    # every pair of every shard that ran counts, and every pair Stage IV kept (stored, even if unused)
+    done = [json.loads(v) for v in harness.store.r.hvals(harness.store._k(job_id, "done"))]
+    generated = sum(d["generated"] for d in done)
+    kept = len(harness.store.kept_pairs(job_id))
+    assert generated >= want[-1].index + 1 and kept == sum(len(d["kept"]) for d in done) >= 5
+    progress = rec["progress"]
+    assert progress["pairs_per_second"] > 0
+    assert progress | {"pairs_per_second": None} == {
         "target": 5,
-        "generated": want[-1].index + 1,
-        "kept": 5,
-        "discarded": want[-1].index - 4,
+        "generated": generated,
+        "kept": kept,
+        "discarded": generated - kept,
+        "pairs_per_second": None,
+        "eta_seconds": 0.0,
+        "phase": None,
     }
     for pair in want:
         img = np.array(
