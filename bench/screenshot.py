@@ -72,11 +72,11 @@ def shoot(
             driver.find_element("id", "api-key").send_keys(key)
             driver.find_element("css selector", "#key-form button[type=submit]").click()
         wait(lambda: driver.find_element("id", "app").is_displayed(), 30, "the page")
+        for name, value in (("count", count), ("seed", seed)):
+            field = driver.find_element("id", f"f-{name}")
+            field.clear()
+            field.send_keys(str(value))
         if job is None:
-            for name, value in (("count", count), ("seed", seed)):
-                field = driver.find_element("id", f"f-{name}")
-                field.clear()
-                field.send_keys(str(value))
             driver.find_element("id", "submit-job").click()
             wait(lambda: driver.find_elements("css selector", "#jobs > li"), 30, "the job in the list")
             job = driver.find_element("css selector", "#jobs > li").get_attribute("data-id")
@@ -100,7 +100,11 @@ def shoot(
         wait(lambda: driver.execute_script(script), 60, "the previews")
         driver.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
         height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(width, height + 20)
+        # the whole page in one viewport (a window cannot be made taller than the headless screen)
+        metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**metrics, "height": height})
         time.sleep(0.5)
         out.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(out))

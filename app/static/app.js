@@ -230,7 +230,13 @@ function fmtSeconds(s) {
 
 function progressText(job) {
   const p = job.progress;
-  const parts = [`kept ${p.kept} of ${p.target}`, `generated ${p.generated}`, `discarded ${p.discarded}`];
+  // kept counts every pair any shard kept, which may pass the target: the result holds the target
+  const parts = [
+    `${Math.min(p.kept, p.target)} of ${p.target} pairs`,
+    `generated ${p.generated}`,
+    `kept ${p.kept}`,
+    `discarded ${p.discarded}`,
+  ];
   if (p.pairs_per_second) parts.push(`${p.pairs_per_second.toFixed(2)} pairs/s`);
   if (p.eta_seconds != null && !TERMINAL.has(job.status)) parts.push(`about ${fmtSeconds(p.eta_seconds)} left`);
   if (p.phase && !TERMINAL.has(job.status)) parts.push(`phase: ${p.phase}`);

@@ -51,6 +51,7 @@ def chrome(downloads: Path | None = None, *, width: int = 1280, height: int = 10
         "--no-first-run",
         "--disable-extensions",
         "--disable-background-networking",  # the browser itself phones nowhere during tests
+        "--hide-scrollbars",
         f"--window-size={width},{height}",
     ):
         options.add_argument(arg)
