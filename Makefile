@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve bench clean
+.PHONY: install test lint serve bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
+
+# The page's tests drive Debian's chromium + chromium-driver (never a downloaded browser). Installed here
+# when missing and we are root; otherwise those tests skip and say why.
+browser:
+	@if command -v chromedriver >/dev/null && { command -v chromium || command -v chromium-browser; } >/dev/null; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver for the page's browser tests"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+			|| echo "could not install chromium: the browser tests will skip"; \
+	else \
+		echo "no chromium/chromedriver and not root: the browser tests will skip (apt-get install chromium chromium-driver)"; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check models app worker diffuseexpand tests bench

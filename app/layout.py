@@ -2,7 +2,8 @@
 
 Storage (the durable side): ``jobs/ID/job.json`` (the record, rewritten at every state change),
 ``jobs/ID/images/NAME.png`` + ``jobs/ID/masks/NAME.png`` (kept pairs), ``jobs/ID/manifest.csv`` and
-``jobs/ID/pairs.zip`` (written when the job is decided).
+``jobs/ID/pairs.zip`` (written when the job is decided), ``jobs/ID/previews/NAME.png`` (a pair's preview,
+made on first request: ``app.pairs``).
 
 Redis (the live side; ``P`` = settings.redis_prefix, ``J`` = ``P:job:ID``):
     J               the record (JSON)          J:prog      shard -> "generated,kept,phase,position"
@@ -54,6 +55,10 @@ def image_key(job_id: str, name: str) -> str:
 
 def mask_key(job_id: str, name: str) -> str:
     return f"jobs/{job_id}/masks/{name}.png"
+
+
+def preview_key(job_id: str, name: str) -> str:
+    return f"jobs/{job_id}/previews/{name}.png"
 
 
 def record_key(job_id: str) -> str:

@@ -19,6 +19,7 @@ from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
 from app.metrics import install_metrics
 from app.openapi import install_openapi
+from app.page import install_page
 from app.queue import Enqueue, celery_enqueue, make_celery
 from app.reconciler import Reconciler
 from app.storage import make_storage
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     )
     install_openapi(app, settings)
     install_docs(app)
+    install_page(app)
     app.state.metrics_registry = install_metrics(app, settings)  # last: its middleware is the outermost
     return app
 

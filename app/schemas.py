@@ -171,6 +171,28 @@ class JobsPublic(BaseModel):
     next_cursor: str | None = None
 
 
+class PairLinks(BaseModel):
+    image: str
+    mask: str
+    preview: str = Field(description="the image in grey with the mask's outline drawn in red")
+
+
+class PairPublic(BaseModel):
+    name: str = Field(description="s<seed>-<index>, the file name (without .png) in pairs.zip")
+    index: int = Field(description="the pair's index within the job: pair i draws from (seed, i)")
+    seed: int
+    dice_loss: float = Field(description="Stage IV: the filter's Dice loss against the mask (kept ≤ η)")
+    links: PairLinks
+
+
+class PairsPublic(BaseModel):
+    data: list[PairPublic]
+    count: int = Field(description="kept pairs in all")
+    offset: int
+    limit: int
+    final: bool = Field(description="true: the final result's pairs; false: those kept so far")
+
+
 class ModelPublic(BaseModel):
     name: str
     resolution: int

@@ -59,6 +59,7 @@ STOP_TTL_S = 7 * 24 * 3600
 CLAIM_TTL_S = 60  # an Idempotency-Key claimed by a create that has not stored its job yet
 LOCK_TTL_S = 15  # every critical section is a few Redis calls and one small storage write
 DECIDED = "decided"  # the stop flag while the finaliser writes the result
+DELETED = "deleted"  # the stop flag of a deleted job (set before anything of it is removed)
 FINALISE_TTL_S = 60  # the finaliser's lease, refreshed while it writes the zip: a dead one blocks no longer
 
 _LEASE_REFRESH = """
@@ -384,7 +385,7 @@ class JobStore:
             raise JobNotFound(job_id)
         with self._lock(job_id):
             rec = self._load(job_id) or self._load_stored(job_id) or {}
-            self.r.set(self._k(job_id, "stop"), "deleted", ex=STOP_TTL_S)
+            self.r.set(self._k(job_id, "stop"), DELETED, ex=STOP_TTL_S)
             self.r.delete(self._k(job_id), *(self._k(job_id, p) for p in JOB_PARTS))
             self.r.zrem(self.keys.jobs, job_id)
             self.r.zrem(self.keys.webhooks, job_id)

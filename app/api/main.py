@@ -1,13 +1,14 @@
 from fastapi import APIRouter, Depends
 
 from app.api.deps import get_principal
-from app.api.routes import datasets, events, health, jobs, keys, metrics, models
+from app.api.routes import datasets, events, health, jobs, keys, metrics, models, pairs
 from app.errors import ErrorResponses
 
 # Every /v1 route needs a key (Authorization: Bearer KEY), unless DIFFEXP_AUTH=off.
 api_router = APIRouter(dependencies=[Depends(get_principal)], responses=ErrorResponses.AUTH)
 api_router.include_router(jobs.router)
 api_router.include_router(events.router)
+api_router.include_router(pairs.router)
 api_router.include_router(models.router)
 api_router.include_router(keys.router)
 api_router.include_router(datasets.router)
