@@ -7,7 +7,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
@@ -16,12 +16,15 @@ from app.core.config import Settings
 from app.params import DEFAULT_ETA, Eta, SamplingSettings, merge_job_params
 from app.schemas import JobCreate, JobParams, ModelPublic
 
+if TYPE_CHECKING:
+    from app.registry import Registry
+
 META_FILE = "bundle.json"
 log = logging.getLogger(__name__)
 _ETA = TypeAdapter(Eta)
 
 
-def _usable(meta_file: Path, meta: Any) -> bool:
+def usable_meta(meta_file: Path, meta: Any) -> bool:
     """A bundle.json the API can serve: a resolution, and defaults within the parameter ranges."""
     if not isinstance(meta, dict) or "resolution" not in meta:
         return False
@@ -58,21 +61,33 @@ def list_bundles(settings: Settings) -> dict[str, dict[str, Any]]:
             meta = _read_meta(meta_file)
         except (OSError, ValueError):
             continue
-        if _usable(meta_file, meta):
+        if usable_meta(meta_file, meta):
             out[meta_file.parent.name] = meta
     return out
 
 
-def model_public(name: str, meta: dict[str, Any]) -> ModelPublic:
+def model_public(rec: dict[str, Any]) -> ModelPublic:
+    """A registry record (``app.registry``: a published version or a local folder) as the API shows it."""
+    from app.registry import metrics_of
+
+    meta = rec.get("meta", {})
     data = {k: v for k, v in meta.get("data", {}).items() if k != "folder"}
+    extra = {k: v for k, v in (rec.get("extra") or {}).items() if k != "metrics"}
     return ModelPublic(
-        name=name,
+        name=rec["name"],
         resolution=int(meta["resolution"]),
         sampling_defaults=SamplingSettings.model_validate(meta.get("sampling_defaults", {})),
         eta_default=float(meta.get("eta_default", DEFAULT_ETA)),
-        metrics=meta.get("metrics", {}),
+        metrics=metrics_of(rec),
         training=meta.get("training", {}),
         data=data,
+        version=str(rec["version"]),
+        versions=[str(v) for v in rec.get("versions", [rec["version"]])],
+        digest=rec.get("digest"),
+        owner=str(rec.get("owner", "admin")),
+        created_at=rec.get("created_at"),
+        source=rec.get("source", "registry"),
+        extra=extra,
     )
 
 
@@ -87,11 +102,18 @@ def shard_size_for(count: int, settings: Settings) -> int:
     return min(settings.shard_size, math.ceil(count / settings.batch_size) * settings.batch_size)
 
 
-def resolve_params(body: JobCreate, settings: Settings) -> JobParams:
+def resolve_params(
+    body: JobCreate, settings: Settings, registry: Registry | None = None, viewer: str | None = None
+) -> JobParams:
     """Check the bounds that depend on settings and on the bundle, then merge over the bundle's defaults.
 
-    Raises ``RequestValidationError`` (422) naming the field and the bound.
+    ``body.model`` is ``NAME`` (the latest version, recorded in ``model_version``) or ``NAME@VERSION``,
+    among the models ``viewer`` may see (None: every model). Raises ``RequestValidationError`` (422)
+    naming the field and the bound.
     """
+    from app.registry import ModelNotFound
+    from app.registry import Registry as _Registry
+
     errors: list[dict[str, Any]] = []
     if body.count > settings.max_count:
         errors.append(
@@ -124,17 +146,20 @@ def resolve_params(body: JobCreate, settings: Settings) -> JobParams:
                 le=max_attempts_limit,
             )
         )
-    bundles = list_bundles(settings)
-    name = body.model or settings.default_model
-    if name not in bundles:
-        known = ", ".join(sorted(bundles)) or "none"
-        errors.append(_error("model", f"Unknown model {name!r}; available: {known}", name))
+    registry = registry or _Registry.from_settings(settings)
+    ref = body.model or settings.default_model
+    try:
+        name, version, rec = registry.resolve(ref, viewer)
+    except ModelNotFound:
+        known = ", ".join(m["name"] for m in registry.list_models(viewer)) or "none"
+        errors.append(_error("model", f"Unknown model {ref!r}; available: {known}", ref))
     if errors:
         raise RequestValidationError(errors)
 
-    meta = bundles[name]
+    meta = rec["meta"]
     return merge_job_params(
         model=name,
+        model_version=version,
         count=body.count,
         sampling_defaults=meta.get("sampling_defaults", {}),
         eta_default=meta.get("eta_default"),

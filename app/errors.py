@@ -30,6 +30,7 @@ from starlette.routing import Match
 
 from app.dataset_check import DatasetInvalid
 from app.datasets import DatasetInUse, DatasetNotFound
+from app.registry import DigestMismatch, InvalidBundle, ModelInUse, ModelNotFound, NameTaken
 from app.schemas import is_job_id
 from app.storage import StorageUnavailable
 from app.store import JobConflict, JobNotFound
@@ -75,9 +76,10 @@ _DESCRIPTIONS = {
     400: "Malformed request (a body that is not JSON)",
     401: "Missing or invalid credentials",
     403: "Credentials without the needed permission",
-    404: "No such job or dataset (ids are 32 lowercase hex digits) or route",
+    404: "No such job, dataset (ids are 32 lowercase hex digits), model or route",
     405: "Method not allowed (see the Allow header)",
-    409: "Conflict with the job's state, an earlier use of the Idempotency-Key, or a training using the dataset",
+    409: "Conflict with the job's state, an earlier use of the Idempotency-Key, a training using the dataset, "
+    "jobs using the model, or a model name of another key",
     413: "Request body larger than DIFFEXP_MAX_BODY_BYTES",
     415: "Request body is not application/json",
     422: "Invalid parameters: `errors` names each field and bound",
@@ -106,6 +108,14 @@ class ErrorResponses:
     ADMIN = problem_responses(401, 403, 429)  # /v1/keys
     DATASET = problem_responses(404, 503)
     DATASET_DELETE = problem_responses(404, 409, 503)
+    MODEL = problem_responses(503)
+    MODEL_READ = problem_responses(404, 503)
+    MODEL_DELETE = problem_responses(404, 409, 503)
+    MODEL_UPLOAD = {  # POST /v1/models/{name}/versions: a multipart body, up to DIFFEXP_MAX_UPLOAD_MB
+        **problem_responses(400, 409, 415, 422, 503),
+        413: {"model": Problem, "description": "Upload larger than DIFFEXP_MAX_UPLOAD_MB"},
+        422: {"model": Problem, "description": "Not a complete bundle, or an archive refused (`errors`)"},
+    }
     UPLOAD = {  # POST /v1/datasets: a multipart body, up to DIFFEXP_MAX_UPLOAD_MB
         **problem_responses(400, 415, 422, 503),
         413: {"model": Problem, "description": "Upload larger than DIFFEXP_MAX_UPLOAD_MB"},
@@ -262,6 +272,16 @@ async def on_dataset_not_found(request: Request, exc: Exception) -> Response:
     return problem(404, detail, instance=request.url.path)
 
 
+async def on_model_not_found(request: Request, exc: Exception) -> Response:
+    ref = str(exc.args[0]) if exc.args else ""
+    return problem(404, f"model {ref[:MAX_ECHO_CHARS]!r} not found", instance=request.url.path)
+
+
+async def on_invalid_bundle(request: Request, exc: Exception) -> Response:
+    error = {"detail": str(exc), "type": "invalid_bundle", "loc": ["body", "file"]}
+    return problem(422, f"not a publishable bundle: {exc}", instance=request.url.path, errors=[error])
+
+
 async def on_job_conflict(request: Request, exc: Exception) -> Response:
     return problem(409, str(exc), instance=request.url.path)
 
@@ -307,6 +327,11 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DatasetInvalid, on_dataset_invalid)
     app.add_exception_handler(DatasetNotFound, on_dataset_not_found)
     app.add_exception_handler(DatasetInUse, on_job_conflict)
+    app.add_exception_handler(ModelNotFound, on_model_not_found)
+    app.add_exception_handler(ModelInUse, on_job_conflict)
+    app.add_exception_handler(NameTaken, on_job_conflict)
+    app.add_exception_handler(InvalidBundle, on_invalid_bundle)
+    app.add_exception_handler(DigestMismatch, on_unexpected)
     for kind in unavailable_errors():
         app.add_exception_handler(kind, on_unavailable)
     app.add_exception_handler(Exception, on_unexpected)

@@ -13,6 +13,8 @@ small limit.
 
 from __future__ import annotations
 
+import fnmatch
+
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,13 +38,29 @@ def upload_too_large(limit: int) -> str:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        uploads: dict[str, int] | None = None,
+        upload_patterns: dict[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.uploads = uploads or {}
+        # fnmatch patterns of upload paths with a path parameter (``/v1/models/*/versions``)
+        self.upload_patterns = upload_patterns or {}
+
+    def _upload(self, path: str) -> int | None:
+        if path in self.uploads:
+            return self.uploads[path]
+        for pattern, limit in self.upload_patterns.items():
+            if fnmatch.fnmatchcase(path, pattern):
+                return limit
+        return None
 
     def _limit(self, scope: Scope, headers: Headers) -> tuple[int, str]:
-        upload = self.uploads.get(scope["path"])
+        upload = self._upload(scope["path"])
         if upload is not None and scope["method"] == "POST":
             media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if media == "multipart/form-data":

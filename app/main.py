@@ -22,6 +22,7 @@ from app.openapi import install_openapi
 from app.page import install_page
 from app.queue import Enqueue, celery_enqueue, make_celery
 from app.reconciler import Reconciler
+from app.registry import Registry
 from app.storage import make_storage
 from app.store import JobStore
 from app.webhooks import WebhookSender
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     app.state.keys = KeyStore(r, storage, settings.redis_prefix)
     app.state.datasets = DatasetStore(r, storage, settings.redis_prefix)
     app.state.quotas = Quotas(r, settings.redis_prefix)
+    app.state.registry = Registry(storage, r, settings)
     if origins := settings.cors_origin_list():
         app.add_middleware(
             CORSMiddleware,
@@ -97,6 +99,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         uploads={f"{settings.api_v1_str}/datasets": settings.max_upload_mb << 20},
+        upload_patterns={f"{settings.api_v1_str}/models/*/versions": settings.max_upload_mb << 20},
     )
     install_openapi(app, settings)
     install_docs(app)

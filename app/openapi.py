@@ -16,11 +16,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.bundles import list_bundles
 from app.core.config import Settings
 from app.errors import PROBLEM_JSON
 
 REF = "#/components/schemas/"
+ADMIN_VIEW = "-"  # a viewer that owns nothing: sees the admin's (shared) models only
 _ERROR_SCHEMAS = (REF + "Problem", REF + "HTTPValidationError")
 
 
@@ -77,7 +77,8 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             _settings_bounds(doc, settings)
             base.update(doc)
         doc = copy.deepcopy(base)
-        bundles = sorted(list_bundles(settings))
+        # The shared models (the document is public: no key's own model names in it).
+        bundles = [m["name"] for m in app.state.registry.list_models(ADMIN_VIEW)]
         if bundles:
             model = _branch(doc["components"]["schemas"]["JobCreate"]["properties"]["model"], "string")
             model["enum"] = bundles

@@ -148,6 +148,9 @@ class JobParams(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
 
     model: str
+    # The registry version the job runs with (app.registry): the latest when the request named none.
+    # None in jobs created before the registry (workers then take the latest).
+    model_version: str | None = None
     count: Count
     seed: RecordSeed
     eta: Eta
@@ -184,6 +187,7 @@ def merge_job_params(
     *,
     model: str,
     count: int,
+    model_version: str | None = None,
     sampling_defaults: Mapping[str, Any],
     eta_default: float | None,
     batch_size: int,
@@ -197,6 +201,7 @@ def merge_job_params(
     """A request's values over a bundle's defaults: what a job runs with (its seed drawn if not given)."""
     return JobParams(
         model=model,
+        model_version=model_version,
         count=count,
         seed=draw_seed() if seed is None else seed,
         eta=eta if eta is not None else (eta_default if eta_default is not None else DEFAULT_ETA),

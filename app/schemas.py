@@ -194,6 +194,8 @@ class PairsPublic(BaseModel):
 
 
 class ModelPublic(BaseModel):
+    """A model version (``GET /v1/models/{name}[/{version}]``; the latest in ``GET /v1/models``)."""
+
     name: str
     resolution: int
     sampling_defaults: SamplingSettings
@@ -201,6 +203,20 @@ class ModelPublic(BaseModel):
     metrics: dict[str, Any] = {}
     training: dict[str, Any] = {}
     data: dict[str, Any] = {}
+    status: Literal["ready"] = Field(
+        default="ready", description="ready: published, jobs may use it (a training in progress: training)"
+    )
+    version: str = Field(
+        description="1, 2, ... in the registry; 'local': a folder under DIFFEXP_BUNDLES_DIR on this host"
+    )
+    versions: list[str] = Field(description="every published version of the name, oldest first")
+    digest: str | None = Field(
+        default=None, description="sha256 over the bundle's files, checked by workers; null for 'local'"
+    )
+    owner: str = Field(description="the key that published it ('admin': shared with every key)")
+    created_at: datetime | None = None
+    source: Literal["registry", "local"] = "registry"
+    extra: dict[str, Any] = Field(default={}, description="what the publisher recorded (training id...)")
 
 
 class ModelsPublic(BaseModel):

@@ -1,19 +1,22 @@
-"""Per-process state of a worker: the job store and the bundles, created on first use.
+"""Per-process state of a worker: the job store, the registry and the bundles, created on first use.
 
 First use happens inside the process that runs tasks (after the fork of a prefork pool), so CUDA
-is initialised there; each bundle is loaded once and kept in memory for every later shard.
+is initialised there; a bundle is fetched from the registry once (then from the local cache) and
+kept in memory for later shards, up to DIFFEXP_MAX_LOADED_BUNDLES bundles.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import redis
 
 from app.core.config import Settings, get_settings
 from app.queue import celery_enqueue
+from app.registry import Registry
 from app.storage import make_storage
 from app.store import JobStore
 from models.bundle import Bundle, resolve_device
@@ -21,28 +24,54 @@ from models.bundle import Bundle, resolve_device
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_bundles: dict[str, Bundle] = {}
+# (name, version, digest) -> bundle, least recently used first; at most DIFFEXP_MAX_LOADED_BUNDLES
+_bundles: OrderedDict[tuple[str, str, str], Bundle] = OrderedDict()
 _store: JobStore | None = None
+_registry: Registry | None = None
 
 
-def get_bundle(name: str, settings: Settings | None = None) -> Bundle:
-    settings = settings or get_settings()
+def get_registry() -> Registry:
+    global _registry
+    store = get_store()
     with _lock:
-        if name not in _bundles:
-            if "/" in name or name.startswith("."):
-                raise ValueError(f"invalid model name {name!r}")
-            device = resolve_device(settings.device)
-            path = Path(settings.bundles_dir) / name
-            log.info("loading bundle %s on %s", path, device)
-            _bundles[name] = Bundle.load(path, device=device)
-        return _bundles[name]
+        if _registry is None:
+            _registry = Registry(store.storage, store.r, store.settings)
+        return _registry
+
+
+def get_bundle(ref: str, settings: Settings | None = None, registry: Registry | None = None) -> Bundle:
+    """The bundle of a job's model reference (``NAME@VERSION``, or ``NAME`` for the latest), fetched
+    from the registry into DIFFEXP_BUNDLE_CACHE_DIR on first use (``Registry.fetch`` checks its
+    digest: a changed or corrupted file is refused) and kept in memory, at most
+    DIFFEXP_MAX_LOADED_BUNDLES of them (the least recently used is dropped first)."""
+    settings = settings or get_settings()
+    registry = registry or get_registry()
+    name, version, rec = registry.resolve(ref)
+    key = (name, version, str(rec.get("digest")))
+    with _lock:
+        if key in _bundles:
+            _bundles.move_to_end(key)
+            return _bundles[key]
+        path = registry.fetch(name, version, Path(settings.bundle_cache_dir))
+        device = resolve_device(settings.device)
+        log.info("loading bundle %s@%s from %s on %s", name, version, path, device)
+        bundle = Bundle.load(path, device=device)
+        _bundles[key] = bundle
+        while len(_bundles) > settings.max_loaded_bundles:
+            old, _ = _bundles.popitem(last=False)
+            log.info("unloading bundle %s@%s (least recently used)", old[0], old[1])
+        if str(device).startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()  # give the evicted bundle's memory back to other processes
+        return bundle
 
 
 def loaded_bundles() -> dict[str, str]:
-    """Model name -> device of the bundles this process holds in memory (for ``worker.metrics``).
+    """Model reference -> device of the bundles this process holds in memory (for ``worker.metrics``).
 
     Without ``_lock``, which is held while a bundle loads: a scrape must not wait for that."""
-    return {name: str(bundle.device) for name, bundle in list(_bundles.items())}
+    return {f"{k[0]}@{k[1]}": str(bundle.device) for k, bundle in list(_bundles.items())}
 
 
 def get_store() -> JobStore:

@@ -21,6 +21,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from app.params import JobParams
+from app.registry import format_ref
 from app.schemas import JobStatus
 from app.storage import StorageUnavailable
 from app.store import JobStore
@@ -116,7 +117,7 @@ def run_shard(
             store.fail(job_id, f"invalid job parameters: {wrong}")
             return Outcome.FAILED
         try:
-            bundle = get_bundle(params.model)
+            bundle = get_bundle(format_ref(params.model, params.model_version))
             sp = sampling_params(params)
         except Exception as exc:  # a bundle that cannot load fails the job at once: no retry helps
             log.exception("job %s: cannot prepare shard %s", job_id, shard)

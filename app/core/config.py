@@ -54,10 +54,15 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "diffexp"
 
-    # Bundles: every subfolder of bundles_dir holding a bundle.json is a model.
+    # Bundles: published to the registry in object storage (models/NAME/VERSION/, app/registry.py);
+    # every subfolder of bundles_dir holding a bundle.json is also a read-only "local" model on this
+    # host. Workers fetch registry bundles into bundle_cache_dir (digest checked) and keep at most
+    # max_loaded_bundles in memory, the least recently used going first.
     bundles_dir: Path = Path("models/bundles")
     default_model: str = "cxr-lung-64"
     device: str = "auto"
+    bundle_cache_dir: Path = Path("var/bundle-cache")
+    max_loaded_bundles: int = Field(default=2, ge=1)
 
     # Storage backend.
     storage_backend: Literal["local", "s3"] = "local"

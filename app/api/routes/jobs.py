@@ -6,7 +6,7 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.api.deps import JsonBody, OwnedJob, PrincipalDep, QuotasDep, SettingsDep, StoreDep, too_many
 from app.auth import QuotaExceeded
-from app.bundles import list_bundles, resolve_params
+from app.bundles import resolve_params
 from app.core.config import Settings
 from app.errors import ErrorResponses
 from app.exports import ExportFormat, Labels
@@ -40,6 +40,18 @@ def callback(body: JobCreate, settings: Settings) -> dict[str, str] | None:
     return {"url": body.callback_url, "secret": body.callback_secret or new_secret()}
 
 
+def model_meta(request: Request, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The bundle.json of the job's model version, or None when it has been deleted since."""
+    from app.registry import ModelNotFound
+
+    try:
+        rec = request.app.state.registry.get(str(params["model"]), params.get("model_version"))
+    except ModelNotFound:
+        return None
+    meta: dict[str, Any] = rec["meta"]
+    return meta
+
+
 def _invalid(field: str, message: str, value: str) -> RequestValidationError:
     error = {"type": "value_error", "loc": ("body", field), "msg": message, "input": value}
     return RequestValidationError([error])
@@ -62,7 +74,9 @@ def create_job(
 
     ``429`` (with ``Retry-After``) when the key has ``max_active_jobs`` jobs queued or running, or
     the job would take it past ``pairs_per_day``."""
-    params = resolve_params(body, settings)  # 422 before anything is stored
+    registry = request.app.state.registry
+    viewer = None if who.admin else who.name
+    params = resolve_params(body, settings, registry, viewer)  # 422 before anything is stored
     webhook = callback(body, settings)
     if who.pairs_per_day is not None and params.count > who.pairs_per_day:
         raise HTTPException(
@@ -160,6 +174,7 @@ FormatQuery = Annotated[
     },
 )
 def download_zip(
+    request: Request,
     store: StoreDep,
     settings: SettingsDep,
     rec: OwnedJob,
@@ -181,7 +196,7 @@ def download_zip(
         )
     # nnunet / monai are streamed on demand, not cached: only masks are re-encoded (a few kB each), and a
     # cached copy per format would double the job's storage for what the same bytes rebuild.
-    labels = Labels.from_bundle(list_bundles(settings).get(str(rec["params"]["model"])))
+    labels = Labels.from_bundle(model_meta(request, rec["params"]))
     return StreamingResponse(
         job_zip(store.storage, rec, rows, final=final, fmt=fmt, labels=labels),
         media_type="application/zip",
