@@ -331,6 +331,17 @@ class Registry:
         """Upload the bundle at ``bundle_dir`` as the next version of ``name``; returns its record.
 
         Raises ``InvalidBundle`` (not a complete bundle, or a bad name) and ``NameTaken``."""
+        rec, _ = self._publish(bundle_dir, name, owner=owner, extra=extra, reuse=False)
+        return rec
+
+    def ensure(self, bundle_dir: Path, name: str, *, owner: str) -> tuple[dict[str, Any], bool]:
+        """Publish the bundle unless a version of ``name`` already has its digest: ``(record, whether
+        published now)``. Idempotent, also when several processes start at once (the name's lock)."""
+        return self._publish(bundle_dir, name, owner=owner, extra=None, reuse=True)
+
+    def _publish(
+        self, bundle_dir: Path, name: str, *, owner: str, extra: dict[str, Any] | None, reuse: bool
+    ) -> tuple[dict[str, Any], bool]:
         if not valid_name(name):
             raise InvalidBundle(f"model name {name!r} must match {NAME_PATTERN}")
         root = Path(bundle_dir)
@@ -338,6 +349,8 @@ class Registry:
         meta = check_bundle(root, files)
         digest = folder_digest(root, files)
         with self._lock(name):
+            if reuse and (found := self.find_by_digest(name, digest)) is not None:
+                return found, False
             current = self.owner_of(name)
             if current is not None and current != owner:
                 raise NameTaken(f"model name {name!r} belongs to another key; choose another name")
@@ -369,7 +382,7 @@ class Registry:
                 self._undo(base)
                 raise
         log.info("published %s@%s (%s) for %s", name, version, digest, owner)
-        return rec
+        return rec, True
 
     def _undo(self, base: str) -> None:
         try:

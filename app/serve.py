@@ -27,6 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from app.core.config import Settings, is_loopback
 
@@ -126,6 +127,11 @@ def admin_key_setup(settings: Settings, host: str, var: Path, env: dict[str, str
     return f'admin key: in {shown}  (KEY=$(cat {shown}); curl -H "Authorization: Bearer $KEY" ...)'
 
 
+def _settings_env(env: dict[str, str]) -> dict[str, Any]:
+    """The DIFFEXP_* variables the children get, as Settings fields."""
+    return {k.removeprefix("DIFFEXP_").lower(): v for k, v in env.items() if k.startswith("DIFFEXP_") and v}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -159,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
              "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(var / "redis")],
             env, var / "logs" / "redis.log",
         )  # fmt: skip
+        # The demo bundle into the registry (once: by digest), before anything can ask for it.
+        published = subprocess.run(
+            [sys.executable, "-m", "app.publish_demo"], env=env, cwd=ROOT, capture_output=True, text=True
+        )
+        say((published.stdout or published.stderr).strip())
         worker = start(
             "worker",
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
@@ -174,11 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://{args.host}:{args.port}"
         wait_http(f"{url}/healthz", [redis, worker, api], 120)
         wait_http(f"{url}/readyz", [redis, worker, api], 180)
-        from app.bundles import list_bundles
+        from app.registry import ModelNotFound, Registry
 
-        settings = Settings(_env_file=None, redis_url=env["DIFFEXP_REDIS_URL"])  # type: ignore[call-arg]
-        if settings.default_model not in list_bundles(settings):
-            say(f"warning: default model {settings.default_model!r} not found under {settings.bundles_dir}")
+        settings = Settings(_env_file=ROOT / ".env", **_settings_env(env))  # type: ignore[call-arg]
+        try:
+            Registry.from_settings(settings).get(settings.default_model)
+        except ModelNotFound:
+            say(f"warning: default model {settings.default_model!r} is neither published nor under "
+                f"{settings.bundles_dir}")  # fmt: skip
         say(f"DiffuseExpand is serving at {url}  (API docs: {url}/docs; logs: {var / 'logs'}; Ctrl-C stops)")
         say(auth_line)
         while True:

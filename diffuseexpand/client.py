@@ -375,6 +375,28 @@ class Client(_Base):
         answer = self._json(_Call("GET", "/v1/models"))
         return [Model.from_json(m, answer.get("default")) for m in answer.get("data") or []]
 
+    def push(self, bundle_dir: str | Path, name: str) -> dict[str, Any]:
+        """Publish a locally trained bundle folder as the next version of ``name``
+        (``POST /v1/models/{name}/versions``, a tar.gz of the folder without ``.checkpoints/``);
+        returns the version as the service shows it (``name``, ``version``, ``digest``...).
+        Sent once: a publish repeated after a lost answer would make another version."""
+        import tempfile
+
+        with tempfile.TemporaryFile() as archive:
+            pack_bundle(Path(bundle_dir), archive)
+            archive.seek(0)
+            path = f"/v1/models/{quote(name, safe='')}/versions"
+            try:
+                response = self._http.post(
+                    path, files={"file": ("bundle.tar.gz", archive, "application/gzip")}
+                )
+            except httpx.TransportError as exc:
+                raise self._unreachable(exc) from exc
+        if response.status_code >= 400:
+            raise self._error(response)
+        answer: dict[str, Any] = response.json()
+        return answer
+
     # ---- waiting ----
 
     def wait(
@@ -752,3 +774,18 @@ class AsyncClient(_Base):
                     raise
             await asyncio.sleep(delay)
             attempt += 1
+
+
+def pack_bundle(bundle_dir: Path, out: IO[bytes]) -> None:
+    """A tar.gz of a bundle folder into ``out``: regular files only, without hidden parts
+    (``.checkpoints/``, temporaries), paths relative to the folder."""
+    import tarfile
+
+    if not (bundle_dir / "bundle.json").is_file():
+        raise ValueError(f"{bundle_dir}: not a bundle (no bundle.json)")
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for path in sorted(bundle_dir.rglob("*")):
+            rel = path.relative_to(bundle_dir)
+            if any(p.startswith(".") for p in rel.parts) or path.is_symlink() or not path.is_file():
+                continue
+            tar.add(path, arcname=rel.as_posix(), recursive=False)

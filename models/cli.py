@@ -527,7 +527,24 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> N
 
 
 from models.cli_evaluate import evaluate_cmd  # noqa: E402
+from models.cli_remote import ApiKey, Url, remote_errors  # noqa: E402
+from models.cli_remote import _client as remote_client  # noqa: E402
 from models.cli_remote import app as remote_app  # noqa: E402
+
+
+@app.command()
+def push(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder (from `diffuseexpand train`).")],
+    name: Annotated[str, typer.Option("--name", help="model name: a-z, 0-9, '.', '_', '-'")],
+    url: Url,
+    api_key: ApiKey = None,
+) -> None:
+    """Publish a locally trained bundle to a service's registry as the next version of NAME; prints
+    NAME@VERSION and its digest (use it as `model` of a job)."""
+    with remote_errors(), remote_client(url, api_key) as client:
+        model = client.push(bundle, name)
+    typer.echo(f"{model['name']}@{model['version']}\t{model.get('digest')}")
+
 
 app.command("evaluate")(evaluate_cmd)
 app.add_typer(remote_app, name="remote")

@@ -37,6 +37,10 @@ def test_compose_has_the_services_with_healthchecks_and_volumes() -> None:
     assert services["api"]["build"]["dockerfile"] == "docker/Dockerfile.api"
     assert services["bucket"]["command"] == ["python", "-m", "app.bootstrap"]
     assert services["api"]["depends_on"]["bucket"]["condition"] == "service_completed_successfully"
+    # bundles travel through the registry: only the one-shot publisher mounts the demo's folder
+    assert "volumes" not in worker and "volumes" not in services["api"]
+    assert services["bucket"]["volumes"] == ["./models/bundles:/srv/models/bundles:ro"]
+    assert services["bucket"]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 def test_compose_environment_names_are_settings_fields() -> None:
