@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,7 +93,9 @@ def test_publish_numbers_versions_writes_the_manifest_last_and_lists_the_latest(
     assert registry.publish(bundles[0], "lung", owner="admin")["version"] == "4"
 
 
-def test_the_index_is_rebuilt_from_storage_when_redis_loses_it(registry: Registry, bundles: list[Path]) -> None:
+def test_the_index_is_rebuilt_from_storage_when_redis_loses_it(
+    registry: Registry, bundles: list[Path]
+) -> None:
     registry.publish(bundles[0], "lung", owner="lab")
     registry.publish(bundles[1], "lung", owner="lab")
     before = registry.list_models()

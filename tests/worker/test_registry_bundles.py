@@ -1,0 +1,85 @@
+"""Workers get bundles from the registry only: fetched on first use (digest checked), cached on disk,
+at most DIFFEXP_MAX_LOADED_BUNDLES in memory (worker/runtime.py get_bundle)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from app.core.config import Settings
+from app.registry import DigestMismatch, Registry
+from app.storage import LocalStorage
+from tests.app.test_registry import variant
+from tests.worker.conftest import Harness
+from worker import runtime
+from worker.shard import Outcome
+
+
+@pytest.fixture()
+def settings(settings_factory: Callable[..., Settings], tmp_path: Path) -> Settings:
+    empty = tmp_path / "no-bundles"  # this worker has no bundle on its disk
+    empty.mkdir()
+    return settings_factory(bundles_dir=empty, bundle_cache_dir=tmp_path / "cache", max_loaded_bundles=1)
+
+
+@pytest.fixture()
+def registry(settings: Settings, tiny_bundle: Path, tmp_path: Path) -> Iterator[Registry]:
+    reg = Registry(LocalStorage(settings.storage_dir), redis.Redis.from_url(settings.redis_url), settings)
+    for i in range(2):
+        reg.publish(variant(tiny_bundle, tmp_path / f"b{i}", str(i)), "lung", owner="admin")
+    runtime._bundles.clear()
+    yield reg
+    runtime._bundles.clear()
+
+
+def test_bundles_load_once_and_the_least_recently_used_goes(settings: Settings, registry: Registry) -> None:
+    one = runtime.get_bundle("lung@1", settings, registry)
+    assert runtime.get_bundle("lung@1", settings, registry) is one  # kept in memory
+    assert list(runtime.loaded_bundles()) == ["lung@1"]
+    two = runtime.get_bundle("lung", settings, registry)  # the latest: 2; max 1 loaded, so 1 goes
+    assert list(runtime.loaded_bundles()) == ["lung@2"] and two is not one
+    again = runtime.get_bundle("lung@1", settings, registry)
+    assert again is not one and list(runtime.loaded_bundles()) == ["lung@1"]  # loaded anew, from the cache
+    assert sorted(p.name.split("-")[0] for p in (settings.bundle_cache_dir / "lung").iterdir()) == ["1", "2"]
+
+
+def test_lru_keeps_the_recently_used(
+    settings: Settings, registry: Registry, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    s2 = settings.model_copy(update={"max_loaded_bundles": 2})
+    one = runtime.get_bundle("lung@1", s2, registry)
+    runtime.get_bundle("lung@2", s2, registry)
+    assert runtime.get_bundle("lung@1", s2, registry) is one  # used last: 2 is now the oldest
+    registry.publish(variant(tiny_bundle, tmp_path / "other", "other"), "other", owner="admin")
+    runtime.get_bundle("other", s2, registry)
+    assert list(runtime.loaded_bundles()) == ["lung@1", "other@1"]
+
+
+def test_a_worker_without_bundles_on_disk_expands_with_the_latest_published(
+    settings: Settings, registry: Registry, loaded_bundle: object
+) -> None:
+    h = Harness(settings, loaded_bundle)  # type: ignore[arg-type]
+    h.get_bundle = lambda ref: runtime.get_bundle(ref, settings, registry)  # type: ignore[method-assign]
+    job_id = h.submit(count=2, model="lung", steps=2, eta=1.0, seed=1)
+    assert h.drain() and h.store.get(job_id)["status"] == "succeeded"
+    assert h.store.get(job_id)["params"]["model_version"] == "2"  # the latest, recorded in the job
+    assert list(runtime.loaded_bundles()) == ["lung@2"]
+
+
+def test_a_tampered_bundle_is_refused_and_fails_the_job(
+    settings: Settings, registry: Registry, loaded_bundle: object
+) -> None:
+    stored = settings.storage_dir / "models/lung/2/dpm/config.json"
+    stored.write_text(stored.read_text().replace("{", "{ ", 1))  # same JSON, other bytes
+    with pytest.raises(DigestMismatch):
+        runtime.get_bundle("lung@2", settings, registry)
+    h = Harness(settings, loaded_bundle)  # type: ignore[arg-type]
+    h.get_bundle = lambda ref: runtime.get_bundle(ref, settings, registry)  # type: ignore[method-assign]
+    job_id = h.submit(count=2, model="lung", steps=2, eta=1.0, seed=1)
+    assert h.drain() == [Outcome.FAILED]
+    job = h.store.get(job_id)
+    assert job["status"] == "failed" and "digest" in job["error"]
+    assert runtime.loaded_bundles() == {}
