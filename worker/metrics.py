@@ -48,7 +48,8 @@ SHARD_RUNS = Counter(
 
 
 class BundlesCollector:
-    """``diffexp_worker_bundles_loaded{model, device}``: the bundles this process holds, read at scrape."""
+    """``diffexp_worker_bundles_loaded{model, version, device}``: the bundles this process holds, read at
+    scrape (at most DIFFEXP_MAX_LOADED_BUNDLES)."""
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -59,10 +60,11 @@ class BundlesCollector:
         family = GaugeMetricFamily(
             "diffexp_worker_bundles_loaded",
             "Bundles loaded in this worker (1 each).",
-            labels=["model", "device"],
+            labels=["model", "version", "device"],
         )
-        for model, device in sorted(loaded_bundles().items()):
-            family.add_metric([model, device], 1)
+        for ref, device in sorted(loaded_bundles().items()):
+            model, _, version = ref.partition("@")
+            family.add_metric([model, version, device], 1)
         yield family
 
 

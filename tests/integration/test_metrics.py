@@ -59,7 +59,7 @@ def test_each_worker_serves_shard_histograms_and_the_api_the_services_counters(s
     assert delta(workers_before, workers_after, "diffexp_worker_shard_duration_seconds_sum", model=model) > 0
     worked = [w for w in workers_after if total(workers_after[w], "diffexp_worker_shard_runs_total") > 0]
     for w in worked:
-        assert value(workers_after[w], "diffexp_worker_bundles_loaded", model=model, device="cpu") == 1
+        assert total(workers_after[w], "diffexp_worker_bundles_loaded", model=model, device="cpu") == 1
         assert total(workers_after[w], "diffexp_worker_shard_duration_seconds_bucket", le="+Inf") > 0
     local_done = delta(workers_before, workers_after, "diffexp_worker_shard_runs_total", outcome="done")
     assert local_done >= len(done)
