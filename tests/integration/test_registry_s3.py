@@ -28,7 +28,9 @@ Q_REG = "q-reg"
 
 
 @pytest.fixture(scope="module")
-def bare_worker(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CeleryWorker, Path]]:
+def bare_worker(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[CeleryWorker, Path]]:
     """A worker on its own queue whose DIFFEXP_BUNDLES_DIR is empty: bundles only from the registry."""
     work = tmp_path_factory.mktemp("bare")
     (work / "no-bundles").mkdir()

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import UploadFile
 
 from app.api.deps import MultipartBody, PrincipalDep, SettingsDep
@@ -26,6 +27,22 @@ from app.registry import NAME_PATTERN, VERSION_PATTERN, ModelNotFound, Registry
 from app.schemas import ModelPublic, ModelsPublic
 
 router = APIRouter(prefix="/models", tags=["models"])
+
+
+class VersionConvertor(Convertor[str]):
+    """``{version:model_version}`` matches versions only, so ``/{name}/versions`` (POST) is not also
+    ``/{name}/{version}`` (GET, DELETE): a 405 there names POST alone in ``Allow``."""
+
+    regex = VERSION_PATTERN.strip("^$")
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("model_version", VersionConvertor())
 
 NameParam = Annotated[
     str,
@@ -113,7 +130,9 @@ def read_model(name: NameParam, registry: RegistryDep, who: PrincipalDep) -> Any
         return JSONResponse(status)
 
 
-@router.get("/{name}/{version}", response_model=ModelPublic, responses=ErrorResponses.MODEL_READ)
+@router.get(
+    "/{name}/{version:model_version}", response_model=ModelPublic, responses=ErrorResponses.MODEL_READ
+)
 def read_model_version(
     name: NameParam, version: VersionParam, registry: RegistryDep, who: PrincipalDep
 ) -> ModelPublic:
@@ -127,7 +146,7 @@ def delete_model(name: NameParam, registry: RegistryDep, who: PrincipalDep) -> R
     return Response(status_code=204)
 
 
-@router.delete("/{name}/{version}", status_code=204, responses=ErrorResponses.MODEL_DELETE)
+@router.delete("/{name}/{version:model_version}", status_code=204, responses=ErrorResponses.MODEL_DELETE)
 def delete_model_version(
     name: NameParam, version: VersionParam, registry: RegistryDep, who: PrincipalDep
 ) -> Response:
