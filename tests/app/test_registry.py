@@ -287,3 +287,34 @@ def test_an_upload_past_the_upload_limit_is_413(small_upload_client: TestClient)
     big = b"\0" * ((1 << 20) + 1)
     resp = small_upload_client.post("/v1/models/lung/versions", files={"file": ("b.tar.gz", big)})
     assert resp.status_code == 413 and "DIFFEXP_MAX_UPLOAD_MB" in resp.json()["detail"]
+
+
+def test_the_demo_is_published_once(settings: Settings, tiny_bundle: Path) -> None:
+    from app.publish_demo import publish_demo
+
+    first = publish_demo(settings)
+    assert first.startswith(f"published {tiny_bundle.name}@1 (sha256:")
+    assert publish_demo(settings).startswith(f"already in the registry: {tiny_bundle.name}@1")
+    registry = Registry.from_settings(settings)
+    rec = registry.get(tiny_bundle.name)
+    assert rec["owner"] == "admin" and rec["versions"] == ["1"] and rec["source"] == "registry"
+    assert registry.list_models("any-key")[0]["name"] == tiny_bundle.name  # shared with every key
+    empty = settings.model_copy(update={"bundles_dir": settings.storage_dir / "none"})
+    assert publish_demo(empty).startswith("no bundle at")
+
+
+def test_a_training_in_progress_answers_through_the_hook(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import types
+
+    trainings = types.ModuleType("app.trainings")
+    trainings.training_status = lambda name: (  # type: ignore[attr-defined]
+        {"name": name, "status": "training", "owner": "lab-a"} if name == "soon" else None
+    )
+    monkeypatch.setitem(sys.modules, "app.trainings", trainings)
+    assert client.get("/v1/models/soon").json() == {"name": "soon", "status": "training", "owner": "lab-a"}
+    assert client.get("/v1/models/other").status_code == 404
+    b = bearer(new_key(client, "lab-b"))
+    assert client.get("/v1/models/soon", headers=b).status_code == 404  # another key's training
