@@ -117,7 +117,9 @@ def run_shard(
             store.fail(job_id, f"invalid job parameters: {wrong}")
             return Outcome.FAILED
         try:
-            bundle = get_bundle(format_ref(params.model, params.model_version))
+            bundle = _load_through_outages(
+                get_bundle, format_ref(params.model, params.model_version), store, sleep
+            )
             sp = sampling_params(params)
         except Exception as exc:  # a bundle that cannot load fails the job at once: no retry helps
             log.exception("job %s: cannot prepare shard %s", job_id, shard)
@@ -129,6 +131,24 @@ def run_shard(
             store.release_lease(job_id, shard, token)
         except redis.RedisError:
             pass  # it expires by itself
+
+
+def _load_through_outages(
+    get_bundle: Callable[[str], Bundle], ref: str, store: JobStore, sleep: Callable[[float], None]
+) -> Bundle:
+    """The bundle; a Redis or storage outage while it is fetched from the registry is waited out (with
+    backoff, up to ``outage_limit_s``) like one while sampling: it is not the bundle's fault."""
+    deadline = time.monotonic() + store.settings.outage_limit_s
+    delay = 0.5
+    while True:
+        try:
+            return get_bundle(ref)
+        except Exception as exc:
+            if not is_outage(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("fetching %s: storage or Redis unavailable, retrying in %.1f s: %r", ref, delay, exc)
+            sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def _run_through_outages(

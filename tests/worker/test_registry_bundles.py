@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -83,3 +84,23 @@ def test_a_tampered_bundle_is_refused_and_fails_the_job(
     job = h.store.get(job_id)
     assert job["status"] == "failed" and "digest" in job["error"]
     assert runtime.loaded_bundles() == {}
+
+
+def test_an_outage_while_fetching_is_waited_out(
+    settings: Settings, registry: Registry, loaded_bundle: object
+) -> None:
+    from app.storage import StorageUnavailable
+
+    calls: list[str] = []
+
+    def flaky(ref: str) -> Any:
+        calls.append(ref)
+        if len(calls) <= 2:
+            raise StorageUnavailable("S3 is down")
+        return runtime.get_bundle(ref, settings, registry)
+
+    h = Harness(settings, loaded_bundle)  # type: ignore[arg-type]
+    h.get_bundle = flaky  # type: ignore[method-assign]
+    job_id = h.submit(count=2, model="lung@1", steps=2, eta=1.0, seed=1)
+    h.drain()
+    assert h.store.get(job_id)["status"] == "succeeded" and calls[:3] == ["lung@1"] * 3
