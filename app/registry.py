@@ -243,23 +243,25 @@ class Registry:
 
     # ---- index
     def rebuild(self) -> int:
-        """Re-index every manifest in storage (Redis lost its data); returns how many versions."""
-        with self.r.lock(f"{self.prefix}:models:lock", timeout=120, blocking_timeout=120):
+        """Re-index every manifest in storage (Redis lost its data); returns how many versions.
+
+        An empty registry takes no lock and sets no marker (one LIST of an empty prefix per call): a
+        request that stores nothing leaves no Redis key, and no process waits on another's lock."""
+        keys = [k for k in self.storage.list_keys("models/") if _is_manifest(k)]
+        if not keys:
+            return 0
+        with self.r.lock(f"{self.prefix}:models:lock", timeout=60, blocking_timeout=60):
             if self.r.exists(self.loaded):
                 return 0
             n = 0
-            for key in self.storage.list_keys("models/"):
-                parts = key.split("/")
-                if len(parts) != 4 or parts[3] != MANIFEST:
-                    continue
-                rec = self._stored_manifest(parts[1], parts[2])
+            for key in keys:
+                _, name, version, _ = key.split("/")
+                rec = self._stored_manifest(name, version)
                 if rec is None:
                     continue
-                self.r.hset(self.index, f"{parts[1]}/{parts[2]}", json.dumps(rec, sort_keys=True))
+                self.r.hset(self.index, f"{name}/{version}", json.dumps(rec, sort_keys=True))
                 n += 1
-            if n:  # an empty registry is looked at again next time (one LIST of an empty prefix): a
-                # request that stores nothing leaves no Redis key behind
-                self.r.set(self.loaded, "1")
+            self.r.set(self.loaded, "1")
         return n
 
     def _all(self) -> dict[str, list[dict[str, Any]]]:
@@ -494,6 +496,11 @@ class Registry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder
+
+
+def _is_manifest(key: str) -> bool:
+    parts = key.split("/")
+    return len(parts) == 4 and parts[3] == MANIFEST
 
 
 def _verify(folder: Path, files: list[str], digest: str) -> bool:
