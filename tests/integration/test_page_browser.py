@@ -197,7 +197,9 @@ def test_cancel_a_running_job_then_delete_it(stack: Stack, browser: Any) -> None
     d = browser
     d.get(stack.url + "/")
     enter_key(d, ADMIN_KEY)
-    job_id = submit_job(d, count=40, eta=ETA, steps=40, seed=5)
+    job_id = submit_job(
+        d, count=50, eta=ETA, steps=60, seed=5
+    )  # the most the stack allows: still running at the click
     # the grid shows the pairs kept so far while the job runs
     until(d, lambda d: d.find_elements("css selector", "#grid img"), 90, "a kept pair in the grid")
     assert "kept so far" in by_id(d, "pairs-summary").text
