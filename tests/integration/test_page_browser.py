@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_HEADERS, ADMIN_KEY
 from tests.integration.browser import chrome, find_browser
 from tests.integration.conftest import Stack
 from tests.integration.servers import free_port, kill, spawn, wait_for, worker_env
@@ -45,7 +45,26 @@ def browser(downloads: Path) -> Iterator[Any]:
     try:
         yield driver
     finally:
+        base = service_url(driver)
         driver.quit()
+        if base:
+            cancel_unfinished(base)  # a failed test must not leave a long job in front of the next ones
+
+
+def service_url(driver: Any) -> str | None:
+    url = str(driver.current_url or "")
+    return "/".join(url.split("/")[:3]) if url.startswith("http") else None
+
+
+def server_job_ids(base: str) -> list[dict[str, Any]]:
+    page = httpx.get(f"{base}/v1/jobs", params={"limit": 100}, headers=ADMIN_HEADERS, timeout=30)
+    return list(page.json()["data"])
+
+
+def cancel_unfinished(base: str) -> None:
+    for job in server_job_ids(base):
+        if job["status"] in ("queued", "running"):
+            httpx.post(f"{base}/v1/jobs/{job['id']}/cancel", headers=ADMIN_HEADERS, timeout=30)
 
 
 def until(driver: Any, check: Callable[[Any], Any], timeout: float = 30, what: str = "") -> Any:
@@ -78,8 +97,13 @@ def fill(driver: Any, **values: Any) -> None:
 
 
 def submit_job(driver: Any, **values: Any) -> str:
-    """Fill the form, start the job; returns its id (the entry the page adds at the top of the list)."""
-    before = {li.get_attribute("data-id") for li in driver.find_elements("css selector", "#jobs > li")}
+    """Fill the form, start the job; returns its id (the entry the page adds to the list).
+
+    The jobs known before come from the server, not the page: the page's list may still be loading,
+    and an older job appearing late would pass for the new one."""
+    base = service_url(driver)
+    assert base is not None
+    before = {job["id"] for job in server_job_ids(base)}
     fill(driver, **values)
     by_id(driver, "submit-job").click()
 
