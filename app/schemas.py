@@ -70,7 +70,6 @@ class JobCreate(BaseModel):
         default=None,
         min_length=1,
         max_length=2048,
-        pattern="^[Hh][Tt][Tt][Pp][Ss]?://",
         description="http(s) URL POSTed the job's JSON when it ends (signed: X-DiffuseExpand-Signature); "
         "public addresses only unless DIFFEXP_WEBHOOK_ALLOW_PRIVATE",
     )

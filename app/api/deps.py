@@ -46,6 +46,47 @@ async def get_quotas(request: Request) -> Quotas:
     return quotas
 
 
+_declared_query: dict[int, frozenset[str]] = {}
+
+
+def _query_names(route: Any) -> frozenset[str]:
+    """The query parameters a route declares (its dependencies' included), computed once per route."""
+    names = _declared_query.get(id(route))
+    if names is None:
+        found: set[str] = set()
+        stack = [route.dependant]
+        while stack:
+            dependant = stack.pop()
+            found.update(p.alias for p in dependant.query_params)
+            stack.extend(dependant.dependencies)
+        names = frozenset(found)
+        _declared_query[id(route)] = names
+    return names
+
+
+async def known_query(request: Request) -> None:
+    """A query parameter the route does not know is a 422, not silently ignored: a typo such as
+    ``?fromat=nnunet`` would otherwise download another format than asked for."""
+    route = request.scope.get("route")
+    if route is None or not hasattr(route, "dependant") or not request.query_params:
+        return
+    unknown = sorted(set(request.query_params.keys()) - _query_names(route))
+    if unknown:
+        from fastapi.exceptions import RequestValidationError
+
+        raise RequestValidationError(
+            [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("query", name[:64]),
+                    "msg": f"unknown query parameter; known: {', '.join(sorted(_query_names(route))) or 'none'}",
+                    "input": request.query_params.get(name, "")[:64],
+                }
+                for name in unknown[:10]
+            ]
+        )
+
+
 async def valid_job_id(
     job_id: Annotated[
         str,

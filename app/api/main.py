@@ -1,11 +1,13 @@
 from fastapi import APIRouter, Depends
 
-from app.api.deps import get_principal
+from app.api.deps import get_principal, known_query
 from app.api.routes import datasets, events, health, jobs, keys, metrics, models, pairs
 from app.errors import ErrorResponses
 
 # Every /v1 route needs a key (Authorization: Bearer KEY), unless DIFFEXP_AUTH=off.
-api_router = APIRouter(dependencies=[Depends(get_principal)], responses=ErrorResponses.AUTH)
+api_router = APIRouter(
+    dependencies=[Depends(get_principal), Depends(known_query)], responses=ErrorResponses.AUTH
+)
 api_router.include_router(jobs.router)
 api_router.include_router(events.router)
 api_router.include_router(pairs.router)

@@ -415,3 +415,20 @@ def test_readyz_names_no_endpoint_when_storage_is_down(settings_factory: Callabl
     assert ready.status_code == 503
     assert ready.json()["checks"]["storage"] == {"ok": False, "detail": "unreachable"}
     assert "127.0.0.1" not in ready.text and "secret-bucket" not in ready.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/jobs?limt=5",
+        "/v1/datasets?bogus=1",
+        "/v1/jobs/" + "a" * 32 + "/pairs.zip?fromat=nnunet",
+        "/v1/models?=x",
+    ],
+)
+def test_an_unknown_query_parameter_is_a_422_naming_it(client: TestClient, path: str) -> None:
+    """A typo like ``?fromat=nnunet`` used to be ignored silently (and the plain zip downloaded)."""
+    resp = client.get(path)
+    assert resp.status_code == 422, resp.text
+    errors = resp.json()["errors"]
+    assert errors[0]["type"] == "extra_forbidden" and "unknown query parameter" in errors[0]["detail"]

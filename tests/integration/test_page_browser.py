@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_HEADERS, ADMIN_KEY
 from tests.integration.browser import chrome, find_browser
 from tests.integration.conftest import Stack
 from tests.integration.servers import free_port, kill, spawn, wait_for, worker_env
@@ -45,7 +45,26 @@ def browser(downloads: Path) -> Iterator[Any]:
     try:
         yield driver
     finally:
+        base = service_url(driver)
         driver.quit()
+        if base:
+            cancel_unfinished(base)  # a failed test must not leave a long job in front of the next ones
+
+
+def service_url(driver: Any) -> str | None:
+    url = str(driver.current_url or "")
+    return "/".join(url.split("/")[:3]) if url.startswith("http") else None
+
+
+def server_job_ids(base: str) -> list[dict[str, Any]]:
+    page = httpx.get(f"{base}/v1/jobs", params={"limit": 100}, headers=ADMIN_HEADERS, timeout=30)
+    return list(page.json()["data"])
+
+
+def cancel_unfinished(base: str) -> None:
+    for job in server_job_ids(base):
+        if job["status"] in ("queued", "running"):
+            httpx.post(f"{base}/v1/jobs/{job['id']}/cancel", headers=ADMIN_HEADERS, timeout=30)
 
 
 def until(driver: Any, check: Callable[[Any], Any], timeout: float = 30, what: str = "") -> Any:
@@ -78,8 +97,13 @@ def fill(driver: Any, **values: Any) -> None:
 
 
 def submit_job(driver: Any, **values: Any) -> str:
-    """Fill the form, start the job; returns its id (the entry the page adds at the top of the list)."""
-    before = {li.get_attribute("data-id") for li in driver.find_elements("css selector", "#jobs > li")}
+    """Fill the form, start the job; returns its id (the entry the page adds to the list).
+
+    The jobs known before come from the server, not the page: the page's list may still be loading,
+    and an older job appearing late would pass for the new one."""
+    base = service_url(driver)
+    assert base is not None
+    before = {job["id"] for job in server_job_ids(base)}
     fill(driver, **values)
     by_id(driver, "submit-job").click()
 
@@ -197,7 +221,9 @@ def test_cancel_a_running_job_then_delete_it(stack: Stack, browser: Any) -> None
     d = browser
     d.get(stack.url + "/")
     enter_key(d, ADMIN_KEY)
-    job_id = submit_job(d, count=40, eta=ETA, steps=40, seed=5)
+    job_id = submit_job(
+        d, count=50, eta=ETA, steps=60, seed=5
+    )  # the most the stack allows: still running at the click
     # the grid shows the pairs kept so far while the job runs
     until(d, lambda d: d.find_elements("css selector", "#grid img"), 90, "a kept pair in the grid")
     assert "kept so far" in by_id(d, "pairs-summary").text
