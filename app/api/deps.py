@@ -10,6 +10,7 @@ from email.message import Message
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Path, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.auth import ADMIN_PRINCIPAL, KeyStore, Principal, QuotaExceeded, Quotas
@@ -108,6 +109,23 @@ async def require_json(request: Request) -> None:
         detail=f"send the body as application/json (got {value[:100] if value else 'no Content-Type'})",
         headers={"Accept-Post": "application/json"},
     )
+
+
+def known_query(*names: str) -> Any:
+    """A dependency that answers 422 for a query parameter other than ``names`` (a misspelt
+    ``limt=5`` would otherwise be ignored silently), as unknown body fields are."""
+
+    async def check(request: Request) -> None:
+        unknown = sorted({k for k in request.query_params.keys() if k not in names})
+        if unknown:
+            raise RequestValidationError(
+                [
+                    {"type": "extra_forbidden", "loc": ("query", k), "msg": "Unknown query parameter"}
+                    for k in unknown[:10]
+                ]
+            )
+
+    return Depends(check)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

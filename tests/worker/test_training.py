@@ -300,3 +300,11 @@ def test_the_event_stream_ends_with_the_outcome(api: TestClient) -> None:
     resp = api.get(f"/v1/trainings/{rec['id']}/events")
     assert resp.status_code == 200
     assert "event: canceled" in resp.text
+
+
+def test_a_misspelt_query_parameter_of_a_list_is_422(api: TestClient) -> None:
+    for path in ("/v1/trainings", "/v1/datasets"):
+        resp = api.get(path, params={"limt": 5})
+        assert resp.status_code == 422, path
+        assert resp.json()["errors"][0]["parameter"] == "limt"
+        assert api.get(path, params={"limit": 5, "offset": 0}).status_code == 200

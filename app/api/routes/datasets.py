@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
-from app.api.deps import DatasetsDep, MultipartBody, OwnedDataset, PrincipalDep, SettingsDep
+from app.api.deps import DatasetsDep, MultipartBody, OwnedDataset, PrincipalDep, SettingsDep, known_query
 from app.archive import Limits, extract
 from app.core.config import Settings
 from app.dataset_check import CheckedDataset, check_folder, common_folder
@@ -154,7 +154,12 @@ def create_dataset(
     return dataset
 
 
-@router.get("", response_model=DatasetsPublic, responses=ErrorResponses.LIST)
+@router.get(
+    "",
+    response_model=DatasetsPublic,
+    responses=ErrorResponses.LIST,
+    dependencies=[known_query("limit", "offset")],
+)
 def list_datasets(
     request: Request,
     datasets: DatasetsDep,

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse
 
-from app.api.deps import DatasetsDep, JsonBody, PrincipalDep, SettingsDep
+from app.api.deps import DatasetsDep, JsonBody, PrincipalDep, SettingsDep, known_query
 from app.api.routes.events import EVENTS_200
 from app.errors import ErrorResponses
 from app.events import MAX_EVENT_ID, job_events
@@ -158,7 +158,12 @@ def create_training(
     return training
 
 
-@router.get("/trainings", response_model=TrainingsPublic, responses=ErrorResponses.LIST)
+@router.get(
+    "/trainings",
+    response_model=TrainingsPublic,
+    responses=ErrorResponses.LIST,
+    dependencies=[known_query("limit", "offset")],
+)
 def list_trainings(
     request: Request,
     trainings: TrainingsDep,
