@@ -228,7 +228,7 @@ class Reconciler:
             return None
         out = sweep(self.store)
         if self.trainings is not None:
-            out.requeued_trainings = sweep_trainings(self.trainings)
+            out.requeued_trainings = sweep_trainings(self.trainings, live=worker_queues(self.store))
         return out
 
     def _run(self) -> None:

@@ -378,12 +378,17 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 """
 
 
-def sweep_trainings(store: TrainingStore, *, now: float | None = None) -> list[str]:
+def sweep_trainings(
+    store: TrainingStore, *, now: float | None = None, live: set[str] | None = None
+) -> list[str]:
     """Requeue every queued or running training that no worker holds (its worker died, or its
     message was lost) once it has waited ``reconcile_grace_s`` since it was last enqueued; a
-    queued one only when its queue is empty (else it is waiting its turn). Returns the requeued ids."""
+    queued one only when its queue is empty (else it is waiting its turn). With ``live`` (the
+    queues live workers serve), fail one that no worker could take for ``stall_timeout_s`` since
+    it was created. Returns the requeued ids."""
     now = time.time() if now is None else now
-    grace = store.settings.reconcile_grace_s
+    s = store.settings
+    grace = s.reconcile_grace_s
     requeued = []
     for raw_id in store.r.smembers(store.active):
         training_id = as_str(raw_id)
@@ -393,10 +398,20 @@ def sweep_trainings(store: TrainingStore, *, now: float | None = None) -> list[s
             continue
         if store.r.exists(store.k(training_id, "lease")):
             continue
+        queue = str(rec.get("queue") or s.train_queue)
+        created = datetime.fromisoformat(rec["created_at"]).timestamp()
+        if live is not None and queue not in live and now - created >= s.stall_timeout_s:
+            store.finish(
+                training_id,
+                JobStatus.FAILED,
+                error=f"no worker served queue {queue!r} for {s.stall_timeout_s:g} s "
+                f"(start one with -Q {queue})",
+            )
+            continue
         enqueued = float(as_str(store.r.get(store.k(training_id, "enqueued")) or b"0"))
         if now - enqueued < grace:
             continue
-        if rec["status"] == JobStatus.QUEUED.value and store.r.llen(rec.get("queue") or "") > 0:
+        if rec["status"] == JobStatus.QUEUED.value and store.r.llen(queue) > 0:
             continue
         log.warning("training %s: no worker holds it; requeued", training_id)
         store.enqueue(training_id)

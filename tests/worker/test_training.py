@@ -213,6 +213,17 @@ def test_a_worker_that_died_is_requeued_by_the_sweep(api: TestClient) -> None:
     assert len(sent(api)) == 2
 
 
+def test_a_training_no_worker_serves_fails_after_the_stall_timeout(api: TestClient) -> None:
+    rec = start(api, upload(api))
+    store = trainings(api)
+    later = time.time() + store.settings.stall_timeout_s + 1
+    sweep_trainings(store, now=later, live={"train"})  # served (an empty queue: sent again)
+    assert api.get(f"/v1/trainings/{rec['id']}").json()["status"] == "queued"
+    sweep_trainings(store, now=later, live={"diffexp"})
+    failed = api.get(f"/v1/trainings/{rec['id']}").json()
+    assert failed["status"] == "failed" and "no worker served queue 'train'" in failed["error"]
+
+
 def test_a_training_that_fails_n_times_fails_with_the_reason(make_api: Callable[..., TestClient]) -> None:
     api = make_api(train_max_tries=2)
     dataset = upload(api)
