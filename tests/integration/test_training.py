@@ -15,9 +15,11 @@ from typing import Any
 import httpx
 import pytest
 from safetensors.torch import load as load_safetensors
+from typer.testing import CliRunner
 
 from app.storage import S3Storage
-from tests.conftest import ADMIN_HEADERS
+from models.cli_remote import app as remote_app
+from tests.conftest import ADMIN_HEADERS, ADMIN_KEY
 from tests.integration.conftest import stack_env, wait_job
 from tests.integration.servers import (
     CeleryWorker,
@@ -129,10 +131,17 @@ def test_a_training_whose_worker_is_killed_mid_stage_one_resumes_and_equals_an_u
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 2
 
-        whole = api.post("/v1/models", json={"dataset": dataset, "name": "whole", **BODY}).json()
-        finished = wait_job(lambda: api.get(f"/v1/trainings/{whole['id']}").json(), 300)
-        assert finished["status"] == "succeeded", finished
-        assert finished["attempts"] == 1
+        # the reference run, through the CLI: pack the folder, upload, train, follow, print the name
+        folder = tmp_path / "shapes"
+        for member, data in shapes_members(8, size=16).items():
+            (folder / member).parent.mkdir(parents=True, exist_ok=True)
+            (folder / member).write_bytes(data)
+        options = [f"--{k.replace('_', '-')}={v}" for k, v in BODY.items()]
+        args = ["train", str(folder), "--url", str(api.base_url), "--api-key", ADMIN_KEY, "--name", "whole"]
+        result = CliRunner().invoke(remote_app, args + options)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip().splitlines()[-1] == "whole@1"
+        assert "stage I step" in result.stderr and "filter held-out Dice" in result.stderr
     finally:
         first.stop(sig=signal.SIGKILL)
         if second is not None:
