@@ -108,7 +108,7 @@ class ErrorResponses:
     ADMIN = problem_responses(401, 403, 429)  # /v1/keys
     DATASET = problem_responses(404, 503)
     DATASET_DELETE = problem_responses(404, 409, 503)
-    TRAINING_CREATE = problem_responses(400, 404, 409, 413, 415, 422, 503)  # POST /v1/models
+    TRAINING_CREATE = problem_responses(400, 404, 409, 413, 415, 422, 429, 503)  # POST /v1/models
     TRAINING = problem_responses(404, 503)
     TRAINING_QUERY = problem_responses(404, 422, 503)
     TRAINING_CHANGE = problem_responses(404, 409, 503)

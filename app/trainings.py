@@ -13,6 +13,7 @@ Redis (``P`` = settings.redis_prefix, ``T`` = ``P:training:ID``):
     T:ver           incremented at every change (the ids of its event stream)
     P:trainings     zset of ids by creation     P:owner:NAME:trainings  the same, per key
     P:trainings:active   set of the ids queued or running (what the reconciler sweeps)
+    P:owner:NAME:trainings:active   the same, per key (DIFFEXP_TRAIN_MAX_ACTIVE)
     P:training:name:N    id of the latest training of model name N (``training_status``)
     P:training:claim:N   id of the queued or running training of N: one at a time per name
 
@@ -158,6 +159,12 @@ class TrainingStore:
     def owner_index(self, owner: str) -> str:
         return f"{self.prefix}:owner:{owner}:trainings"
 
+    def owner_active(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:trainings:active"
+
+    def active_count(self, owner: str) -> int:
+        return int(self.r.scard(self.owner_active(owner)))
+
     def name_key(self, name: str) -> str:
         return f"{self.prefix}:training:name:{name}"
 
@@ -205,6 +212,7 @@ class TrainingStore:
             pipe.zadd(self.index, {training_id: now.timestamp()})
             pipe.zadd(self.owner_index(owner), {training_id: now.timestamp()})
             pipe.sadd(self.active, training_id)
+            pipe.sadd(self.owner_active(owner), training_id)
             pipe.set(self.name_key(body.name), training_id)
             pipe.incr(self.k(training_id, "ver"))
             pipe.execute()
@@ -329,6 +337,7 @@ class TrainingStore:
         if status is JobStatus.CANCELED:
             self.r.set(self.k(training_id, "stop"), "canceled")
         self.r.srem(self.active, training_id)
+        self.r.srem(self.owner_active(rec["owner"]), training_id)
         claim = self.claim_key(rec["name"])
         if as_str(self.r.get(claim) or b"") == training_id:
             self.r.delete(claim)

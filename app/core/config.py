@@ -122,6 +122,8 @@ class Settings(BaseSettings):
     train_checkpoint_s: float = Field(default=300.0, ge=0)
     train_max_tries: int = Field(default=3, ge=1)
     train_sample_pairs: int = Field(default=4, ge=0, le=16)
+    # How many trainings a key (not the admin) may have queued or running at once (429 past it).
+    train_max_active: int = Field(default=1, ge=1)
     visibility_timeout_s: int = Field(default=600, ge=1)
 
     # Metrics (docs/metrics.md). The API serves /metrics, without a key unless `metrics_key` is set

@@ -151,11 +151,17 @@ def test_the_publisher_trains_new_versions_and_other_keys_get_409(api: TestClien
     resp = api.post("/v1/models", json={"dataset": theirs, "name": "tiny", **TINY}, headers=bob)
     assert resp.status_code == 409 and resp.headers["content-type"] == PROBLEM
     assert "another key" in resp.json()["detail"]
+    # one training at a time for a key (DIFFEXP_TRAIN_MAX_ACTIVE); the admin has no such limit
+    mine = api.post("/v1/models", json={"dataset": theirs, "name": "bobs", **TINY}, headers=bob)
+    assert mine.status_code == 202, mine.text
+    resp = api.post("/v1/models", json={"dataset": theirs, "name": "bobs2", **TINY}, headers=bob)
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "60"
+    assert api.post(f"/v1/trainings/{mine.json()['id']}/cancel", headers=bob).status_code == 200
     # bob cannot train on the admin's dataset, nor see the admin's trainings
     resp = api.post("/v1/models", json={"dataset": dataset, "name": "bobs", **TINY}, headers=bob)
     assert resp.status_code == 404 and resp.headers["content-type"] == PROBLEM
     assert api.get(f"/v1/trainings/{first['id']}", headers=bob).status_code == 404
-    assert api.get("/v1/trainings", headers=bob).json()["count"] == 0
+    assert [t["name"] for t in api.get("/v1/trainings", headers=bob).json()["data"]] == ["bobs"]
 
 
 def test_a_training_resumes_from_its_uploaded_checkpoint_with_the_same_weights(

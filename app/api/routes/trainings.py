@@ -11,8 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse
 
-from app.api.deps import DatasetsDep, JsonBody, PrincipalDep, SettingsDep, known_query
+from app.api.deps import DatasetsDep, JsonBody, PrincipalDep, SettingsDep, known_query, too_many
 from app.api.routes.events import EVENTS_200
+from app.auth import QuotaExceeded
 from app.errors import ErrorResponses
 from app.events import MAX_EVENT_ID, job_events
 from app.registry_standin import ModelNotFound, Registry  # TODO(merge): app.registry (issue 11 §3)
@@ -148,9 +149,19 @@ def create_training(
     """Train a bundle named ``name`` on one of the caller's datasets, on a worker of the training
     queue; 202 with the training. Follow ``GET /v1/trainings/{id}`` (or its events), or
     ``GET /v1/models/{name}``. 404: no such dataset of the caller's; 409: the name is being trained,
-    or was published by another key (its publisher may train new versions)."""
+    or was published by another key (its publisher may train new versions); 429: the key has
+    ``DIFFEXP_TRAIN_MAX_ACTIVE`` trainings queued or running."""
     if errors := too_many_steps(body, settings):
         raise RequestValidationError(errors)
+    if not who.admin and (active := trainings.active_count(who.name)) >= settings.train_max_active:
+        raise too_many(
+            QuotaExceeded(
+                "train_max_active",
+                f"quota: this key may have {settings.train_max_active} trainings queued or running "
+                f"(DIFFEXP_TRAIN_MAX_ACTIVE) and has {active}; wait for one to finish or cancel one",
+                retry_after=60,
+            )
+        )
     check_dataset(datasets, body.dataset, who.name, who.admin)
     rec = trainings.create(body, owner=who.name, published_owner=published_owner(trainings, body.name))
     training = public(request, trainings.get(rec["id"]))
