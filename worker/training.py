@@ -192,6 +192,11 @@ def run_training(
                 model = _train(store, rec, Path(tmp), lease, registry, device)
         except Cancelled as exc:
             log.info("training %s stopped: %s", training_id, exc)
+            if str(exc) == "canceled":  # what this run uploaded after the cancel removed the rest
+                try:
+                    store.storage.delete_prefix(store.checkpoint_prefix(training_id))
+                except Exception:
+                    log.warning("training %s: checkpoints left in storage", training_id, exc_info=True)
             return TrainOutcome.STOPPED
         except Exception as exc:
             log.exception("training %s crashed (attempt %s of %s)", training_id, attempts, tries)

@@ -254,7 +254,8 @@ def test_a_training_that_fails_n_times_fails_with_the_reason(make_api: Callable[
 
 def test_cancel_stops_a_running_training_and_frees_its_dataset(api: TestClient) -> None:
     dataset = upload(api)
-    rec = start(api, dataset, train_steps=5000, checkpoint_every=5000)
+    # a checkpoint uploaded at every step, also in the second between the cancel and the worker's check
+    rec = start(api, dataset, train_steps=5000, checkpoint_every=1)
     outcome: list[TrainOutcome] = []
     worker = threading.Thread(target=lambda: outcome.append(run(api, rec["id"])))
     worker.start()
@@ -269,6 +270,7 @@ def test_cancel_stops_a_running_training_and_frees_its_dataset(api: TestClient) 
     assert resp.status_code == 200 and resp.json()["status"] == "canceled"
     worker.join(30)
     assert outcome == [TrainOutcome.STOPPED]
+    assert not list(trainings(api).storage.list_keys(f"trainings/{rec['id']}/checkpoints/"))
     assert api.get(f"/v1/trainings/{rec['id']}").json()["status"] == "canceled"
     assert api.post(f"/v1/trainings/{rec['id']}/cancel").status_code == 409
     assert api.delete(f"/v1/datasets/{dataset}").status_code == 204
