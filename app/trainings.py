@@ -16,6 +16,9 @@ Redis (``P`` = settings.redis_prefix, ``T`` = ``P:training:ID``):
     P:owner:NAME:trainings:active   the same, per key (DIFFEXP_TRAIN_MAX_ACTIVE)
     P:training:name:N    id of the latest training of model name N (``training_status``)
     P:training:claim:N   id of the queued or running training of N: one at a time per name
+    P:trainings:loaded   set once Redis holds the trainings of storage; missing = Redis lost its
+                         data: the next sweep rebuilds them from ``training.json`` (unfinished ones
+                         queued again, and they resume from their checkpoints in storage)
 
 Storage: ``trainings/ID/training.json`` (the record, at creation and at the end) and
 ``trainings/ID/checkpoints/...`` (the bundle folder being trained, ``.checkpoints/`` included,
@@ -151,6 +154,7 @@ class TrainingStore:
         self.prefix = settings.redis_prefix
         self.index = f"{self.prefix}:trainings"
         self.active = f"{self.prefix}:trainings:active"
+        self.loaded = f"{self.prefix}:trainings:loaded"
 
     # ---- keys
     def k(self, training_id: str, *parts: str) -> str:
@@ -398,6 +402,10 @@ def sweep_trainings(
     now = time.time() if now is None else now
     s = store.settings
     grace = s.reconcile_grace_s
+    if not store.r.exists(store.loaded):
+        rebuilt = rebuild_trainings(store)
+        if rebuilt:
+            log.warning("Redis had lost its data: %d trainings rebuilt from storage", rebuilt)
     requeued = []
     for raw_id in store.r.smembers(store.active):
         training_id = as_str(raw_id)
@@ -426,6 +434,42 @@ def sweep_trainings(
         store.enqueue(training_id)
         requeued.append(training_id)
     return requeued
+
+
+def rebuild_trainings(store: TrainingStore) -> int:
+    """Put back in Redis every training whose ``training.json`` is in storage but not in Redis;
+    an unfinished one as queued, holding its name and its dataset again (the sweep then sends it)."""
+    recs = []
+    for key in store.storage.list_keys("trainings/"):
+        parts = key.split("/")
+        if len(parts) != 3 or parts[2] != "training.json" or store.r.exists(store.k(parts[1])):
+            continue
+        try:
+            recs.append(json.loads(store.storage.get(key)))
+        except (LookupError, ValueError):
+            continue
+    for rec in sorted(recs, key=lambda r: str(r["created_at"])):  # the latest of a name wins
+        training_id, owner = rec["id"], rec["owner"]
+        created = datetime.fromisoformat(rec["created_at"]).timestamp()
+        pipe = store.r.pipeline(transaction=True)
+        if not JobStatus(rec["status"]).is_terminal():
+            rec.update(status=JobStatus.QUEUED.value, started_at=None)
+            pipe.sadd(store.active, training_id)
+            pipe.sadd(store.owner_active(owner), training_id)
+            pipe.set(store.claim_key(rec["name"]), training_id, nx=True)
+        pipe.set(store.k(training_id), json.dumps(rec, sort_keys=True))
+        pipe.zadd(store.index, {training_id: created})
+        pipe.zadd(store.owner_index(owner), {training_id: created})
+        pipe.set(store.name_key(rec["name"]), training_id)
+        pipe.incr(store.k(training_id, "ver"))
+        pipe.execute()
+        if not JobStatus(rec["status"]).is_terminal():
+            try:
+                store.datasets.use(rec["dataset"], training_id)
+            except DatasetNotFound:
+                log.warning("training %s: its dataset %s is gone", training_id, rec["dataset"])
+    store.r.set(store.loaded, "1")
+    return len(recs)
 
 
 # The store of this process, for ``training_status`` (create_app and the worker set it).

@@ -219,6 +219,26 @@ def test_a_worker_that_died_is_requeued_by_the_sweep(api: TestClient) -> None:
     assert len(sent(api)) == 2
 
 
+def test_trainings_lost_with_redis_are_rebuilt_from_storage_and_resume(api: TestClient) -> None:
+    dataset = upload(api)
+    ended = start(api, dataset, name="ended")
+    api.post(f"/v1/trainings/{ended['id']}/cancel")
+    rec = start(api, dataset)
+    store = trainings(api)
+    store.mark_running(rec["id"])
+    prefix = store.settings.redis_prefix
+    store.r.delete(*store.r.keys(f"{prefix}:*"))  # Redis lost its data (the datasets' index too)
+    assert api.get(f"/v1/trainings/{rec['id']}").status_code == 404
+    assert sweep_trainings(store, now=time.time() + 3600) == [rec["id"]]  # rebuilt, then sent again
+    back = api.get(f"/v1/trainings/{rec['id']}").json()
+    assert back["status"] == "queued"
+    assert api.get(f"/v1/trainings/{ended['id']}").json()["status"] == "canceled"
+    assert api.get("/v1/trainings").json()["count"] == 2
+    assert store.datasets.users(dataset) == [rec["id"]]
+    assert api.post("/v1/models", json={"dataset": dataset, "name": "tiny", **TINY}).status_code == 409
+    assert run(api, rec["id"]) is TrainOutcome.DONE
+
+
 def test_a_training_no_worker_serves_fails_after_the_stall_timeout(api: TestClient) -> None:
     rec = start(api, upload(api))
     store = trainings(api)
