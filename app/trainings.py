@@ -274,8 +274,10 @@ class TrainingStore:
             return None
         return {
             "name": name,
+            "owner": rec["owner"],  # the registry's route shows it to this key (and the admin) only
             "status": "failed" if status is JobStatus.FAILED else "training",
             "error": rec["error"],
+            "progress": rec["progress"],
             "training": rec,
         }
 

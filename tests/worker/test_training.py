@@ -111,7 +111,7 @@ def test_a_training_publishes_its_bundle_with_metrics_and_a_sample_grid(api: Tes
     assert sent(api) == [(rec["id"], "train")]
     # from the POST on, the name answers "training", and the dataset cannot be deleted
     status = training_status("tiny", trainings(api))
-    assert status is not None and status["status"] == "training"
+    assert status is not None and status["status"] == "training" and status["owner"] == "admin"
     assert api.delete(f"/v1/datasets/{dataset}").status_code == 409
     assert api.post("/v1/models", json={"dataset": dataset, "name": "tiny", **TINY}).status_code == 409
 
@@ -347,3 +347,9 @@ def test_a_misspelt_query_parameter_of_a_list_is_422(api: TestClient) -> None:
         assert resp.status_code == 422, path
         assert resp.json()["errors"][0]["parameter"] == "limt"
         assert api.get(path, params={"limit": 5, "offset": 0}).status_code == 200
+
+
+def test_the_schema_bounds_the_steps_by_the_setting(api: TestClient) -> None:
+    props = api.get("/openapi.json").json()["components"]["schemas"]["TrainingCreate"]["properties"]
+    assert props["train_steps"]["maximum"] == 5000
+    assert any(o.get("maximum") == 5000 for o in props["filter_steps"]["anyOf"])
