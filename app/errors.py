@@ -34,6 +34,7 @@ from app.registry import DigestMismatch, InvalidBundle, ModelInUse, ModelNotFoun
 from app.schemas import is_job_id
 from app.storage import StorageUnavailable
 from app.store import JobConflict, JobNotFound
+from app.trainings import TrainingConflict, TrainingNotFound
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,10 @@ _DESCRIPTIONS = {
     400: "Malformed request (a body that is not JSON)",
     401: "Missing or invalid credentials",
     403: "Credentials without the needed permission",
-    404: "No such job, dataset (ids are 32 lowercase hex digits), model or route",
+    404: "No such job, dataset or training (ids are 32 lowercase hex digits), model or route",
     405: "Method not allowed (see the Allow header)",
     409: "Conflict with the job's state, an earlier use of the Idempotency-Key, a training using the dataset, "
-    "jobs using the model, or a model name of another key",
+    "jobs using the model, or a model name taken by a training or another key",
     413: "Request body larger than DIFFEXP_MAX_BODY_BYTES",
     415: "Request body is not application/json",
     422: "Invalid parameters: `errors` names each field and bound",
@@ -116,6 +117,10 @@ class ErrorResponses:
         413: {"model": Problem, "description": "Upload larger than DIFFEXP_MAX_UPLOAD_MB"},
         422: {"model": Problem, "description": "Not a complete bundle, or an archive refused (`errors`)"},
     }
+    TRAINING_CREATE = problem_responses(400, 404, 409, 413, 415, 422, 429, 503)  # POST /v1/models
+    TRAINING = problem_responses(404, 503)
+    TRAINING_QUERY = problem_responses(404, 422, 503)
+    TRAINING_CHANGE = problem_responses(404, 409, 503)
     UPLOAD = {  # POST /v1/datasets: a multipart body, up to DIFFEXP_MAX_UPLOAD_MB
         **problem_responses(400, 415, 422, 503),
         413: {"model": Problem, "description": "Upload larger than DIFFEXP_MAX_UPLOAD_MB"},
@@ -250,6 +255,16 @@ async def on_job_not_found(request: Request, exc: Exception) -> Response:
     return problem(404, detail, instance=request.url.path)
 
 
+async def on_training_not_found(request: Request, exc: Exception) -> Response:
+    training_id = str(exc.args[0]) if exc.args else ""
+    detail = (
+        f"training {training_id} not found"
+        if is_job_id(training_id)
+        else "training not found (ids are 32 lowercase hex digits)"
+    )
+    return problem(404, detail, instance=request.url.path)
+
+
 async def on_dataset_invalid(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DatasetInvalid)
     errors = []
@@ -332,6 +347,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NameTaken, on_job_conflict)
     app.add_exception_handler(InvalidBundle, on_invalid_bundle)
     app.add_exception_handler(DigestMismatch, on_unexpected)
+    app.add_exception_handler(TrainingNotFound, on_training_not_found)
+    app.add_exception_handler(TrainingConflict, on_job_conflict)
     for kind in unavailable_errors():
         app.add_exception_handler(kind, on_unavailable)
     app.add_exception_handler(Exception, on_unexpected)

@@ -20,11 +20,13 @@ from app.limits import BodyLimitMiddleware
 from app.metrics import install_metrics
 from app.openapi import install_openapi
 from app.page import install_page
-from app.queue import Enqueue, celery_enqueue, make_celery
+from app.queue import Enqueue, celery_enqueue, celery_train_enqueue, make_celery
 from app.reconciler import Reconciler
 from app.registry import Registry
 from app.storage import make_storage
 from app.store import JobStore
+from app.trainings import TrainEnqueue, TrainingStore
+from app.trainings import install as install_trainings
 from app.webhooks import WebhookSender
 
 log = logging.getLogger("diffexp.api")
@@ -34,7 +36,12 @@ class UnsafeConfig(RuntimeError):
     """Settings the API refuses to start with."""
 
 
-def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    enqueue: Enqueue | None = None,
+    train_enqueue: TrainEnqueue | None = None,
+) -> FastAPI:
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level)
     if settings.auth == "off" and not is_loopback(settings.host):
@@ -54,7 +61,9 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        reconciler = Reconciler(app.state.store)  # also runs in every worker; one sweep per interval
+        reconciler = Reconciler(
+            app.state.store, trainings=app.state.trainings
+        )  # also runs in every worker; one sweep per interval
         reconciler.start()
         webhooks = WebhookSender(app.state.store)  # the API sends webhooks: it is the one facing out
         webhooks.start()
@@ -73,14 +82,19 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
         version="0.1.0",
     )
     r = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    celery = make_celery(settings)  # connects on first send only
     if enqueue is None:
-        enqueue = celery_enqueue(make_celery(settings))
+        enqueue = celery_enqueue(celery)
+    if train_enqueue is None:
+        train_enqueue = celery_train_enqueue(celery)
     storage = make_storage(settings)
     app.state.settings = settings
     app.state.admin_key = admin_key
     app.state.store = JobStore(r, storage, settings, enqueue)
     app.state.keys = KeyStore(r, storage, settings.redis_prefix)
     app.state.datasets = DatasetStore(r, storage, settings.redis_prefix)
+    app.state.trainings = TrainingStore(r, storage, settings, app.state.datasets, train_enqueue)
+    install_trainings(app.state.trainings)  # what app.trainings.training_status(name) reads
     app.state.quotas = Quotas(r, settings.redis_prefix)
     app.state.registry = Registry(storage, r, settings)
     if origins := settings.cors_origin_list():

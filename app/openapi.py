@@ -64,6 +64,9 @@ def _settings_bounds(doc: dict[str, Any], settings: Settings) -> None:
     steps = _branch(props["steps"], "integer")
     steps["maximum"] = min(steps.get("maximum", settings.max_steps), settings.max_steps)
     _branch(props["max_attempts"], "integer")["maximum"] = settings.max_attempts_factor * settings.max_count
+    training = doc["components"]["schemas"]["TrainingCreate"]["properties"]
+    for field in ("train_steps", "segmenter_steps", "filter_steps"):  # DIFFEXP_TRAIN_MAX_STEPS
+        _branch(training[field], "integer")["maximum"] = settings.train_max_steps
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:

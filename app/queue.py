@@ -42,6 +42,16 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
+def celery_train_enqueue(celery: Celery) -> Callable[[str, str], None]:
+    """Sends a training (app.trainings) to its queue; only workers started with ``-Q train`` take it."""
+    from app.trainings import TRAIN_TASK
+
+    def enqueue(training_id: str, queue: str) -> None:
+        celery.send_task(TRAIN_TASK, args=[training_id], queue=queue)
+
+    return enqueue
+
+
 def celery_enqueue(celery: Celery) -> Enqueue:
     def enqueue(job_id: str, shard: int, queue: str) -> None:
         celery.send_task(SHARD_TASK, args=[job_id, shard], queue=queue)

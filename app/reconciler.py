@@ -32,6 +32,7 @@ from app import counters
 from app.layout import as_str, record_key
 from app.schemas import JobStatus
 from app.store import DECIDED, JobStore, now_iso
+from app.trainings import TrainingStore, sweep_trainings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Sweep:
     requeued: list[tuple[str, int]] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     rebuilt: int = 0
+    requeued_trainings: list[str] = field(default_factory=list)
 
 
 def worker_queues(store: JobStore) -> set[str]:
@@ -211,8 +213,9 @@ def _fail_if_stalled(
 class Reconciler:
     """Runs ``sweep`` every ``reconcile_interval_s`` in a daemon thread; one process per interval wins."""
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobStore, trainings: TrainingStore | None = None) -> None:
         self.store = store
+        self.trainings = trainings
         self.interval = store.settings.reconcile_interval_s
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
@@ -223,7 +226,10 @@ class Reconciler:
         key = self.store.keys.reconciler
         if not self.store.r.set(key, self.token, nx=True, px=max(1, int(self.interval * 1000))):
             return None
-        return sweep(self.store)
+        out = sweep(self.store)
+        if self.trainings is not None:
+            out.requeued_trainings = sweep_trainings(self.trainings, live=worker_queues(self.store))
+        return out
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             "worker",
             [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
              "--without-mingle", "--without-gossip", "--without-heartbeat", "--loglevel", "INFO",
-             "-Q", env.get("DIFFEXP_CELERY_QUEUE", "diffexp"), "-n", "serve@%h"],
+             # one worker for everything here: shards and trainings (docs/training.md)
+             "-Q", f"{env.get('DIFFEXP_CELERY_QUEUE', 'diffexp')},{env.get('DIFFEXP_TRAIN_QUEUE', 'train')}",
+             "-n", "serve@%h"],
             env, var / "logs" / "worker.log",
         )  # fmt: skip
         api = start(

@@ -397,6 +397,75 @@ class Client(_Base):
         answer: dict[str, Any] = response.json()
         return answer
 
+    # ---- datasets and trainings ----
+
+    def upload_dataset(self, source: str | os.PathLike[str], *, name: str | None = None) -> dict[str, Any]:
+        """Upload a dataset: a folder (``images/``, ``masks/``, optional ``pairs.csv`` and notes;
+        zipped here) or a ``.zip``/``.tar.gz``. Returns the dataset (``id``, ``pairs``, ...).
+        Sent once: a repeat after a lost answer would store a second copy."""
+        path = Path(source)
+        data = pack_folder(path) if path.is_dir() else path.read_bytes()
+        filename = f"{path.name}.zip" if path.is_dir() else path.name
+        try:
+            response = self._http.post(
+                "/v1/datasets",
+                files={"file": (filename, data, "application/octet-stream")},
+                data={"name": name} if name else None,
+                timeout=max(self.timeout, 300.0),
+            )
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+        if response.status_code >= 400:
+            raise self._error(response)
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    def train(self, dataset: str, name: str, **params: Any) -> dict[str, Any]:
+        """Start a training of model ``name`` on dataset ``dataset`` (``POST /v1/models``); ``params``
+        are the body's other fields (resolution, train_steps, segmenter_steps, filter_steps,
+        batch_size, seed, ...). Returns the training (``id``, ``status``, ``links``)."""
+        body = {"dataset": dataset, "name": name, **{k: v for k, v in params.items() if v is not None}}
+        answer: dict[str, Any] = self._json(_Call("POST", "/v1/models", body=body, idempotent=False))
+        return answer
+
+    def training(self, training_id: str) -> dict[str, Any]:
+        answer: dict[str, Any] = self._json(_Call("GET", f"/v1/trainings/{quote(training_id, safe='')}"))
+        return answer
+
+    def cancel_training(self, training_id: str) -> dict[str, Any]:
+        path = f"/v1/trainings/{quote(training_id, safe='')}/cancel"
+        answer: dict[str, Any] = self._json(_Call("POST", path, idempotent=False))
+        return answer
+
+    def wait_training(
+        self,
+        training_id: str,
+        *,
+        poll_s: float = 2.0,
+        timeout: float | None = None,
+        on_progress: Any = None,
+    ) -> dict[str, Any]:
+        """Poll the training until it ends; ``on_progress(training)`` at every poll. Returns the
+        succeeded training (its ``model``: name, version, metrics); raises ``DiffuseExpandError``
+        if it failed or was canceled, ``WaitTimeout`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            training = self.training(training_id)
+            if on_progress is not None:
+                on_progress(training)
+            if training["status"] == "succeeded":
+                return training
+            if training["status"] in ("failed", "canceled"):
+                raise DiffuseExpandError(
+                    f"training {training_id} {training['status']}: {training.get('error') or ''}".rstrip(
+                        ": "
+                    ),
+                    detail=training.get("error"),
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(training_id, timeout or 0.0)
+            time.sleep(poll_s)
+
     # ---- waiting ----
 
     def wait(
@@ -789,3 +858,20 @@ def pack_bundle(bundle_dir: Path, out: IO[bytes]) -> None:
             if any(p.startswith(".") for p in rel.parts) or path.is_symlink() or not path.is_file():
                 continue
             tar.add(path, arcname=rel.as_posix(), recursive=False)
+
+
+def pack_folder(root: Path) -> bytes:
+    """A dataset folder as a zip in memory: ``images/``, ``masks/`` and the notes beside them
+    (pairs.csv, SOURCE.md, LICENSE...), nothing else (no hidden files)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root)
+            if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+                continue
+            if rel.parts[0] in ("images", "masks") or len(rel.parts) == 1:
+                zf.write(path, rel.as_posix())
+    return buf.getvalue()

@@ -229,6 +229,82 @@ def jobs(
             typer.echo(f"{job.id}\t{job.status}\t{p.kept_capped}/{p.target}\t{created}")
 
 
+_STAGES = {"dpm": "I", "segmenter": "II", "filter": "IV"}
+
+
+def _training_line(t: dict[str, Any]) -> str:
+    p = t.get("progress") or {}
+    if not p:
+        return f"training {t['id']} {t['status']}"
+    loss = f" loss {p['loss']:.4f}" if p.get("loss") is not None else ""
+    eta = f" eta {p['eta_seconds']:.0f} s" if p.get("eta_seconds") is not None else ""
+    stage = _STAGES.get(p.get("stage", ""), "?")
+    return f"training {t['id']} {t['status']}: stage {stage} step {p.get('step')}/{p.get('steps')}{loss}{eta}"
+
+
+@app.command()
+def train(
+    data: Annotated[
+        Path, typer.Argument(help="dataset folder (images/, masks/, optional pairs.csv) or a .zip/.tar.gz")
+    ],
+    url: Url,
+    name: Annotated[str, typer.Option("--name", help="model name (a-z 0-9 . _ -)")],
+    api_key: ApiKey = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="square training size (16-256, a multiple of 8)")
+    ] = None,
+    train_steps: Annotated[int | None, typer.Option(help="Stage I steps")] = None,
+    segmenter_steps: Annotated[int | None, typer.Option(help="Stage II steps (default: half)")] = None,
+    filter_steps: Annotated[int | None, typer.Option(help="Stage IV steps (default: half)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="training batch size")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the split and every draw")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
+    progress: Progress = True,
+    timeout: Timeout = None,
+) -> None:
+    """Upload DATA as a dataset, train a model on it on the service, follow the training, and print
+    the model's name and version once it is published."""
+    if not data.exists():
+        raise _fail(f"{data}: no such file or folder", 2)
+    with remote_errors(), _client(url, api_key) as client:
+        dataset = client.upload_dataset(data, name=data.name)
+        typer.echo(f"dataset {dataset['id']}: {dataset['pairs']} pairs", err=True)
+        training = client.train(
+            dataset["id"],
+            name,
+            resolution=resolution,
+            train_steps=train_steps,
+            segmenter_steps=segmenter_steps,
+            filter_steps=filter_steps,
+            batch_size=batch_size,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+        )
+        typer.echo(f"training {training['id']} queued", err=True)
+        last: list[str] = []
+
+        def show(t: dict[str, Any]) -> None:
+            line = _training_line(t)
+            if progress and (not last or line != last[-1]):
+                typer.echo(line, err=True)
+                last.append(line)
+
+        try:
+            done = client.wait_training(training["id"], timeout=timeout, on_progress=show)
+        except KeyboardInterrupt:
+            typer.echo(f"\nStopped waiting; training {training['id']} goes on.", err=True)
+            raise typer.Exit(130) from None
+        model = done.get("model") or {}
+        metrics = model.get("metrics") or {}
+        if metrics.get("filter_dice") is not None:
+            typer.echo(
+                f"filter held-out Dice {metrics['filter_dice']:.4f}, real pairs passing "
+                f"{metrics['real_pass_rate']:.1%}",
+                err=True,
+            )
+        typer.echo(f"{model.get('name', name)}@{model.get('version')}")
+
+
 def main() -> None:
     app(prog_name="diffuseexpand remote")
 

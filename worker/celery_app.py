@@ -33,12 +33,12 @@ def _heartbeat(hostname: str, queues: list[str]) -> None:
     """Announce this worker and its queues in Redis (what ``/readyz`` and the reconciler read), even
     while a shard keeps it busy; run the reconciler's ticks from the same thread."""
     from app.reconciler import Reconciler
-    from worker.runtime import get_store
+    from worker.runtime import get_store, get_trainings
 
     r = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     key = RedisKeys(settings.redis_prefix).worker(hostname)
     value = json.dumps({"queues": queues})
-    reconciler = Reconciler(get_store())
+    reconciler = Reconciler(get_store(), trainings=get_trainings())
     last_sweep = 0.0
     while not _stop.is_set():
         try:

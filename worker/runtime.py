@@ -19,6 +19,7 @@ from app.queue import celery_enqueue
 from app.registry import Registry
 from app.storage import make_storage
 from app.store import JobStore
+from app.trainings import TrainingStore, install
 from models.bundle import Bundle, resolve_device
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ _lock = threading.Lock()
 _bundles: OrderedDict[tuple[str, str, str], Bundle] = OrderedDict()
 _store: JobStore | None = None
 _registry: Registry | None = None
+_trainings: TrainingStore | None = None
 
 
 def get_registry() -> Registry:
@@ -84,3 +86,21 @@ def get_store() -> JobStore:
             r = redis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=5)
             _store = JobStore(r, make_storage(settings), settings, celery_enqueue(celery_app))
         return _store
+
+
+def get_trainings() -> TrainingStore:
+    """The training store of this process (on the job store's Redis and storage)."""
+    global _trainings
+    store = get_store()
+    with _lock:
+        if _trainings is None:
+            from app.datasets import DatasetStore
+            from app.queue import celery_train_enqueue
+            from worker.celery_app import celery_app
+
+            datasets = DatasetStore(store.r, store.storage, store.settings.redis_prefix)
+            _trainings = TrainingStore(
+                store.r, store.storage, store.settings, datasets, celery_train_enqueue(celery_app)
+            )
+            install(_trainings)
+        return _trainings

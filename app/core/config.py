@@ -118,6 +118,17 @@ class Settings(BaseSettings):
 
     # Celery.
     celery_queue: str = "diffexp"
+    # Trainings (POST /v1/models, docs/training.md): their own queue (`worker -Q train,diffexp` serves
+    # both; a worker without -Q takes none), the most steps of a stage, how often a running training
+    # uploads its checkpoints to storage (0 = at every checkpoint), the runs a training may start
+    # before it fails, and the pairs of the sample grid published with the bundle.
+    train_queue: str = "train"
+    train_max_steps: int = Field(default=100_000, ge=1)
+    train_checkpoint_s: float = Field(default=300.0, ge=0)
+    train_max_tries: int = Field(default=3, ge=1)
+    train_sample_pairs: int = Field(default=4, ge=0, le=16)
+    # How many trainings a key (not the admin) may have queued or running at once (429 past it).
+    train_max_active: int = Field(default=1, ge=1)
     visibility_timeout_s: int = Field(default=600, ge=1)
 
     # Metrics (docs/metrics.md). The API serves /metrics, without a key unless `metrics_key` is set

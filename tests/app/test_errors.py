@@ -135,7 +135,7 @@ def test_http_exceptions_become_problems_and_keep_their_headers(client: TestClie
         ("PATCH", "/v1/jobs/" + "a" * 32, "DELETE, GET"),
         ("GET", "/v1/jobs/" + "a" * 32 + "/cancel", "POST"),
         ("POST", "/healthz", "GET"),
-        ("OPTIONS", "/v1/models", "GET"),
+        ("OPTIONS", "/v1/models", "GET, POST"),  # POST: a training (app.trainings)
     ],
 )
 def test_405_names_every_allowed_method(client: TestClient, method: str, path: str, allow: str) -> None:

@@ -3,9 +3,12 @@ lenient reading of job JSON."""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +23,7 @@ from diffuseexpand import (
     ServiceUnavailable,
     Unauthorized,
 )
+from diffuseexpand.client import pack_folder
 from diffuseexpand.errors import error_from_response, retry_after_s
 from diffuseexpand.sse import Decoder
 from tests.client.scripted import job_json
@@ -103,3 +107,13 @@ def test_kept_beyond_the_target_is_capped_for_display() -> None:
     # shards running alongside may keep more pairs than the result takes
     job = Job.from_json(job_json("a" * 32, "succeeded", 5, target=4))
     assert job.progress.kept == 5 and job.progress.kept_capped == 4
+
+
+def test_pack_folder_zips_the_pairs_and_notes_only(tmp_path: Path) -> None:
+    for rel in ("images/a.png", "masks/a.png", "pairs.csv", "SOURCE.md", ".DS_Store", "images/.hidden",
+                "other/x.png"):  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(rel.encode())
+    with zipfile.ZipFile(io.BytesIO(pack_folder(tmp_path))) as zf:
+        assert sorted(zf.namelist()) == ["SOURCE.md", "images/a.png", "masks/a.png", "pairs.csv"]
+        assert zf.read("masks/a.png") == b"masks/a.png"

@@ -154,7 +154,11 @@ def create_dataset(
     return dataset
 
 
-@router.get("", response_model=DatasetsPublic, responses=ErrorResponses.LIST)
+@router.get(
+    "",
+    response_model=DatasetsPublic,
+    responses=ErrorResponses.LIST,
+)
 def list_datasets(
     request: Request,
     datasets: DatasetsDep,

@@ -6,7 +6,6 @@ not exist. ``POST /v1/models/{name}/versions`` publishes a bundle uploaded as a 
 like them by DIFFEXP_MAX_UPLOAD_MB (``app.limits``).
 """
 
-import importlib
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -102,29 +101,23 @@ def read_models(settings: SettingsDep, registry: RegistryDep, who: PrincipalDep)
     return ModelsPublic(data=[model_public(rec) for rec in recs], default=settings.default_model)
 
 
-def training_hook(name: str, who: Principal) -> dict[str, Any] | None:
-    """HOOK for trainings (issue 11, section 2): the status of a model that has no published version
-    yet but a training under this name (``app.trainings.training_status(name)``: a dict with at
-    least ``name`` and ``status`` — training|failed — and ``owner``, or None). Without that module,
-    None (a 404)."""
-    try:
-        trainings = importlib.import_module("app.trainings")
-    except ModuleNotFoundError:
-        return None
-    status: dict[str, Any] | None = trainings.training_status(name)
+def training_status(request: Request, name: str, who: Principal) -> dict[str, Any] | None:
+    """The status of a model that has no published version yet but a training under this name
+    (``name``, ``status`` — training|failed — ``owner`` and the training's progress), or None (a 404)."""
+    status: dict[str, Any] | None = request.app.state.trainings.status_of(name)
     if status is None or not (who.admin or status.get("owner") in (None, who.name, "admin")):
         return None
     return status
 
 
 @router.get("/{name}", response_model=ModelPublic, responses=ErrorResponses.MODEL_READ)
-def read_model(name: NameParam, registry: RegistryDep, who: PrincipalDep) -> Any:
+def read_model(request: Request, name: NameParam, registry: RegistryDep, who: PrincipalDep) -> Any:
     """The latest version of the model (``status: ready``), or, while its first training runs, the
     training's status."""
     try:
         return model_public(registry.get(name, None, viewer(who)))
     except ModelNotFound:
-        status = training_hook(name, who)
+        status = training_status(request, name, who)
         if status is None:
             raise
         return JSONResponse(status)
