@@ -306,7 +306,9 @@ def test_the_demo_is_published_once(settings: Settings, tiny_bundle: Path) -> No
 def test_a_training_in_progress_answers_through_the_hook(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app: Any = client.app  # the training store's answer for a name in training (tests/worker/test_training.py)
+    app: Any = (
+        client.app
+    )  # the training store's answer for a name in training (tests/worker/test_training.py)
     monkeypatch.setattr(
         app.state.trainings,
         "status_of",

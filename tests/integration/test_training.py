@@ -4,10 +4,12 @@ bundle it publishes has the weights of an uninterrupted run's."""
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import sys
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,7 +95,7 @@ def s3(seaweed: SeaweedS3) -> S3Storage:
 
 
 def weights(storage: S3Storage, name: str) -> dict[str, Any]:
-    # TODO(merge): the registry's layout, models/NAME/VERSION/ (issue 11 §3)
+    # the registry's layout: models/NAME/VERSION/ (app.registry)
     return {rel: load_safetensors(storage.get(f"models/{name}/1/{rel}")) for rel in WEIGHTS}
 
 
@@ -106,6 +108,7 @@ def test_a_training_whose_worker_is_killed_mid_stage_one_resumes_and_equals_an_u
     dataset = resp.json()["id"]
     first = CeleryWorker(tmp_path, env, "train-a", queues=queue)
     second: CeleryWorker | None = None
+    expander: CeleryWorker | None = None
     try:
         first.wait_ready(90)
         rec = api.post("/v1/models", json={"dataset": dataset, "name": "killed", **BODY}).json()
@@ -142,10 +145,28 @@ def test_a_training_whose_worker_is_killed_mid_stage_one_resumes_and_equals_an_u
         assert result.exit_code == 0, result.output
         assert result.stdout.strip().splitlines()[-1] == "whole@1"
         assert "stage I step" in result.stderr and "filter held-out Dice" in result.stderr
+
+        # the journey's last step: expand with the trained model on a worker that never had it on disk
+        no_bundles = {
+            **env,
+            "DIFFEXP_BUNDLES_DIR": str(tmp_path / "no-bundles"),
+            "DIFFEXP_BUNDLE_CACHE_DIR": str(tmp_path / "cache"),
+        }
+        expander = CeleryWorker(tmp_path, no_bundles, "expand", queues=env["DIFFEXP_CELERY_QUEUE"])
+        expander.wait_ready(90)
+        job = api.post("/v1/jobs", json={"model": "whole", "count": 2, "eta": 1.0, "seed": 3}).json()
+        assert job["params"]["model_version"] == "1", job
+        finished = wait_job(lambda: api.get(f"/v1/jobs/{job['id']}").json(), 180)
+        assert finished["status"] == "succeeded", finished
+        members = zipfile.ZipFile(io.BytesIO(api.get(f"/v1/jobs/{job['id']}/pairs.zip").content)).namelist()
+        assert len([m for m in members if m.startswith("images/")]) == 2
+        assert (tmp_path / "cache").is_dir() and not (tmp_path / "no-bundles").exists()
     finally:
         first.stop(sig=signal.SIGKILL)
         if second is not None:
             second.stop()
+        if expander is not None:
+            expander.stop()
     storage = s3(seaweed)
     meta = json.loads(storage.get("models/killed/1/bundle.json"))
     assert meta["training"]["dpm"]["resumed_from"] >= 20  # from S3, not from scratch
