@@ -80,11 +80,12 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             _settings_bounds(doc, settings)
             base.update(doc)
         doc = copy.deepcopy(base)
-        # The shared models (the document is public: no key's own model names in it).
+        # The shared models as examples, not an enum: a key's own models (not in this public document)
+        # and NAME@VERSION are valid too, and a client validating against an enum would refuse them.
         bundles = [m["name"] for m in app.state.registry.list_models(ADMIN_VIEW)]
         if bundles:
             model = _branch(doc["components"]["schemas"]["JobCreate"]["properties"]["model"], "string")
-            model["enum"] = bundles
+            model["examples"] = bundles
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]

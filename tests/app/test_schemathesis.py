@@ -91,6 +91,10 @@ def test_api_conforms_to_its_schema(case: Any) -> None:
         # max_attempts ≥ count relates two fields, which JSON Schema cannot say (it is in the description)
         body["max_attempts"] = max(body["max_attempts"], body["count"])
     positive = case.meta is not None and case.meta.generation.mode.is_positive
+    if positive and isinstance(body, dict) and case.path.endswith("/jobs") and body.get("model") is not None:
+        # "a model this key may use" is not JSON Schema either (the document lists the shared ones as
+        # examples); an unknown one is a 422 naming the models (test_jobs)
+        body.pop("model")
     if (
         positive
         and isinstance(body, dict)
