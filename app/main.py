@@ -26,7 +26,6 @@ from app.registry import Registry
 from app.storage import make_storage
 from app.store import JobStore
 from app.trainings import TrainEnqueue, TrainingStore
-from app.trainings import install as install_trainings
 from app.webhooks import WebhookSender
 
 log = logging.getLogger("diffexp.api")
@@ -94,7 +93,6 @@ def create_app(
     app.state.keys = KeyStore(r, storage, settings.redis_prefix)
     app.state.datasets = DatasetStore(r, storage, settings.redis_prefix)
     app.state.trainings = TrainingStore(r, storage, settings, app.state.datasets, train_enqueue)
-    install_trainings(app.state.trainings)  # what app.trainings.training_status(name) reads
     app.state.quotas = Quotas(r, settings.redis_prefix)
     app.state.registry = Registry(storage, r, settings)
     if origins := settings.cors_origin_list():

@@ -14,7 +14,7 @@ Redis (``P`` = settings.redis_prefix, ``T`` = ``P:training:ID``):
     P:trainings     zset of ids by creation     P:owner:NAME:trainings  the same, per key
     P:trainings:active   set of the ids queued or running (what the reconciler sweeps)
     P:owner:NAME:trainings:active   the same, per key (DIFFEXP_TRAIN_MAX_ACTIVE)
-    P:training:name:N    id of the latest training of model name N (``training_status``)
+    P:training:name:N    id of the latest training of model name N (``TrainingStore.status_of``)
     P:training:claim:N   id of the queued or running training of N: one at a time per name
     P:trainings:loaded   set once Redis holds the trainings of storage; missing = Redis lost its
                          data: the next sweep rebuilds them from ``training.json`` (unfinished ones
@@ -472,21 +472,6 @@ def rebuild_trainings(store: TrainingStore) -> int:
                 log.warning("training %s: its dataset %s is gone", training_id, rec["dataset"])
     store.r.set(store.loaded, "1")
     return len(recs)
-
-
-# The store of this process, for ``training_status`` (create_app and the worker set it).
-_current: TrainingStore | None = None
-
-
-def install(store: TrainingStore) -> None:
-    global _current
-    _current = store
-
-
-def training_status(name: str, store: TrainingStore | None = None) -> dict[str, Any] | None:
-    """``TrainingStore.status_of`` on ``store`` or this process's store (None when there is none)."""
-    store = store or _current
-    return None if store is None else store.status_of(name)
 
 
 def check_dataset(datasets: DatasetStore, dataset_id: str, owner: str, admin: bool) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from app.queue import celery_enqueue
 from app.registry import Registry
 from app.storage import make_storage
 from app.store import JobStore
-from app.trainings import TrainingStore, install
+from app.trainings import TrainingStore
 from models.bundle import Bundle, resolve_device
 
 log = logging.getLogger(__name__)
@@ -102,5 +102,4 @@ def get_trainings() -> TrainingStore:
             _trainings = TrainingStore(
                 store.r, store.storage, store.settings, datasets, celery_train_enqueue(celery_app)
             )
-            install(_trainings)
         return _trainings

@@ -16,7 +16,7 @@ from safetensors.torch import load as load_safetensors
 from app.core.config import Settings
 from app.main import create_app
 from app.registry import Registry
-from app.trainings import TrainingStore, sweep_trainings, training_status
+from app.trainings import TrainingStore, sweep_trainings
 from tests.app.conftest import Enqueued
 from tests.conftest import ADMIN_HEADERS
 from tests.utils.archives import shapes_members, zip_bytes
@@ -110,7 +110,7 @@ def test_a_training_publishes_its_bundle_with_metrics_and_a_sample_grid(api: Tes
     assert rec["status"] == "queued" and rec["params"]["segmenter_steps"] == 2
     assert sent(api) == [(rec["id"], "train")]
     # from the POST on, the name answers "training", and the dataset cannot be deleted
-    status = training_status("tiny", trainings(api))
+    status = trainings(api).status_of("tiny")
     assert status is not None and status["status"] == "training" and status["owner"] == "admin"
     assert api.delete(f"/v1/datasets/{dataset}").status_code == 409
     assert api.post("/v1/models", json={"dataset": dataset, "name": "tiny", **TINY}).status_code == 409
@@ -129,7 +129,7 @@ def test_a_training_publishes_its_bundle_with_metrics_and_a_sample_grid(api: Tes
     assert grid[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(store.storage.list_keys(f"trainings/{rec['id']}/checkpoints/"))
     assert not list(store.storage.list_keys("models/tiny/1/.checkpoints"))
-    assert training_status("tiny", store) is None  # the registry answers from now on
+    assert store.status_of("tiny") is None  # the registry answers from now on
     assert api.delete(f"/v1/datasets/{dataset}").status_code == 204  # released
 
     listed = api.get("/v1/trainings").json()
@@ -262,7 +262,7 @@ def test_a_training_that_fails_n_times_fails_with_the_reason(make_api: Callable[
     failed = api.get(f"/v1/trainings/{rec['id']}").json()
     assert failed["status"] == "failed" and failed["attempts"] == 2
     assert "failed 2 times" in failed["error"] and "DatasetError" in failed["error"]
-    status = training_status("tiny", store)
+    status = store.status_of("tiny")
     assert status is not None and status["status"] == "failed" and status["error"] == failed["error"]
     assert store.datasets.users(dataset) == []
     # a worker killed in every run cannot count its failure: the next start does
@@ -294,7 +294,7 @@ def test_cancel_stops_a_running_training_and_frees_its_dataset(api: TestClient) 
     assert api.get(f"/v1/trainings/{rec['id']}").json()["status"] == "canceled"
     assert api.post(f"/v1/trainings/{rec['id']}/cancel").status_code == 409
     assert api.delete(f"/v1/datasets/{dataset}").status_code == 204
-    assert training_status("tiny", trainings(api)) is None
+    assert trainings(api).status_of("tiny") is None
 
 
 @pytest.mark.parametrize(
@@ -330,7 +330,7 @@ def test_an_unknown_dataset_is_404_and_an_unknown_training_too(api: TestClient) 
     assert api.get("/v1/trainings/" + "0" * 32).status_code == 404
     assert api.get("/v1/trainings/xyz").status_code == 404
     assert api.post("/v1/trainings/" + "0" * 32 + "/cancel").status_code == 404
-    assert training_status("ok", trainings(api)) is None
+    assert trainings(api).status_of("ok") is None
 
 
 def test_the_event_stream_ends_with_the_outcome(api: TestClient) -> None:
