@@ -82,10 +82,26 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         doc = copy.deepcopy(base)
         # The shared models as examples, not an enum: a key's own models (not in this public document)
         # and NAME@VERSION are valid too, and a client validating against an enum would refuse them.
-        bundles = [m["name"] for m in app.state.registry.list_models(ADMIN_VIEW)]
+        try:
+            bundles = [m["name"] for m in app.state.registry.list_models(ADMIN_VIEW)]
+        except Exception:  # Redis or storage down: the document (and /docs) is still served
+            bundles = []
         if bundles:
             model = _branch(doc["components"]["schemas"]["JobCreate"]["properties"]["model"], "string")
             model["examples"] = bundles
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def upload_body(file_description: str, **fields: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI request body of an upload route: a multipart form with ``file`` (an archive) and
+    ``fields``. Declared by hand: those routes read the form themselves, after the key is checked."""
+    file = {"type": "string", "contentMediaType": "application/octet-stream", "description": file_description}
+    schema = {
+        "type": "object",
+        "required": ["file"],
+        "additionalProperties": False,
+        "properties": {"file": file, **fields},
+    }
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}

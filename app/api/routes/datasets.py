@@ -22,6 +22,7 @@ from app.archive import Limits, extract
 from app.core.config import Settings
 from app.dataset_check import CheckedDataset, check_folder, common_folder
 from app.errors import ErrorResponses
+from app.openapi import upload_body
 from app.schemas import DatasetPublic, DatasetsPublic, dataset_public
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -30,34 +31,17 @@ MAX_OFFSET = 1_000_000
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # any text on one line
 DatasetName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NAME_PATTERN)]
 _NAME = TypeAdapter(DatasetName)
-UPLOAD_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "additionalProperties": False,
-                "properties": {
-                    "file": {
-                        "type": "string",
-                        "contentMediaType": "application/octet-stream",
-                        "description": "a .zip or .tar.gz holding images/NAME.ext and masks/NAME.ext (PNG, "
-                        "JPEG, TIFF, BMP, DICOM .dcm, NIfTI .nii/.nii.gz), optionally pairs.csv (columns name, "
-                        "group); at most DIFFEXP_MAX_UPLOAD_MB",
-                    },
-                    "name": {
-                        "type": "string",
-                        "minLength": 1,
-                        "maxLength": 128,
-                        "pattern": NAME_PATTERN,
-                        "description": "a name for the dataset",
-                    },
-                },
-            }
-        }
+UPLOAD_BODY = upload_body(
+    "a .zip or .tar.gz holding images/NAME.ext and masks/NAME.ext (PNG, JPEG, TIFF, BMP, DICOM .dcm, NIfTI "
+    ".nii/.nii.gz), optionally pairs.csv (columns name, group); at most DIFFEXP_MAX_UPLOAD_MB",
+    name={
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 128,
+        "pattern": NAME_PATTERN,
+        "description": "a name for the dataset",
     },
-}
+)
 
 
 def public(request: Request, rec: dict[str, Any]) -> DatasetPublic:

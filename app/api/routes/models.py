@@ -22,6 +22,7 @@ from app.auth import Principal
 from app.bundles import model_public
 from app.dataset_check import common_folder
 from app.errors import ErrorResponses
+from app.openapi import upload_body
 from app.registry import NAME_PATTERN, VERSION_PATTERN, ModelNotFound, Registry
 from app.schemas import ModelPublic, ModelsPublic
 
@@ -59,26 +60,10 @@ VersionParam = Annotated[
         examples=["1"],
     ),
 ]
-UPLOAD_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "additionalProperties": False,
-                "properties": {
-                    "file": {
-                        "type": "string",
-                        "contentMediaType": "application/octet-stream",
-                        "description": "a .zip or .tar.gz of a bundle folder (bundle.json, dpm/, segmenter/, "
-                        "filter/; .checkpoints/ is skipped); at most DIFFEXP_MAX_UPLOAD_MB",
-                    },
-                },
-            }
-        }
-    },
-}
+UPLOAD_BODY = upload_body(
+    "a .zip or .tar.gz of a bundle folder (bundle.json, dpm/, segmenter/, filter/; .checkpoints/ is "
+    "skipped); at most DIFFEXP_MAX_UPLOAD_MB"
+)
 
 
 def get_registry(request: Request) -> Registry:
