@@ -118,9 +118,12 @@ def run_shard(
             return Outcome.FAILED
         try:
             bundle = _load_through_outages(
-                get_bundle, format_ref(params.model, params.model_version), store, sleep
-            )
+                get_bundle, format_ref(params.model, params.model_version), store, sleep,
+                keep_shard=lambda: _keep_lease(store, job_id, shard, token),
+            )  # fmt: skip
             sp = sampling_params(params)
+        except ShardTakenOver:
+            return Outcome.SKIPPED
         except Exception as exc:  # a bundle that cannot load fails the job at once: no retry helps
             log.exception("job %s: cannot prepare shard %s", job_id, shard)
             store.fail(job_id, f"cannot load model {params.model!r}: {exc}")
@@ -133,11 +136,21 @@ def run_shard(
             pass  # it expires by itself
 
 
+class ShardTakenOver(Exception):
+    """Another run holds the shard now (this one waited past its lease): it finishes the shard."""
+
+
 def _load_through_outages(
-    get_bundle: Callable[[str], Bundle], ref: str, store: JobStore, sleep: Callable[[float], None]
+    get_bundle: Callable[[str], Bundle],
+    ref: str,
+    store: JobStore,
+    sleep: Callable[[float], None],
+    keep_shard: Callable[[], bool] = lambda: True,
 ) -> Bundle:
     """The bundle; a Redis or storage outage while it is fetched from the registry is waited out (with
-    backoff, up to ``outage_limit_s``) like one while sampling: it is not the bundle's fault."""
+    backoff, up to ``outage_limit_s``) like one while sampling: it is not the bundle's fault. The shard
+    stays held meanwhile (``keep_shard``), else the reconciler would hand it to a second worker that
+    waits for the same store."""
     deadline = time.monotonic() + store.settings.outage_limit_s
     delay = 0.5
     while True:
@@ -146,9 +159,20 @@ def _load_through_outages(
         except Exception as exc:
             if not is_outage(exc) or time.monotonic() + delay > deadline:
                 raise
-            log.warning("fetching %s: storage or Redis unavailable, retrying in %.1f s: %r", ref, delay, exc)
+            log.warning("fetching %s: outage (%r); retrying in %.1f s", ref, exc, delay)
             sleep(delay)
             delay = min(delay * 2, 10.0)
+            if not keep_shard():
+                raise ShardTakenOver(ref) from exc
+
+
+def _keep_lease(store: JobStore, job_id: str, shard: int, token: str) -> bool:
+    """Refresh this run's lease on the shard (or take it again once expired); False if another run holds
+    it. A Redis error counts as kept: the lease then expires by itself and the reconciler decides."""
+    try:
+        return store.refresh_lease(job_id, shard, token) or store.acquire_lease(job_id, shard, token)
+    except redis.RedisError:
+        return True
 
 
 def _run_through_outages(
@@ -198,13 +222,8 @@ def _run_through_outages(
             log.warning("job %s shard %s: outage (%r); retrying in %.1f s", job_id, shard, exc, delay)
             sleep(delay)
             delay = min(delay * 2, 15.0)
-            try:  # keep the shard through the outage; if another worker took it over, let it finish
-                if not store.refresh_lease(job_id, shard, token) and not store.acquire_lease(
-                    job_id, shard, token
-                ):
-                    return Outcome.SKIPPED
-            except redis.RedisError:
-                pass
+            if not _keep_lease(store, job_id, shard, token):  # another worker took it over: let it finish
+                return Outcome.SKIPPED
 
 
 def _stopped(store: JobStore, job_id: str, shard: int, reason: str) -> None:

@@ -104,3 +104,42 @@ def test_an_outage_while_fetching_is_waited_out(
     job_id = h.submit(count=2, model="lung@1", steps=2, eta=1.0, seed=1)
     h.drain()
     assert h.store.get(job_id)["status"] == "succeeded" and calls[:3] == ["lung@1"] * 3
+
+
+def test_the_shard_stays_held_while_a_fetch_waits_out_an_outage(
+    settings: Settings, registry: Registry, loaded_bundle: object
+) -> None:
+    """A worker waiting for the store to come back keeps its lease (before: it expired after
+    ``lease_ttl_s`` and the reconciler handed the shard to a second worker), and gives the shard up when
+    another run took it over anyway."""
+    from app.storage import StorageUnavailable
+
+    s = settings.model_copy(update={"lease_ttl_s": 0.3})
+    h = Harness(s, loaded_bundle)  # type: ignore[arg-type]
+    job_id = h.submit(count=2, model="lung@1", steps=2, eta=1.0, seed=1)
+    lease = h.store._k(job_id, "lease", "0")
+    waits: list[float] = []
+
+    def slow_outage(ref: str) -> Any:
+        if len(waits) < 4:
+            waits.append(h.store.r.pttl(lease))
+            raise StorageUnavailable("S3 is down")
+        return runtime.get_bundle(ref, s, registry)
+
+    import time
+
+    from worker.shard import run_shard
+
+    outcome = run_shard(h.store, slow_outage, job_id, 0, sleep=lambda d: time.sleep(0.4))
+    assert outcome is Outcome.DONE
+    assert all(ttl > 0 for ttl in waits), waits  # 0.4 s sleeps > 0.3 s TTL: held only if refreshed
+
+    taken = h.submit(count=2, model="lung@1", steps=2, eta=1.0, seed=2)
+    key = h.store._k(taken, "lease", "0")
+
+    def taken_over(ref: str) -> Any:
+        h.store.r.set(key, "another-run", px=60_000)  # the reconciler gave the shard to another worker
+        raise StorageUnavailable("S3 is down")
+
+    assert run_shard(h.store, taken_over, taken, 0, sleep=lambda d: None) is Outcome.SKIPPED
+    assert h.store.r.get(key) == b"another-run"  # its lease is left alone
