@@ -174,4 +174,7 @@ def resolve_params(
         w_cf=body.w_cf,
         w_cg=body.w_cg,
         guidance=body.guidance,
+        solver=body.solver,
+        karras=body.karras,
+        early_reject=body.early_reject,
     )

@@ -32,7 +32,9 @@ import io
 from typing import Any
 
 MANIFEST_FIELDS = ["name", "index", "seed", "dice_loss", "model", "eta"]
-SAMPLING_FIELDS = ["steps", "order", "w_cf", "w_cg", "guidance", "tau", "scale", "clip_x0"]
+SAMPLING_FIELDS = [
+    "steps", "order", "w_cf", "w_cg", "guidance", "tau", "scale", "clip_x0", "solver", "karras", "early_reject",
+]  # fmt: skip
 # Every row is a generated pair: said in the row, so it stays said once rows are mixed with real ones.
 PROVENANCE_FIELDS = ["synthetic"]
 # Per-job Redis hashes/strings that DELETE removes (leases and the lock expire by themselves).

@@ -36,6 +36,14 @@ DEFAULT_ETA = 0.065  # the paper's Stage IV threshold
 DEFAULT_MAX_ATTEMPTS_FACTOR = 20  # max_attempts defaults to this x count
 
 
+class Solver(StrEnum):
+    """The multistep solver of both phases (diffusers' schedulers): DPM-Solver++ or UniPC (``order`` is
+    either one's order: DPM-Solver++ 2M/3M, UniPC-2/3)."""
+
+    DPMPP = "dpmpp"
+    UNIPC = "unipc"
+
+
 class GuidanceMode(StrEnum):
     """``tau`` divides the classifier's logits by τ (the paper); ``scale`` multiplies log p by s."""
 
@@ -68,7 +76,7 @@ Steps = Annotated[
 ]
 Order = Annotated[
     int,
-    Field(strict=True, ge=1, le=3, description="DPM-Solver++ order, 1 to 3 (2 suits guided sampling)"),
+    Field(strict=True, ge=1, le=3, description="solver order, 1 to 3 (2 suits guided sampling)"),
     _INTEGRAL,
 ]
 Count = Annotated[int, Field(strict=True, ge=1, description="pairs to keep (Stage IV)"), _INTEGRAL]
@@ -140,6 +148,13 @@ class SamplingSettings(BaseModel):
     tau: Tau = 1.0
     scale: Scale | None = Field(default=None, description="guidance scale s, 0.05 to 20; null: s = 1/τ")
     clip_x0: bool = Field(default=True, description="clip the predicted x0 to [-1, 1] at every step")
+    solver: Solver = Field(default=Solver.DPMPP, description="multistep solver: dpmpp (DPM-Solver++) or unipc")
+    karras: bool = Field(default=False, description="Karras sigmas instead of evenly spaced timesteps")
+    early_reject: bool = Field(
+        default=True,
+        description="drop pairs whose image, predicted part-way, will fail Stage IV (the bundle's "
+        "calibrated rule; only at the settings it was calibrated for)",
+    )
 
 
 class JobParams(BaseModel):

@@ -7,9 +7,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
-from app.params import Count, Eta, GuidanceMode, MaxAttempts, Seed, Steps, Tau, WCf, WCg
+from app.params import Count, Eta, GuidanceMode, MaxAttempts, Seed, Solver, Steps, Tau, WCf, WCg
 from app.params import JobParams as JobParams  # re-exported: the store uses it from here
 from app.params import SamplingSettings as SamplingSettings
 
@@ -58,6 +58,13 @@ class JobCreate(BaseModel):
     w_cf: WCf | None = None
     w_cg: WCg | None = None
     guidance: GuidanceMode | None = None
+    solver: Solver | None = Field(default=None, description="dpmpp (DPM-Solver++) or unipc; default: the bundle's")
+    karras: StrictBool | None = Field(default=None, description="Karras sigmas; default: the bundle's")
+    early_reject: StrictBool | None = Field(
+        default=None,
+        description="drop pairs predicted to fail Stage IV part-way through (the bundle's calibrated rule, "
+        "applied only at the settings it was calibrated for); default: true",
+    )
     seed: Seed | None = Field(
         default=None, description="request seed, 0 to 2^53-1; default: drawn and recorded"
     )

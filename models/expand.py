@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -18,8 +18,9 @@ import torch
 from app.params import default_max_attempts
 from models.bundle import Bundle
 from models.data import to_uint8
+from models.early_rejection import EarlyRule, filter_score
 from models.filtering import empty_masks, keep, score_pairs
-from models.sampling import SamplingParams, pair_noise, sample_images, sample_masks
+from models.sampling import SamplingParams, pair_noise, sample_images_pooled, sample_masks, slot_batches
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -34,8 +35,9 @@ class GeneratedPair:
     seed: int
     image: np.ndarray  # uint8 [R, R]
     mask: np.ndarray  # uint8 [R, R], 0 or 255
-    dice_loss: float
+    dice_loss: float  # Stage IV's; for a pair dropped early, the estimate that dropped it (1.0: empty mask)
     kept: bool
+    rejected_at: int | None = None  # image step after which early rejection dropped it (0: before any)
 
     @property
     def name(self) -> str:
@@ -57,6 +59,18 @@ def _chunks(indices: Iterable[int], size: int) -> Iterator[list[int]]:
         yield chunk
 
 
+def batch_noise(
+    seed: int, batch: list[int | None], resolution: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The initial noise of one batch (``slot_batches``: pair index or None per row); padded rows are zeros."""
+    noise_m = torch.zeros(batch_size, 1, resolution, resolution)
+    noise_i = torch.zeros(batch_size, 1, resolution, resolution)
+    for row, index in enumerate(batch):
+        if index is not None:
+            noise_m[row], noise_i[row] = pair_noise(seed, index, resolution)
+    return noise_m, noise_i
+
+
 def generate_pairs(
     bundle: Bundle,
     indices: Iterable[int],
@@ -66,10 +80,16 @@ def generate_pairs(
     eta: float,
     batch_size: int = 8,
     callback: ProgressCallback | None = None,
+    rule: EarlyRule | None | Literal["bundle"] = "bundle",
 ) -> Iterator[GeneratedPair]:
     """Generate and score exactly the pairs ``indices`` of request ``seed``, ``batch_size`` at a time.
 
-    Each batch is padded to ``batch_size`` so a pair's bits never depend on how indices were grouped.
+    Every network call sees exactly ``batch_size`` rows (padded), so a pair's bits never depend on
+    how indices were grouped. With ``params.early_reject``, pairs whose mask is empty (Stage IV
+    discards them unless the bundle allows empty masks) skip the image phase, and the bundle's
+    early-rejection ``rule`` (``models.early_rejection``; ``rule`` overrides it) drops pairs part-way
+    through it; the pairs that go on are regrouped into full batches. Pairs come out in index order,
+    a dropped one with ``rejected_at`` set and its estimated Dice loss.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -78,30 +98,71 @@ def generate_pairs(
     dev = bundle.device
     for net in (bundle.dpm, bundle.segmenter, bundle.filter):
         net.eval()  # original defect 1: sampling in training mode dropped the condition at random
-    for batch_no, chunk in enumerate(_chunks(indices, batch_size)):
-        noise_m = torch.zeros(batch_size, 1, r, r)
-        noise_i = torch.zeros(batch_size, 1, r, r)
-        for row, index in enumerate(chunk):
-            noise_m[row], noise_i[row] = pair_noise(seed, index, r)
+    dpm, segmenter, filter_net = bundle.networks()
+    if rule == "bundle":
+        rule = bundle.early_rule
+    rule = rule if rule is not None and rule.applies_to(params, eta) else None
+    pool = sorted(indices)
+    if not pool:
+        return
+    at = {index: k for k, index in enumerate(pool)}
+    masks = torch.zeros(len(pool), 1, r, r, device=dev)
+    noise = torch.zeros(len(pool), 1, r, r, device=dev)
+    batches = slot_batches(pool, batch_size)
+    for batch_no, batch in enumerate(batches):
+        noise_m, noise_i = batch_noise(seed, batch, r, batch_size)
+        n = sum(i is not None for i in batch)
 
-        def on_step(event: dict[str, Any], _batch: int = batch_no, _n: int = len(chunk)) -> None:
+        def on_mask_step(event: dict[str, Any], _batch: int = batch_no, _n: int = n) -> None:
             if callback is not None:
                 callback({"event": "step", "batch": _batch, "batch_pairs": _n, **event})
 
-        masks = sample_masks(bundle.dpm, bundle.segmenter, noise_m.to(dev), params, on_step)
-        images = sample_images(bundle.dpm, bundle.segmenter, noise_i.to(dev), masks, params, on_step)
-        losses = score_pairs(bundle.filter, images, masks).cpu()
-        kept = keep(losses, eta, empty=empty_masks(masks).cpu(), allow_empty=bundle.allows_empty_masks)
-        image_u8, mask_u8 = to_uint8(images[:, 0]), to_uint8(masks[:, 0])
-        for row, index in enumerate(chunk):
-            yield GeneratedPair(
-                index=index,
-                seed=seed,
-                image=image_u8[row],
-                mask=mask_u8[row],
-                dice_loss=float(losses[row]),
-                kept=bool(kept[row]),
-            )
+        batch_masks = sample_masks(dpm, segmenter, noise_m.to(dev), params, on_mask_step)
+        for row, index in enumerate(batch):
+            if index is not None:
+                masks[at[index]], noise[at[index]] = batch_masks[row], noise_i[row].to(dev)
+    empty = empty_masks(masks).cpu()
+    skip = empty if params.early_reject and not bundle.allows_empty_masks else None
+    image_steps = 0
+
+    def on_image_step(event: dict[str, Any]) -> None:
+        nonlocal image_steps
+        image_steps += 1
+        if callback is not None:
+            callback({"event": "step", "batch": 0, "batch_pairs": len(pool), **event})
+
+    out = sample_images_pooled(
+        dpm, segmenter, noise, masks, params, batch_size, indices=pool,
+        score=filter_score(filter_net) if rule is not None else None,
+        cut=rule.cut if rule is not None else float("inf"),
+        check_step=rule.check_step(params.steps) if rule is not None else None,
+        skip=skip, callback=on_image_step,
+    )  # fmt: skip
+    finished = ~out.dropped
+    losses = torch.ones(len(pool))
+    if out.checked is not None:
+        losses = torch.where(out.dropped, out.checked, losses)
+    for batch in batches:  # Stage IV, each pair at its row
+        rows = torch.tensor([at[i] if i is not None else len(pool) for i in batch])
+        images_p = torch.cat([out.images, torch.zeros_like(out.images[:1])])[rows]
+        masks_p = torch.cat([masks, torch.zeros_like(masks[:1])])[rows]
+        scored = score_pairs(filter_net, images_p, masks_p).cpu()
+        for k, i in enumerate(batch):
+            if i is not None and finished[at[i]]:
+                losses[at[i]] = scored[k]
+    kept = keep(losses, eta, empty=empty, allow_empty=bundle.allows_empty_masks) & finished
+    image_u8, mask_u8 = to_uint8(out.images[:, 0]), to_uint8(masks[:, 0])
+    check_step = rule.check_step(params.steps) if rule is not None else None
+    for row, index in enumerate(pool):
+        yield GeneratedPair(
+            index=index,
+            seed=seed,
+            image=image_u8[row],
+            mask=mask_u8[row],
+            dice_loss=float(losses[row]),
+            kept=bool(kept[row]),
+            rejected_at=None if finished[row] else (0 if skip is not None and skip[row] else check_step),
+        )
 
 
 def expand(

@@ -1,4 +1,4 @@
-"""Stage III: two-phase guided sampling with DPM-Solver++ (diffusers' DPMSolverMultistepScheduler).
+"""Stage III: two-phase guided sampling with a multistep solver (diffusers' DPM-Solver++ or UniPC).
 
 Phase 1 draws a mask from noise, guided towards y1 = mask; phase 2 draws the image for that
 (binarised) mask with classifier-free guidance w_cf and classifier guidance w_cg towards
@@ -15,6 +15,7 @@ uses the same batch size.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -24,10 +25,11 @@ import torch
 from diffusers import UNet2DModel
 from pydantic import ValidationError
 
-from app.params import SamplingSettings
-from models.guidance import GuidanceMode, classifier_free, classifier_guided, guidance_log_prob
-from models.networks import Condition, NoisySegmenter
-from models.schedule import make_solver
+from app.params import SamplingSettings, Solver
+from models.denoisers import ClassifierGuided, Denoiser, EpsFn, ImageDenoiser, MaskDenoiser
+from models.guidance import GuidanceMode
+from models.networks import NoisySegmenter
+from models.schedule import Scheduler, batch_state_fields, make_solver
 
 StepCallback = Callable[[dict[str, Any]], None]
 
@@ -44,7 +46,7 @@ class SamplingParams:
     (a value out of range raises ``ValueError`` naming the field).
 
     Args:
-        steps (`int`, defaults to 20): DPM-Solver++ steps per phase, 1 to 1000.
+        steps (`int`, defaults to 20): solver steps per phase, 1 to 1000.
         order (`int`, defaults to 2): solver order, 1-3 (2 is recommended for guided sampling).
         w_cf (`float`, defaults to 3.0): classifier-free weight of the image phase, 0 to 20 (1 = conditional only).
         w_cg (`float`, defaults to 1.0): classifier-guidance weight, 0 to 50 (0 = no segmenter guidance).
@@ -53,6 +55,10 @@ class SamplingParams:
         tau (`float`, defaults to 1.0): temperature τ in [0.05, 20] for mode "tau".
         scale (`float`, optional): s in [0.05, 20] for mode "scale"; defaults to 1/τ.
         clip_x0 (`bool`, defaults to True): clip predicted x0 to [-1, 1] at every step.
+        solver (`Solver`, defaults to "dpmpp"): "dpmpp" (DPM-Solver++ multistep) or "unipc" (UniPC).
+        karras (`bool`, defaults to False): Karras sigmas instead of evenly spaced timesteps.
+        early_reject (`bool`, defaults to True): apply the bundle's early-rejection rule when it was
+            calibrated for these settings (``models.early_rejection``).
     """
 
     steps: int = _DEFAULTS.steps
@@ -63,6 +69,9 @@ class SamplingParams:
     tau: float = _DEFAULTS.tau
     scale: float | None = _DEFAULTS.scale
     clip_x0: bool = _DEFAULTS.clip_x0
+    solver: Solver = _DEFAULTS.solver
+    karras: bool = _DEFAULTS.karras
+    early_reject: bool = _DEFAULTS.early_reject
 
     def __post_init__(self) -> None:
         try:
@@ -74,6 +83,7 @@ class SamplingParams:
             )
             raise ValueError(f"invalid sampling parameters: {problems}") from None
         object.__setattr__(self, "guidance", settings.guidance)
+        object.__setattr__(self, "solver", settings.solver)
 
     def to_settings(self) -> SamplingSettings:
         return SamplingSettings.model_validate(self.to_dict())
@@ -92,6 +102,7 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["guidance"] = str(self.guidance)
+        d["solver"] = str(self.solver)
         d["scale"] = self.strength if self.guidance is GuidanceMode.SCALE else self.scale
         return d
 
@@ -119,19 +130,30 @@ def pair_noise(seed: int, index: int, resolution: int) -> tuple[torch.Tensor, to
     return mask_noise, image_noise
 
 
-def _solve(
-    eps_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    noise: torch.Tensor,
-    params: SamplingParams,
-    phase: str,
-    callback: StepCallback | None,
+def solve(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    solver: Scheduler,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    phase: str = "",
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Run DPM-Solver++ from ``noise`` to x0, with ``eps_fn(x, t, sigma_t)`` as the noise predictor."""
-    solver = make_solver(params.steps, params.order, params.clip_x0)
+    """Run steps ``[start, stop)`` of ``solver`` (all by default) on ``x``, with ``eps_fn(x, t, sigma_t)``
+    as the noise predictor; ``x`` is the initial noise when ``start`` is 0.
+
+    The one sampling loop: both phases, every solver and every denoiser (eager or compiled networks)
+    go through it. A solver keeps its multistep history between calls, so running ``[0, k)`` then
+    ``[k, N)`` is the same computation as ``[0, N)`` (what early rejection relies on).
+    """
     acp = solver.alphas_cumprod
-    x = noise * solver.init_noise_sigma
     timesteps = solver.timesteps
-    for i, t in enumerate(timesteps):
+    stop = len(timesteps) if stop is None else stop
+    if start == 0:
+        x = x * solver.init_noise_sigma
+    for i in range(start, stop):
+        t = timesteps[i]
         sigma = (1.0 - acp[int(t)]).sqrt().to(x.device, x.dtype)
         eps = eps_fn(x, t.to(x.device).repeat(x.shape[0]), sigma)
         x = solver.step(eps, t, x).prev_sample
@@ -140,90 +162,235 @@ def _solve(
     return x
 
 
-def _guidance_grad(
-    segmenter: NoisySegmenter,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    *,
-    want_image: bool,
-    mask01: torch.Tensor | None,
+def params_solver(params: SamplingParams) -> Scheduler:
+    """A fresh solver for ``params`` (both phases use the same kind)."""
+    return make_solver(params.steps, params.order, params.clip_x0, params.solver, params.karras)
+
+
+def mask_denoiser(
+    dpm: UNet2DModel | Callable[..., Any],
+    segmenter: NoisySegmenter | Callable[..., Any] | None,
     params: SamplingParams,
-) -> torch.Tensor:
-    """∇ₓ [log p(y1 | x_t) (+ log p(y2 = mask | x_t))], the only gradient taken while sampling."""
-    with torch.enable_grad():
-        x_in = x.detach().requires_grad_(True)
-        out = segmenter(x_in, t)
-        log_p = guidance_log_prob(
-            out.y1_logit,
-            out.mask_logits,
-            want_image=want_image,
-            mask=mask01,
-            mode=params.guidance,
-            strength=params.strength,
-        )
-        (grad,) = torch.autograd.grad(log_p.sum(), x_in)
-    return grad
+) -> Denoiser:
+    """Phase 1's noise predictor: ε(x_t, y1 = mask), guided towards y1 = mask when w_cg > 0."""
+    eps: Denoiser = MaskDenoiser(dpm)
+    if params.w_cg > 0 and segmenter is not None:
+        eps = ClassifierGuided(eps, segmenter, params.w_cg, False, params.guidance, params.strength)
+    return eps
+
+
+def image_denoiser(
+    dpm: UNet2DModel | Callable[..., Any],
+    segmenter: NoisySegmenter | Callable[..., Any] | None,
+    masks: torch.Tensor,
+    params: SamplingParams,
+) -> Denoiser:
+    """Phase 2's noise predictor for -1/+1 ``masks``: classifier-free w_cf, then segmenter guidance
+    towards y1 = image and y2 = mask when w_cg > 0."""
+    eps: Denoiser = ImageDenoiser(dpm, masks, params.w_cf)
+    if params.w_cg > 0 and segmenter is not None:
+        mask01 = (masks > 0).to(masks.dtype)
+        eps = ClassifierGuided(eps, segmenter, params.w_cg, True, params.guidance, params.strength, mask01)
+    return eps
 
 
 @torch.no_grad()
 def sample_masks(
-    dpm: UNet2DModel,
-    segmenter: NoisySegmenter | None,
+    dpm: UNet2DModel | Callable[..., Any],
+    segmenter: NoisySegmenter | Callable[..., Any] | None,
     noise: torch.Tensor,
     params: SamplingParams,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Phase 1: masks ``[B, 1, R, R]`` of -1/+1 from noise, guided towards y1 = mask."""
-    b = noise.shape[0]
-    zeros = torch.zeros_like(noise)
-    labels = torch.full((b,), int(Condition.MASK), device=noise.device, dtype=torch.long)
-    use_cg = params.w_cg > 0 and segmenter is not None
-
-    def eps_fn(x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        eps: torch.Tensor = dpm(torch.cat([x, zeros], dim=1), t, class_labels=labels).sample
-        if use_cg:
-            assert segmenter is not None
-            grad = _guidance_grad(segmenter, x, t, want_image=False, mask01=None, params=params)
-            eps = classifier_guided(eps, grad, sigma, params.w_cg)
-        return eps
-
-    x0 = _solve(eps_fn, noise, params, "mask", callback)
+    x0 = solve(
+        mask_denoiser(dpm, segmenter, params), noise, params_solver(params), phase="mask", callback=callback
+    )
     return binarize(x0)
 
 
 @torch.no_grad()
 def sample_images(
-    dpm: UNet2DModel,
-    segmenter: NoisySegmenter | None,
+    dpm: UNet2DModel | Callable[..., Any],
+    segmenter: NoisySegmenter | Callable[..., Any] | None,
     noise: torch.Tensor,
     masks: torch.Tensor,
     params: SamplingParams,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Phase 2: images ``[B, 1, R, R]`` in [-1, 1] for -1/+1 ``masks``, with CFG and segmenter guidance."""
-    b = noise.shape[0]
-    zeros = torch.zeros_like(masks)
-    cond = torch.full((b,), int(Condition.IMAGE_GIVEN_MASK), device=noise.device, dtype=torch.long)
-    uncond = torch.full((b,), int(Condition.IMAGE_UNCOND), device=noise.device, dtype=torch.long)
-    mask01 = (masks > 0).to(noise.dtype)
-    use_cg = params.w_cg > 0 and segmenter is not None
-
-    def eps_fn(x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if params.w_cf == 1.0:  # the unconditional branch would be multiplied by zero
-            eps: torch.Tensor = dpm(torch.cat([x, masks], dim=1), t, class_labels=cond).sample
-        else:
-            both = torch.cat([torch.cat([x, masks], dim=1), torch.cat([x, zeros], dim=1)])
-            out = dpm(both, t.repeat(2), class_labels=torch.cat([cond, uncond])).sample
-            eps = classifier_free(out[b:], out[:b], params.w_cf)
-        if use_cg:
-            assert segmenter is not None
-            grad = _guidance_grad(segmenter, x, t, want_image=True, mask01=mask01, params=params)
-            eps = classifier_guided(eps, grad, sigma, params.w_cg)
-        return eps
-
-    return _solve(eps_fn, noise, params, "image", callback).clamp(-1.0, 1.0)
+    eps = image_denoiser(dpm, segmenter, masks, params)
+    return solve(eps, noise, params_solver(params), phase="image", callback=callback).clamp(-1.0, 1.0)
 
 
 def binarize(x: torch.Tensor) -> torch.Tensor:
     """A sampled mask in [-1, 1] to -1/+1 (foreground where x0 > 0)."""
     return torch.where(x > 0, 1.0, -1.0).to(x.dtype)
+
+
+@dataclass
+class PooledImages:
+    """What ``sample_images_pooled`` returns for ``P`` pairs."""
+
+    images: torch.Tensor  # [P, 1, R, R] in [-1, 1]: final images; predicted x0 at the check for dropped pairs
+    dropped: torch.Tensor  # [P] bool: dropped at the check (not run to the end)
+    checked: torch.Tensor | None  # [P] the check's score (None without a check)
+
+
+def _take_rows(solver: Scheduler, index: torch.Tensor) -> Scheduler:
+    """A copy of ``solver`` (same step, same history) for the samples ``index`` of its batch."""
+    out = copy.deepcopy(solver)
+    for field in batch_state_fields(solver):
+        value = getattr(out, field)
+        if isinstance(value, list):
+            setattr(out, field, [None if v is None else v[index] for v in value])
+        elif value is not None:
+            setattr(out, field, value[index])
+    return out
+
+
+def _stack_rows(template: Scheduler, parts: list[Scheduler]) -> Scheduler:
+    """``template`` with the per-sample state of ``parts`` concatenated along the batch."""
+    out = copy.deepcopy(template)
+    for field in batch_state_fields(template):
+        values = [getattr(p, field) for p in parts]
+        if isinstance(values[0], list):
+            merged = []
+            for k in range(len(values[0])):
+                column = [v[k] for v in values]
+                merged.append(None if column[0] is None else torch.cat(column))
+            setattr(out, field, merged)
+        elif values[0] is not None:
+            setattr(out, field, torch.cat(values))
+    return out
+
+
+def slot_batches(indices: list[int], batch_size: int) -> list[list[int | None]]:
+    """Pair ``indices`` laid out in batches of ``batch_size`` rows: pair i always sits at row
+    ``i % batch_size`` (None: a padded row). Batches follow ``i // batch_size`` in order.
+
+    CPU kernels process a batch in blocks, so a row's rounding can depend on its position in the
+    batch (not on the other rows' contents): a pair keeps one position everywhere, whatever the
+    shard, worker or regrouping that runs it.
+    """
+    batches: dict[int, list[int | None]] = {}
+    for i in indices:
+        row = batches.setdefault(i // batch_size, [None] * batch_size)
+        if row[i % batch_size] is not None:
+            raise ValueError(f"pair index {i} given twice")
+        row[i % batch_size] = i
+    return [batches[k] for k in sorted(batches)]
+
+
+def regroup_by_slot(indices: list[int], batch_size: int) -> list[list[int | None]]:
+    """Batches for the pairs ``indices`` that go on after a check: each keeps its row ``i % batch_size``,
+    and batch g takes the g-th remaining pair of every row (padded where a row has run out)."""
+    queues: list[list[int]] = [[] for _ in range(batch_size)]
+    for i in sorted(indices):
+        queues[i % batch_size].append(i)
+    depth = max((len(q) for q in queues), default=0)
+    return [[q[g] if g < len(q) else None for q in queues] for g in range(depth)]
+
+
+@torch.no_grad()
+def sample_images_pooled(
+    dpm: UNet2DModel | Callable[..., Any],
+    segmenter: NoisySegmenter | Callable[..., Any] | None,
+    noise: torch.Tensor,
+    masks: torch.Tensor,
+    params: SamplingParams,
+    batch_size: int,
+    *,
+    indices: list[int] | None = None,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    cut: float = float("inf"),
+    check_step: int | None = None,
+    skip: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+) -> PooledImages:
+    """Phase 2 for ``P`` pairs (pair indices ``indices``, default 0..P-1) in batches of exactly
+    ``batch_size`` rows laid out by ``slot_batches``, dropping pairs part-way.
+
+    Steps ``[0, check_step)`` run first. Then ``score(x0_pred, masks)`` scores each pair's predicted
+    x0 (``[B]``, an estimated Dice loss) and pairs scoring above ``cut`` are dropped; the others are
+    regrouped (``regroup_by_slot``) and run ``[check_step, N)``, so most of the steps of dropped pairs
+    are not paid for. ``skip`` ([P] bool) drops pairs before any step (their image is zeros).
+
+    Each row's arithmetic depends on that row alone at a fixed batch size and row position: a pair
+    that goes on comes out bit for bit as it does without the check (tests check it).
+    """
+    p, b = noise.shape[0], batch_size
+    indices = list(range(p)) if indices is None else list(indices)
+    at = {index: k for k, index in enumerate(indices)}  # pair index -> position in the inputs
+    steps = params.steps
+    if score is None or check_step is None or not 0 < check_step < steps:
+        score, check_step = None, steps
+    skip = torch.zeros(p, dtype=torch.bool) if skip is None else skip.cpu()
+    images = torch.zeros_like(noise)
+    dropped = skip.clone()
+    scores = torch.full((p,), float("nan")) if score is not None else None
+    padded_noise, padded_masks = (
+        torch.cat([noise, torch.zeros_like(noise[:1])]),
+        torch.cat([masks, torch.zeros_like(masks[:1])]),
+    )
+    full = image_denoiser(dpm, segmenter, padded_masks, params)
+
+    def rows_of(batch: list[int | None]) -> torch.Tensor:
+        return torch.tensor([p if i is None else at[i] for i in batch], dtype=torch.long)  # p: the zero row
+
+    todo = [i for i in indices if not skip[at[i]]]
+    # Phase 2a: every pair not skipped, up to the check (or to the end without one).
+    xs: dict[int, torch.Tensor] = {}
+    states: dict[int, tuple[Scheduler, int]] = {}
+    template: Scheduler | None = None
+    for batch in slot_batches(todo, b):
+        rows = rows_of(batch)
+        solver = params_solver(params)
+        x = solve(
+            full.rows(rows), padded_noise[rows], solver, stop=check_step, phase="image", callback=callback
+        )
+        if score is None:
+            for k, i in enumerate(batch):
+                if i is not None:
+                    images[at[i]] = x[k].clamp(-1.0, 1.0)
+            continue
+        x0 = solver.model_outputs[-1]
+        assert x0 is not None and scores is not None
+        estimate = score(x0.clamp(-1.0, 1.0), padded_masks[rows]).cpu()
+        template = solver
+        for k, i in enumerate(batch):
+            if i is None:
+                continue
+            scores[at[i]] = estimate[k]
+            if estimate[k] <= cut:
+                xs[i], states[i] = x[k : k + 1], (solver, k)
+            else:
+                images[at[i]], dropped[at[i]] = x0[k].clamp(-1.0, 1.0), True
+    if score is None or template is None:
+        return PooledImages(images, dropped, scores)
+    # Phase 2b: the pairs that passed, regrouped by row position, from the check to the end.
+    for batch in regroup_by_slot(sorted(xs), b):
+        rows = rows_of(batch)
+        parts = [
+            _take_rows(states[i][0], torch.tensor([states[i][1]])) if i is not None else _zero_rows(template)
+            for i in batch
+        ]
+        solver = _stack_rows(template, parts)
+        x = torch.cat([xs[i] if i is not None else torch.zeros_like(noise[:1]) for i in batch])
+        x = solve(full.rows(rows), x, solver, start=check_step, phase="image", callback=callback)
+        for k, i in enumerate(batch):
+            if i is not None:
+                images[at[i]] = x[k].clamp(-1.0, 1.0)
+    return PooledImages(images, dropped, scores)
+
+
+def _zero_rows(template: Scheduler) -> Scheduler:
+    """One padded row's solver state: zeros, like its input."""
+    out = _take_rows(template, torch.zeros(1, dtype=torch.long))
+    for field in batch_state_fields(template):
+        value = getattr(out, field)
+        if isinstance(value, list):
+            setattr(out, field, [None if v is None else torch.zeros_like(v) for v in value])
+        elif value is not None:
+            setattr(out, field, torch.zeros_like(value))
+    return out

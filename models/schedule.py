@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+from app.params import Solver
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 1e-4
@@ -35,8 +39,19 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, acp: torch
     return alpha * x0 + sigma * noise
 
 
-def make_solver(steps: int, order: int = 2, clip_x0: bool = True) -> DPMSolverMultistepScheduler:
-    """A fresh DPM-Solver++ (multistep) on the training schedule, its timesteps already set.
+Scheduler: TypeAlias = DPMSolverMultistepScheduler | UniPCMultistepScheduler
+
+
+def make_solver(
+    steps: int,
+    order: int = 2,
+    clip_x0: bool = True,
+    solver: Solver | str = Solver.DPMPP,
+    karras: bool = False,
+) -> Scheduler:
+    """A fresh multistep solver on the training schedule, its timesteps already set: DPM-Solver++
+    (``order`` 2 is 2M, 3 is 3M) or UniPC (bh2, predicting x0), on evenly spaced timesteps or Karras
+    sigmas.
 
     ``clip_x0`` clips the predicted x0 to [-1, 1] at every step (diffusers' thresholding with
     ``sample_max_value=1``); without it a briefly trained model diverges into noise.
@@ -45,18 +60,33 @@ def make_solver(steps: int, order: int = 2, clip_x0: bool = True) -> DPMSolverMu
         raise ValueError(f"solver order must be 1, 2 or 3, got {order}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    solver = DPMSolverMultistepScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_start=BETA_START,
-        beta_end=BETA_END,
-        beta_schedule="linear",
-        algorithm_type="dpmsolver++",
-        solver_order=order,
-        prediction_type="epsilon",
-        thresholding=clip_x0,
-        dynamic_thresholding_ratio=0.995,
-        sample_max_value=1.0,
-        lower_order_final=True,
-    )
-    solver.set_timesteps(steps)
-    return solver
+    common: dict[str, Any] = {
+        "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+        "beta_start": BETA_START,
+        "beta_end": BETA_END,
+        "beta_schedule": "linear",
+        "solver_order": order,
+        "prediction_type": "epsilon",
+        "thresholding": clip_x0,
+        "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0,
+        "lower_order_final": True,
+    }
+    if karras:
+        common["use_karras_sigmas"] = True
+    kind = Solver(solver)
+    scheduler: Scheduler
+    if kind is Solver.DPMPP:
+        scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **common)
+    else:
+        scheduler = UniPCMultistepScheduler(predict_x0=True, solver_type="bh2", **common)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def batch_state_fields(scheduler: Scheduler) -> tuple[str, ...]:
+    """The attributes of a solver that hold per-sample state (tensors ``[B, ...]`` or lists of them):
+    what moves with a sample when a batch is split or regrouped part-way (see ``models.sampling``)."""
+    if isinstance(scheduler, UniPCMultistepScheduler):
+        return ("model_outputs", "last_sample")
+    return ("model_outputs",)

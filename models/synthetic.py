@@ -126,7 +126,9 @@ class SyntheticSet:
 def make_synthetic(cache: PairCache, v: Variant, base: SamplingParams, n: int, eta: float,
                    max_attempts: int) -> SyntheticSet:  # fmt: skip
     """N pairs of variant ``v``: the first N indices, or (filtered) the first N kept within max_attempts."""
-    params = sampling_params(base, v)
+    params = sampling_params(base, v).updated(
+        early_reject=False
+    )  # every pair to the end: the study needs them all
     if not v.filtered:
         pairs = cache.get(params, range(n))
         return SyntheticSet(pairs, [p.dice_loss for p in pairs], n, params, 1.0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from models.denoisers import ClassifierGuided, MaskDenoiser
 from models.guidance import (
     GuidanceMode,
     bernoulli_log_prob,
@@ -17,7 +18,7 @@ from models.guidance import (
     sharpened_log_prob,
 )
 from models.networks import SegmenterOutput
-from models.sampling import SamplingParams, _guidance_grad
+from models.sampling import SamplingParams
 
 
 class LinearSegmenter(nn.Module):
@@ -51,7 +52,10 @@ def test_guidance_gradient_matches_closed_form(mode: str, strength: float, want_
     )
     params = SamplingParams(guidance=GuidanceMode(mode), tau=strength if mode == "tau" else 1.0,
                             scale=strength if mode == "scale" else None)  # fmt: skip
-    grad = _guidance_grad(seg, x, torch.zeros(3), want_image=want_image, mask01=mask01, params=params)
+    guided = ClassifierGuided(
+        MaskDenoiser(None), seg, 1.0, want_image, params.guidance, params.strength, mask01
+    )
+    grad = guided.grad(x, torch.zeros(3))
 
     tau, s = (strength, 1.0) if mode == "tau" else (1.0, strength)
     z = (seg.w * x).flatten(1).sum(1) + seg.c
