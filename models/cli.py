@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from app.exports import GENERATOR, Entry, ExportFormat, Labels, describe, index_file, layout, mask_member
-from app.params import default_max_attempts, draw_seed
+from app.params import Solver, default_max_attempts, draw_seed
 from models.bundle import Bundle, BundleError, new_meta, read_meta, resolve_device, write_meta
 from models.data import DatasetError, PairDataset, Split, find_pairs, load_folder, make_split, pair_groups
 from models.expand import Cancelled, expand
@@ -334,7 +334,12 @@ def expand_cmd(
     steps: Annotated[
         int | None, typer.Option(help="Solver steps per phase.", callback=_positive("--steps"))
     ] = None,
-    order: Annotated[int | None, typer.Option(help="DPM-Solver++ order: 1, 2 or 3.")] = None,
+    order: Annotated[int | None, typer.Option(help="Solver order: 1, 2 or 3.")] = None,
+    solver: Annotated[Solver | None, typer.Option(help="dpmpp (DPM-Solver++) or unipc.")] = None,
+    karras: Annotated[bool | None, typer.Option("--karras/--no-karras", help="Karras sigmas.")] = None,
+    early_reject: Annotated[
+        bool | None, typer.Option("--early-reject/--no-early-reject", help="The bundle's early rejection.")
+    ] = None,
     w_cf: Annotated[float | None, typer.Option(help="Classifier-free weight.")] = None,
     w_cg: Annotated[float | None, typer.Option(help="Classifier-guidance weight (≥ 0).")] = None,
     guidance: Annotated[GuidanceMode | None, typer.Option(help="tau (paper) or scale (comparison).")] = None,
@@ -368,8 +373,9 @@ def expand_cmd(
     with user_errors():
         b = Bundle.load(bundle, device=dev)
         params = b.default_params().updated(
-            tau=tau, scale=scale, steps=steps, order=order, w_cf=w_cf, w_cg=w_cg, guidance=guidance
-        )
+            tau=tau, scale=scale, steps=steps, order=order, w_cf=w_cf, w_cg=w_cg, guidance=guidance,
+            solver=solver, karras=karras, early_reject=early_reject,
+        )  # fmt: skip
         eta_used = b.default_eta if eta is None else eta
         seed_used = seed if seed is not None else draw_seed()
         lay = layout(export_format)
@@ -500,6 +506,63 @@ def merge_cmd(
 
 
 @app.command()
+def calibrate(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder; its bundle.json gets the rule.")],
+    pairs: Annotated[
+        int, typer.Option(help="Pairs sampled in full to calibrate on.", callback=_positive("--pairs"))
+    ] = 128,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the calibration pairs (not one users ask for).")
+    ] = 1_000_003,
+    max_false_rejection: Annotated[
+        float, typer.Option(help="Most share of finally kept pairs the rule may drop, 0 to 0.5.")
+    ] = 0.02,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Calibrate at these steps (and make them the default).", callback=_positive("--steps")
+        ),
+    ] = None,
+    solver: Annotated[
+        Solver | None, typer.Option(help="Calibrate with this solver (and make it the default).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Pairs per sampling batch.", callback=_positive("--batch-size"))
+    ] = 8,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Calibrate early rejection on the bundle's default settings: sample PAIRS in full, score each
+    one's predicted x0 part-way, and store the rule that saves the most steps while dropping at most
+    --max-false-rejection of the pairs Stage IV keeps."""
+    from models.early_rejection import calibrate as run_calibration
+
+    if not 0 <= max_false_rejection <= 0.5:
+        raise typer.BadParameter(
+            f"must be in [0, 0.5], got {max_false_rejection}", param_hint="--max-false-rejection"
+        )
+    with user_errors():
+        b = Bundle.load(bundle, device=_device(device))
+        params = b.default_params().updated(steps=steps, solver=solver)
+        rule, cal = run_calibration(b, pairs=pairs, seed=seed, params=params, batch_size=batch_size,
+                                    max_false_rejection=max_false_rejection)  # fmt: skip
+        for row in cal.candidates(max_false_rejection):
+            typer.echo(f"at {row['at']:.2f}: cut {row['cut']:.4f}, drops {row['dropped']:.1%} of pairs, "
+                       f"false rejections {row['false_rejections']:.0f} of {row['kept']:.0f} kept "
+                       f"({row['false_rejection']:.1%}), image steps saved {row['saved']:.1%}")  # fmt: skip
+        meta = read_meta(bundle)
+        meta["sampling_defaults"] = params.to_dict()
+        if rule is None:
+            meta.pop("early_rejection", None)
+            typer.echo("no rule drops anything at that false-rejection rate: early rejection stays off")
+        else:
+            meta["early_rejection"] = rule.to_dict()
+            typer.echo(
+                f"rule: drop at {rule.at:.2f} of the image steps when the estimated Dice loss is above {rule.cut:.4f}"
+            )
+        write_meta(bundle, meta)
+
+
+@app.command()
 def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
     """Print a bundle's metadata: resolution, split sizes, training, held-out metrics, defaults."""
     with user_errors():
@@ -522,6 +585,10 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> N
         "metrics": meta.get("metrics", {}),
         "sampling_defaults": meta.get("sampling_defaults"),
         "eta_default": meta.get("eta_default"),
+        "early_rejection": {
+            k: v for k, v in (meta.get("early_rejection") or {}).items() if k != "calibration"
+        }
+        or None,
     }
     typer.echo(json.dumps(summary, indent=2))
 

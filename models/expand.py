@@ -8,6 +8,7 @@ pair already yielded stays valid.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -176,6 +177,7 @@ def expand(
     max_attempts: int | None = None,
     start_index: int = 0,
     callback: ProgressCallback | None = None,
+    pool_batches: int = 4,
 ) -> Iterator[GeneratedPair]:
     """Yield generated pairs (kept or not) in index order until ``count`` are kept or ``max_attempts`` generated.
 
@@ -198,7 +200,13 @@ def expand(
             callback({**event, "batch": batch_no})  # numbered across the whole request
 
     while kept < count and generated < max_attempts:
-        n = min(batch_size, max_attempts - generated)
+        # A pool of several batches lets early rejection regroup survivors into fewer batches; it is
+        # sized on the yield so far so that the last pool does not overshoot ``count`` by much.
+        observed = kept / generated if generated else 0.5
+        guess = math.ceil((count - kept) / max(observed, 0.2))
+        n = min(
+            pool_batches * batch_size, max_attempts - generated, math.ceil(guess / batch_size) * batch_size
+        )
         indices = range(next_index, next_index + n)
         next_index += n
         for pair in generate_pairs(
