@@ -159,7 +159,20 @@ def _profile() -> None:
     atexit.register(lambda: (prof.disable(), prof.dump_stats(str(Path(out, f"{os.getpid()}.prof")))))
 
 
+def _count_outcomes() -> None:
+    """Shard task runs by outcome (a skipped one costs a delivery and a few Redis calls)."""
+    run_shard = worker.tasks.run_shard
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        outcome = run_shard(*args, **kwargs)
+        STATS[f"runs_{outcome.value}"] = STATS.get(f"runs_{outcome.value}", 0) + 1
+        return outcome
+
+    worker.tasks.run_shard = counted  # type: ignore[assignment]
+
+
 def main() -> None:
+    _count_outcomes()
     worker.tasks.get_bundle = stand_in_bundle  # type: ignore[assignment]
     worker.shard.generate_pairs = stand_in_pairs  # type: ignore[assignment]
     _patch_store()
