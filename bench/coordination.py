@@ -279,6 +279,11 @@ def report(res: dict[str, Any], ws: dict[str, float], total: int, args: argparse
         print(f"{name:<44}{value:>12.2f}")
     runs = {k.removeprefix("runs_"): int(v) for k, v in sorted(ws.items()) if k.startswith("runs_")}
     print("shard task runs by outcome: " + ", ".join(f"{k} {v}" for k, v in runs.items()))
+    parts = {k.removeprefix("cpu_").removesuffix("_s"): v for k, v in ws.items() if k.startswith("cpu_")}
+    print(
+        "worker CPU per shard (ms) by part (process: from the first task on; run_shard: the task bodies): "
+        + ", ".join(f"{k} {1e3 * v / wper:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+    )
     top = sorted(res["calls"].items(), key=lambda kv: -kv[1])[:12]
     print("Redis commands per shard, top: " + ", ".join(f"{k} {v / per:.1f}" for k, v in top))
     print(f"shards/s {shards / elapsed:.1f}, jobs/s {jobs / elapsed:.2f}")
