@@ -32,6 +32,7 @@ from app import counters
 from app.core.config import Settings
 from app.layout import (
     JOB_PARTS,
+    SUMMARY,
     VERSION,
     RedisKeys,
     as_str,
@@ -46,7 +47,7 @@ from app.layout import (
 )
 from app.progress import job_progress
 from app.queue import Enqueue
-from app.scheduler import plan
+from app.scheduler import Summary, plan, plan_from_summary
 from app.schemas import JobParams, JobStatus, Phase, job_public
 from app.storage import ObjectNotFound, Storage, StorageUnavailable
 from app.webhooks import LEASE_S as WEBHOOK_LEASE_S
@@ -97,11 +98,26 @@ redis.call('hset', KEYS[2], ARGV[1], string.format('%d,%d,%s', g, k, ARGV[4]))
 return redis.call('incr', KEYS[3])
 """
 # A shard's result: its final progress report (as _SHARD_PROGRESS, no phase) and its entry in the job's
-# "done" hash, in one round trip; only while the job's record exists (-1 otherwise).
+# "done" hash, in one round trip; only while the job's record exists (-1 otherwise). A new entry is added
+# to the running totals in KEYS[5] (app.scheduler.Summary; ARGV: shard, generated, kept, phase, result),
+# whose prefix of finished shards from 0 grows past every finished shard it reaches (each is read once).
 _FINISH_SHARD = (
     _SHARD_PROGRESS.replace("return redis.call('incr', KEYS[3])", "redis.call('incr', KEYS[3])")
     + """
-return redis.call('hset', KEYS[4], ARGV[1], ARGV[5])
+if redis.call('hset', KEYS[4], ARGV[1], ARGV[5]) == 0 then return 0 end
+redis.call('hincrby', KEYS[5], 'done', 1)
+redis.call('hincrby', KEYS[5], 'generated', ARGV[2])
+redis.call('hincrby', KEYS[5], 'kept', ARGV[3])
+local p = tonumber(redis.call('hget', KEYS[5], 'prefix') or '0')
+local pk = tonumber(redis.call('hget', KEYS[5], 'prefix_kept') or '0')
+while true do
+  local v = redis.call('hget', KEYS[4], tostring(p))
+  if not v then break end
+  pk = pk + #cjson.decode(v)['kept']
+  p = p + 1
+end
+redis.call('hset', KEYS[5], 'prefix', p, 'prefix_kept', pk)
+return 1
 """
 )
 # A run takes a shard (KEYS: record, lease, pending, done, attempts; ARGV: shard, token, lease ms) in one
@@ -575,7 +591,13 @@ class JobStore:
 
     def finish_shard(self, job_id: str, shard: int, generated: int, kept: list[int]) -> None:
         """Record the shard's result (its final counts too: it no longer runs), then advance the job."""
-        keys = (self._k(job_id), self._k(job_id, "prog"), self._k(job_id, VERSION), self._k(job_id, "done"))
+        keys = (
+            self._k(job_id),
+            self._k(job_id, "prog"),
+            self._k(job_id, VERSION),
+            self._k(job_id, "done"),
+            self._k(job_id, SUMMARY),
+        )
         result = json.dumps({"generated": generated, "kept": kept})
         self.r.eval(_FINISH_SHARD, len(keys), *keys, str(shard), generated, len(kept), ",0", result)
         self.advance(job_id)
@@ -610,18 +632,22 @@ class JobStore:
         Safe to call any number of times from anywhere (workers after a shard, the reconciler).
         """
         with self._lock(job_id):
-            # the record, the next shard and the finished ones in one round trip
+            # the record, the next shard and the finished shards' totals in one round trip
             pipe = self.r.pipeline(transaction=False)
             pipe.get(self._k(job_id))
             pipe.get(self._k(job_id, "next"))
-            pipe.hgetall(self._k(job_id, "done"))
-            raw, raw_next, raw_done = pipe.execute()
+            pipe.hgetall(self._k(job_id, SUMMARY))
+            pipe.hlen(self._k(job_id, "done"))
+            raw, raw_next, raw_summary, n_done = pipe.execute()
             rec = json.loads(raw) if raw else None
             if rec is None or JobStatus(rec["status"]).is_terminal():
                 return
             next_shard = int(raw_next or 0)
-            done = {int(k): json.loads(v) for k, v in raw_done.items()}
-            p = plan(rec["params"], done, next_shard)
+            summary = Summary(**{as_str(k): int(v) for k, v in raw_summary.items()})
+            # The totals stand for "done" while they count as many shards (a job started by an older
+            # version, or a "done" entry removed by hand, has none or others: then every shard is read).
+            quick = plan_from_summary(rec["params"], summary, next_shard) if summary.done == n_done else None
+            p = quick or plan(rec["params"], self._done(job_id), next_shard)
             if not p.decided:
                 if p.add:
                     self.r.set(self._k(job_id, "next"), next_shard + p.add)
