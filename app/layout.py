@@ -39,7 +39,8 @@ SAMPLING_FIELDS = [
 PROVENANCE_FIELDS = ["synthetic"]
 # Per-job Redis hashes/strings that DELETE removes (leases and the lock expire by themselves).
 VERSION = "ver"
-JOB_PARTS = ("prog", "pairs", "done", "attempts", "next", "pending", "final", VERSION)
+SUMMARY = "sum"  # running totals of "done" (app.scheduler.Summary), kept by JobStore.finish_shard
+JOB_PARTS = ("prog", "pairs", "done", SUMMARY, "attempts", "next", "pending", "final", VERSION)
 
 
 def as_str(value: Any) -> str:

@@ -32,6 +32,7 @@ from app import counters
 from app.core.config import Settings
 from app.layout import (
     JOB_PARTS,
+    SUMMARY,
     VERSION,
     RedisKeys,
     as_str,
@@ -46,7 +47,7 @@ from app.layout import (
 )
 from app.progress import job_progress
 from app.queue import Enqueue
-from app.scheduler import plan
+from app.scheduler import Summary, plan, plan_from_summary
 from app.schemas import JobParams, JobStatus, Phase, job_public
 from app.storage import ObjectNotFound, Storage, StorageUnavailable
 from app.webhooks import LEASE_S as WEBHOOK_LEASE_S
@@ -73,6 +74,11 @@ _HSET_IF_LIVE = """
 if redis.call('exists', KEYS[1]) == 0 then return -1 end
 return redis.call('hset', KEYS[2], ARGV[1], ARGV[2])
 """
+# Write fields of a job's hash (ARGV: field, value, field, value...) only while its record exists.
+_HSET_MANY_IF_LIVE = """
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+return redis.call('hset', KEYS[2], unpack(ARGV))
+"""
 _HINCR_IF_LIVE = """
 if redis.call('exists', KEYS[1]) == 0 then return -1 end
 return redis.call('hincrby', KEYS[2], ARGV[1], ARGV[2])
@@ -91,6 +97,40 @@ end
 redis.call('hset', KEYS[2], ARGV[1], string.format('%d,%d,%s', g, k, ARGV[4]))
 return redis.call('incr', KEYS[3])
 """
+# A shard's result: its final progress report (as _SHARD_PROGRESS, no phase) and its entry in the job's
+# "done" hash, in one round trip; only while the job's record exists (-1 otherwise). A new entry is added
+# to the running totals in KEYS[5] (app.scheduler.Summary; ARGV: shard, generated, kept, phase, result),
+# whose prefix of finished shards from 0 grows past every finished shard it reaches (each is read once).
+_FINISH_SHARD = (
+    _SHARD_PROGRESS.replace("return redis.call('incr', KEYS[3])", "redis.call('incr', KEYS[3])")
+    + """
+if redis.call('hset', KEYS[4], ARGV[1], ARGV[5]) == 0 then return 0 end
+redis.call('hincrby', KEYS[5], 'done', 1)
+redis.call('hincrby', KEYS[5], 'generated', ARGV[2])
+redis.call('hincrby', KEYS[5], 'kept', ARGV[3])
+local p = tonumber(redis.call('hget', KEYS[5], 'prefix') or '0')
+local pk = tonumber(redis.call('hget', KEYS[5], 'prefix_kept') or '0')
+while true do
+  local v = redis.call('hget', KEYS[4], tostring(p))
+  if not v then break end
+  pk = pk + #cjson.decode(v)['kept']
+  p = p + 1
+end
+redis.call('hset', KEYS[5], 'prefix', p, 'prefix_kept', pk)
+return 1
+"""
+)
+# A run takes a shard (KEYS: record, lease, pending, done, attempts; ARGV: shard, token, lease ms) in one
+# round trip: the lease (-2: another run holds it), no longer pending, then -3 if the shard is done
+# already, -1 if the job has no record, else the shard's attempts with this run counted.
+_START_SHARD = """
+if not redis.call('set', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return -2 end
+redis.call('hdel', KEYS[3], ARGV[1])
+if redis.call('hexists', KEYS[4], ARGV[1]) == 1 then return -3 end
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+return redis.call('hincrby', KEYS[5], ARGV[1], 1)
+"""
+SHARD_TAKEN, SHARD_DONE, JOB_GONE = -2, -3, -1  # start_shard's answers other than an attempt count
 
 
 class JobNotFound(LookupError):
@@ -425,7 +465,11 @@ class JobStore:
     def record(self, job_id: str) -> dict[str, Any] | None:
         return self._load(job_id)
 
-    def mark_running(self, job_id: str) -> None:
+    def mark_running(self, job_id: str, seen: dict[str, Any] | None = None) -> None:
+        """Queued -> running. ``seen``: a record read earlier; a status only moves forward, so if it was
+        past queued there is nothing to do and Redis is not asked."""
+        if seen is not None and seen.get("status") != JobStatus.QUEUED.value:
+            return
         rec = self._load(job_id)
         if rec is None or rec["status"] != JobStatus.QUEUED.value:
             return
@@ -456,6 +500,20 @@ class JobStore:
     def _hset_if_live(self, job_id: str, part: str, field: str, value: str) -> bool:
         return int(self.r.eval(_HSET_IF_LIVE, 2, self._k(job_id), self._k(job_id, part), field, value)) >= 0
 
+    def start_shard(self, job_id: str, shard: int, token: str) -> int:
+        """Take the shard for a run, in one round trip: ``acquire_lease``, ``shard_started``, then unless
+        the shard is done (``SHARD_DONE``) or the job gone (``JOB_GONE``) ``bump_attempts``; returns the
+        attempts counted, or ``SHARD_TAKEN`` when another run holds the lease (nothing changed)."""
+        keys = (
+            self._k(job_id),
+            self._k(job_id, "lease", str(shard)),
+            self._k(job_id, "pending"),
+            self._k(job_id, "done"),
+            self._k(job_id, "attempts"),
+        )
+        ttl = int(self.settings.lease_ttl_s * 1000)
+        return int(self.r.eval(_START_SHARD, len(keys), *keys, str(shard), token, ttl))
+
     def shard_started(self, job_id: str, shard: int) -> None:
         """A worker holds the shard's lease: it is no longer waiting in the queue."""
         self.r.hdel(self._k(job_id, "pending"), str(shard))
@@ -485,11 +543,21 @@ class JobStore:
         the record before it lists the job's objects, so either its listing sees these objects or the
         write below sees no record.
         """
-        keys = (image_key(job_id, name), mask_key(job_id, name))
-        self._put(keys[0], image_png, "image/png")
-        self._put(keys[1], mask_png, "image/png")
         meta = {"name": name, "index": index, "seed": seed, "dice_loss": dice_loss}
-        if self._hset_if_live(job_id, "pairs", str(index), json.dumps(meta)):
+        return self.put_pairs(job_id, [(meta, image_png, mask_png)])
+
+    def put_pairs(self, job_id: str, pairs: list[tuple[dict[str, Any], bytes, bytes]]) -> bool:
+        """``put_pair`` for a batch of ``(meta, image png, mask png)``: the objects, then every pair's
+        entry in one round trip to Redis (a worker stores a batch's kept pairs at once)."""
+        if not pairs:
+            return True
+        fields: list[str] = []
+        for meta, image_png, mask_png in pairs:
+            self._put(image_key(job_id, meta["name"]), image_png, "image/png")
+            self._put(mask_key(job_id, meta["name"]), mask_png, "image/png")
+            fields += [str(meta["index"]), json.dumps(meta)]
+        keys = (self._k(job_id), self._k(job_id, "pairs"))
+        if int(self.r.eval(_HSET_MANY_IF_LIVE, 2, *keys, *fields)) >= 0:
             return True
         self.storage.delete_prefix(job_prefix(job_id))
         return False
@@ -523,8 +591,15 @@ class JobStore:
 
     def finish_shard(self, job_id: str, shard: int, generated: int, kept: list[int]) -> None:
         """Record the shard's result (its final counts too: it no longer runs), then advance the job."""
-        self.shard_progress(job_id, shard, generated, len(kept))
-        self._hset_if_live(job_id, "done", str(shard), json.dumps({"generated": generated, "kept": kept}))
+        keys = (
+            self._k(job_id),
+            self._k(job_id, "prog"),
+            self._k(job_id, VERSION),
+            self._k(job_id, "done"),
+            self._k(job_id, SUMMARY),
+        )
+        result = json.dumps({"generated": generated, "kept": kept})
+        self.r.eval(_FINISH_SHARD, len(keys), *keys, str(shard), generated, len(kept), ",0", result)
         self.advance(job_id)
 
     def _queue(self, rec: dict[str, Any] | None) -> str:
@@ -557,11 +632,22 @@ class JobStore:
         Safe to call any number of times from anywhere (workers after a shard, the reconciler).
         """
         with self._lock(job_id):
-            rec = self._load(job_id)
+            # the record, the next shard and the finished shards' totals in one round trip
+            pipe = self.r.pipeline(transaction=False)
+            pipe.get(self._k(job_id))
+            pipe.get(self._k(job_id, "next"))
+            pipe.hgetall(self._k(job_id, SUMMARY))
+            pipe.hlen(self._k(job_id, "done"))
+            raw, raw_next, raw_summary, n_done = pipe.execute()
+            rec = json.loads(raw) if raw else None
             if rec is None or JobStatus(rec["status"]).is_terminal():
                 return
-            next_shard = self._next_shard(job_id)
-            p = plan(rec["params"], self._done(job_id), next_shard)
+            next_shard = int(raw_next or 0)
+            summary = Summary(**{as_str(k): int(v) for k, v in raw_summary.items()})
+            # The totals stand for "done" while they count as many shards (a job started by an older
+            # version, or a "done" entry removed by hand, has none or others: then every shard is read).
+            quick = plan_from_summary(rec["params"], summary, next_shard) if summary.done == n_done else None
+            p = quick or plan(rec["params"], self._done(job_id), next_shard)
             if not p.decided:
                 if p.add:
                     self.r.set(self._k(job_id, "next"), next_shard + p.add)

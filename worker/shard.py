@@ -24,7 +24,7 @@ from app.params import JobParams
 from app.registry import format_ref
 from app.schemas import JobStatus
 from app.storage import StorageUnavailable
-from app.store import JobStore
+from app.store import SHARD_DONE, SHARD_TAKEN, JobStore
 from models.bundle import Bundle
 from models.expand import Cancelled, generate_pairs
 from models.sampling import SamplingParams
@@ -87,22 +87,19 @@ def run_shard(
     rec = store.record(job_id)
     if rec is None or JobStatus(rec["status"]).is_terminal():
         return Outcome.SKIPPED
-    if store.shard_done(job_id, shard):
-        store.advance(job_id)  # the worker that finished it may have died before advancing
-        return Outcome.SKIPPED
     # A shard delivered twice (redelivery, reconciler) runs once: the other copy returns at once. If the
     # lease holder dies, its lease expires and the reconciler requeues the shard.
     token = f"{os.getpid()}:{uuid.uuid4().hex}"  # the pid says which process holds the shard
-    if not store.acquire_lease(job_id, shard, token):
+    # One round trip takes the lease, clears the shard's pending mark and counts this run's attempt
+    # (counted only once this run holds the shard, so redeliveries that do nothing cost nothing; a run
+    # killed with SIGKILL cannot count itself, hence counting at the start).
+    attempts = store.start_shard(job_id, shard, token)
+    if attempts == SHARD_TAKEN:
         return Outcome.SKIPPED
     try:
-        store.shard_started(job_id, shard)
-        if store.shard_done(job_id, shard):
-            store.advance(job_id)
+        if attempts == SHARD_DONE:
+            store.advance(job_id)  # the worker that finished it may have died before advancing
             return Outcome.SKIPPED
-        # Counted only once this run holds the shard, so redeliveries that do nothing cost nothing;
-        # a run killed with SIGKILL cannot count itself, hence counting at the start.
-        attempts = store.bump_attempts(job_id, shard)
         max_tries = store.settings.shard_max_tries
         if attempts < 0:
             return Outcome.SKIPPED  # deleted
@@ -128,7 +125,7 @@ def run_shard(
             log.exception("job %s: cannot prepare shard %s", job_id, shard)
             store.fail(job_id, f"cannot load model {params.model!r}: {exc}")
             return Outcome.FAILED
-        return _run_through_outages(store, bundle, sp, params, job_id, shard, token, attempts, sleep)
+        return _run_through_outages(store, bundle, sp, params, job_id, shard, token, attempts, sleep, rec)
     finally:
         try:
             store.release_lease(job_id, shard, token)
@@ -185,6 +182,7 @@ def _run_through_outages(
     token: str,
     attempts: int,
     sleep: Callable[[float], None],
+    seen: dict[str, Any] | None = None,
 ) -> Outcome:
     """Run the shard; through a Redis or storage outage, retry with backoff (holding the shard) for up to
     ``outage_limit_s``, then fail the job with the reason. Other errors use up the shard's attempts."""
@@ -194,7 +192,9 @@ def _run_through_outages(
     delay = 0.5
     while True:
         try:
-            return _attempt(store, bundle, sp, params, job_id, shard, token)
+            # the first try follows start_shard, which found the shard not done and read the record
+            first, seen = seen, None
+            return _attempt(store, bundle, sp, params, job_id, shard, token, seen=first)
         except Cancelled as exc:
             log.info("job %s shard %s stopped: %s", job_id, shard, exc)
             _stopped(store, job_id, shard, str(exc))
@@ -246,11 +246,14 @@ def _attempt(
     job_id: str,
     shard: int,
     token: str,
+    seen: dict[str, Any] | None = None,
 ) -> Outcome:
-    if store.shard_done(job_id, shard):  # an earlier try stored it and failed while advancing
+    """One try of the shard. ``seen``: the record read before ``start_shard`` on the first try (which
+    checked the shard was not done); None on a later try."""
+    if seen is None and store.shard_done(job_id, shard):  # an earlier try stored it, failed advancing
         store.advance(job_id)
         return Outcome.DONE
-    store.mark_running(job_id)
+    store.mark_running(job_id, seen)
     callback = ShardProgress(store, job_id, shard, token)
     callback.start()
     indices = shard_indices(params, shard)
@@ -264,22 +267,21 @@ def _attempt(
         batch_size=params.batch_size,
         callback=callback,
     )
+    batch: list[tuple[dict[str, Any], bytes, bytes]] = []  # a batch's kept pairs, stored together
     for pair in metered_pairs(pairs, store, params.model, bundle.device):  # counted for /metrics
         generated += 1
         if pair.kept:
-            stored = store.put_pair(
-                job_id,
-                name=pair.name,
-                index=pair.index,
-                seed=pair.seed,
-                dice_loss=pair.dice_loss,
-                image_png=png(pair.image),
-                mask_png=png(pair.mask),
-            )
-            if not stored:
-                raise Cancelled("job deleted")
+            meta = {"name": pair.name, "index": pair.index, "seed": pair.seed, "dice_loss": pair.dice_loss}
+            batch.append((meta, png(pair.image), png(pair.mask)))
             kept.append(pair.index)
-        if generated % params.batch_size == 0 and generated < len(indices):  # a batch is stored
-            callback.batch_done(generated, len(kept))
+        if generated % params.batch_size == 0 or generated == len(indices):  # a batch is complete
+            # generate_pairs yields a batch's pairs together, so storing them at once delays none
+            if not store.put_pairs(job_id, batch):
+                raise Cancelled("job deleted")
+            batch = []
+            if generated < len(indices):
+                callback.batch_done(generated, len(kept))
+    if batch and not store.put_pairs(job_id, batch):  # fewer pairs than indices (not expected)
+        raise Cancelled("job deleted")
     store.finish_shard(job_id, shard, generated, kept)
     return Outcome.DONE

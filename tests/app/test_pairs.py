@@ -226,3 +226,40 @@ def test_unknown_jobs_are_404(client: TestClient) -> None:
     ):
         resp = client.get(path)
         assert resp.status_code == 404 and resp.headers["content-type"] == "application/problem+json"
+
+
+def test_start_shard_takes_the_lease_counts_the_attempt_or_says_why_not(
+    client: TestClient, store: JobStore
+) -> None:
+    from app.store import JOB_GONE, SHARD_DONE, SHARD_TAKEN
+
+    job_id = new_job(client)
+    assert store.r.hexists(store._k(job_id, "pending"), "0")
+    assert store.start_shard(job_id, 0, "run-a") == 1  # the first attempt, no longer pending
+    assert not store.r.hexists(store._k(job_id, "pending"), "0")
+    assert store.start_shard(job_id, 0, "run-b") == SHARD_TAKEN  # run-a holds it: nothing counted
+    assert store.r.hget(store._k(job_id, "attempts"), "0") == b"1"
+    store.release_lease(job_id, 0, "run-a")
+    assert store.start_shard(job_id, 0, "run-b") == 2
+    store.release_lease(job_id, 0, "run-b")
+    store.finish_shard(job_id, 0, 2, [0])
+    assert store.start_shard(job_id, 0, "run-c") == SHARD_DONE
+    store.release_lease(job_id, 0, "run-c")
+    store.delete(job_id)
+    assert store.start_shard(job_id, 1, "run-d") == JOB_GONE
+
+
+def test_a_batch_of_pairs_is_stored_at_once_and_not_for_a_deleted_job(
+    client: TestClient, store: JobStore
+) -> None:
+    job_id = new_job(client)
+    batch = [
+        ({"name": pair_name(SEED, i), "index": i, "seed": SEED, "dice_loss": 0.1}, png(image_of(i)), png(mask_of(i)))
+        for i in (0, 1)
+    ]  # fmt: skip
+    assert store.put_pairs(job_id, batch)
+    assert [p["index"] for p in store.kept_pairs(job_id)] == [0, 1]
+    assert store.put_pairs(job_id, [])  # nothing to store
+    store.delete(job_id)
+    assert not store.put_pairs(job_id, batch)  # the job is gone: its objects are removed again
+    assert not list(store.storage.list_keys(job_prefix(job_id)))

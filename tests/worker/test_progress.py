@@ -27,7 +27,14 @@ def record_reports(harness: Harness, job_id: str, monkeypatch: pytest.MonkeyPatc
         writes.append((phase, args[2], args[3], harness.store.get(job_id)["progress"]["phase"]))
         return ok
 
+    finish = harness.store.finish_shard
+
+    def finished(job_id: str, shard: int, generated: int, kept: list[int]) -> None:
+        finish(job_id, shard, generated, kept)  # the last report, with the result, in one round trip
+        writes.append((None, generated, len(kept), harness.store.get(job_id)["progress"]["phase"]))
+
     monkeypatch.setattr(harness.store, "shard_progress", recorded)
+    monkeypatch.setattr(harness.store, "finish_shard", finished)
     return writes
 
 

@@ -106,15 +106,15 @@ def test_cancel_stops_within_one_batch_and_keeps_finished_pairs(
 ) -> None:
     harness = Harness(settings_factory(shard_size=8), loaded_bundle)  # one shard of four batches
     job_id = harness.submit(count=8, seed=4)
-    put_pair = harness.store.put_pair
+    put_pairs = harness.store.put_pairs  # the worker stores a batch's kept pairs at once
 
     def put_then_cancel(*args: object, **kwargs: object) -> bool:
-        stored = put_pair(*args, **kwargs)  # type: ignore[arg-type]
+        stored = put_pairs(*args, **kwargs)  # type: ignore[arg-type]
         if harness.store.get(job_id)["status"] != "canceled":
             harness.store.cancel(job_id)
         return stored
 
-    monkeypatch.setattr(harness.store, "put_pair", put_then_cancel)
+    monkeypatch.setattr(harness.store, "put_pairs", put_then_cancel)
     assert harness.run(job_id, 0) is Outcome.STOPPED
     rec = harness.store.get(job_id)
     assert rec["status"] == "canceled"
