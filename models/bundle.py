@@ -103,7 +103,9 @@ class Bundle:
         """The networks to sample with: the compiled ones once ``compile()`` ran, else the modules."""
         return self.compiled or (self.dpm, self.segmenter, self.filter)
 
-    def compile(self, batch_size: int, params: SamplingParams | None = None) -> float:
+    def compile(
+        self, batch_size: int, params: SamplingParams | None = None, backend: str = "inductor"
+    ) -> float:
         """``torch.compile`` the three networks for ``batch_size`` (static shapes) and warm them up on
         one pair of every phase, so no job pays for compiling; returns the seconds it took.
 
@@ -118,7 +120,8 @@ class Bundle:
 
         t0 = time.perf_counter()
         self.compiled = tuple(
-            torch.compile(net, dynamic=False) for net in (self.dpm, self.segmenter, self.filter)
+            torch.compile(net, dynamic=False, backend=backend)
+            for net in (self.dpm, self.segmenter, self.filter)
         )  # type: ignore[assignment]
         warm = (params or self.default_params()).updated(steps=2, early_reject=False)
         for w_cf in {warm.w_cf, 1.0}:  # the doubled CFG batch, and the conditional one alone

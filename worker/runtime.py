@@ -58,6 +58,9 @@ def get_bundle(ref: str, settings: Settings | None = None, registry: Registry | 
         device = resolve_device(settings.device)
         log.info("loading bundle %s@%s from %s on %s", name, version, path, device)
         bundle = Bundle.load(path, device=device)
+        if settings.compile:
+            log.info("compiling %s@%s for batches of %d", name, version, settings.batch_size)
+            log.info("compiled %s@%s in %.0f s", name, version, bundle.compile(settings.batch_size))
         _bundles[key] = bundle
         while len(_bundles) > settings.max_loaded_bundles:
             old, _ = _bundles.popitem(last=False)

@@ -22,6 +22,14 @@ def stored_keys(settings: Settings) -> list[str]:
     )
 
 
+def test_solver_karras_and_early_rejection_go_into_the_job(client: TestClient, enqueued: Enqueued) -> None:
+    body = {"count": 2, "solver": "unipc", "karras": True, "early_reject": False}
+    sampling = client.post("/v1/jobs", json=body).json()["params"]["sampling"]
+    assert (sampling["solver"], sampling["karras"], sampling["early_reject"]) == ("unipc", True, False)
+    sampling = client.post("/v1/jobs", json={"count": 2}).json()["params"]["sampling"]
+    assert (sampling["solver"], sampling["karras"], sampling["early_reject"]) == ("dpmpp", False, True)
+
+
 def test_create_job_answers_202_with_location_and_the_values_used(
     client: TestClient, enqueued: Enqueued, settings: Settings
 ) -> None:
@@ -74,6 +82,9 @@ BAD_BODIES: list[tuple[dict[str, Any], str, str]] = [
     ({"count": 2, "steps": 51}, "steps", "less than or equal to 50"),
     ({"count": 2, "w_cg": -1}, "w_cg", "greater than or equal to 0"),
     ({"count": 2, "guidance": "loud"}, "guidance", "'tau' or 'scale'"),
+    ({"count": 2, "solver": "euler"}, "solver", "'dpmpp' or 'unipc'"),
+    ({"count": 2, "karras": "yes"}, "karras", "valid boolean"),
+    ({"count": 2, "early_reject": 1}, "early_reject", "valid boolean"),
     ({"count": 2, "seed": -1}, "seed", "greater than or equal to 0"),
     ({"count": 2, "seed": 2**53}, "seed", "less than or equal to 9007199254740991"),
     ({"count": 2, "max_attempts": 50 * 20 + 1}, "max_attempts", "between count (2) and 1000"),
