@@ -148,7 +148,9 @@ class SamplingSettings(BaseModel):
     tau: Tau = 1.0
     scale: Scale | None = Field(default=None, description="guidance scale s, 0.05 to 20; null: s = 1/τ")
     clip_x0: bool = Field(default=True, description="clip the predicted x0 to [-1, 1] at every step")
-    solver: Solver = Field(default=Solver.DPMPP, description="multistep solver: dpmpp (DPM-Solver++) or unipc")
+    solver: Solver = Field(
+        default=Solver.DPMPP, description="multistep solver: dpmpp (DPM-Solver++) or unipc"
+    )
     karras: bool = Field(default=False, description="Karras sigmas instead of evenly spaced timesteps")
     early_reject: bool = Field(
         default=True,

@@ -58,7 +58,9 @@ class JobCreate(BaseModel):
     w_cf: WCf | None = None
     w_cg: WCg | None = None
     guidance: GuidanceMode | None = None
-    solver: Solver | None = Field(default=None, description="dpmpp (DPM-Solver++) or unipc; default: the bundle's")
+    solver: Solver | None = Field(
+        default=None, description="dpmpp (DPM-Solver++) or unipc; default: the bundle's"
+    )
     karras: StrictBool | None = Field(default=None, description="Karras sigmas; default: the bundle's")
     early_reject: StrictBool | None = Field(
         default=None,
