@@ -53,7 +53,8 @@ MAX_BACKOFF_S = 30.0
 CHUNK = 1 << 20
 Format = Literal["plain", "nnunet", "monai"]
 SUBMIT_FIELDS = frozenset(
-    "count model tau eta steps w_cf w_cg seed guidance max_attempts callback_url callback_secret".split()
+    "count model tau eta steps w_cf w_cg seed guidance solver karras early_reject max_attempts callback_url "
+    "callback_secret".split()
 )
 
 # A request that surely never reached the service may always be sent again; one that may have
@@ -315,6 +316,9 @@ class Client(_Base):
         w_cg: float | None = None,
         seed: int | None = None,
         guidance: str | None = None,
+        solver: str | None = None,
+        karras: bool | None = None,
+        early_reject: bool | None = None,
         max_attempts: int | None = None,
         callback_url: str | None = None,
         callback_secret: str | None = None,
@@ -334,6 +338,9 @@ class Client(_Base):
             "w_cg": w_cg,
             "seed": seed,
             "guidance": guidance,
+            "solver": solver,
+            "karras": karras,
+            "early_reject": early_reject,
             "max_attempts": max_attempts,
             "callback_url": callback_url,
             "callback_secret": callback_secret,
@@ -677,7 +684,8 @@ class AsyncClient(_Base):
 
     async def submit(self, count: int, *, idempotency_key: str | None = None, **params: Any) -> Job:
         """As ``Client.submit``: ``model``, ``tau``, ``eta``, ``steps``, ``w_cf``, ``w_cg``, ``seed``,
-        ``guidance``, ``max_attempts``, ``callback_url``, ``callback_secret``."""
+        ``guidance``, ``solver``, ``karras``, ``early_reject``, ``max_attempts``, ``callback_url``,
+        ``callback_secret``."""
         body = {"count": count, **params}
         return Job.from_json(await self._json(self._submit_call(body, idempotency_key)))
 
