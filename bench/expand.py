@@ -101,7 +101,7 @@ def compare_reference(args: argparse.Namespace) -> None:
     print(f"reference: eager, {ref.to_dict()}")
     print(f"default:   {'compiled' if args.compile else 'eager'}, {new.to_dict()}")
     print(
-        f"early rejection: {rule.to_dict() if rule and rule.applies_to(new, eta) else 'none for these settings'}"
+        f"early rejection: {f'after {rule.at:g} of the image steps, cut {rule.cut:.4f}' if rule and rule.applies_to(new, eta) else 'none for these settings'}"
     )
     rows = []
     ref_pairs, ref_s = timed_expand(bundle, args.pairs, args.seed, ref, eta, args.batch_size)
