@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The page's tests drive Debian's chromium + chromium-driver (never a downloaded browser). Installed here
 # when missing and we are root; otherwise those tests skip and say why.

@@ -95,17 +95,40 @@ def generate_pairs(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     keep(torch.zeros(1), eta)  # validates eta before any work
-    r = bundle.resolution
-    dev = bundle.device
     for net in (bundle.dpm, bundle.segmenter, bundle.filter):
         net.eval()  # original defect 1: sampling in training mode dropped the condition at random
-    dpm, segmenter, filter_net = bundle.networks()
     if rule == "bundle":
         rule = bundle.early_rule
     rule = rule if rule is not None and rule.applies_to(params, eta) else None
     pool = sorted(indices)
     if not pool:
         return
+    # With a rule, the whole pool goes through together, so the pairs that pass the check can be
+    # regrouped into fewer batches; without one, batch by batch, so pairs come out (and a cancel
+    # keeps them) after every batch.
+    groups = (
+        [pool]
+        if rule is not None
+        else [[i for i in b if i is not None] for b in slot_batches(pool, batch_size)]
+    )
+    for group_no, group in enumerate(groups):
+        yield from _generate_group(bundle, group, group_no, seed, params, eta, batch_size, callback, rule)
+
+
+def _generate_group(
+    bundle: Bundle,
+    pool: list[int],
+    first_batch: int,
+    seed: int,
+    params: SamplingParams,
+    eta: float,
+    batch_size: int,
+    callback: ProgressCallback | None,
+    rule: EarlyRule | None,
+) -> Iterator[GeneratedPair]:
+    """``generate_pairs`` for one group of pairs sampled together (one batch, or a pool with a rule)."""
+    r, dev = bundle.resolution, bundle.device
+    dpm, segmenter, filter_net = bundle.networks()
     at = {index: k for k, index in enumerate(pool)}
     masks = torch.zeros(len(pool), 1, r, r, device=dev)
     noise = torch.zeros(len(pool), 1, r, r, device=dev)
@@ -114,7 +137,7 @@ def generate_pairs(
         noise_m, noise_i = batch_noise(seed, batch, r, batch_size)
         n = sum(i is not None for i in batch)
 
-        def on_mask_step(event: dict[str, Any], _batch: int = batch_no, _n: int = n) -> None:
+        def on_mask_step(event: dict[str, Any], _batch: int = first_batch + batch_no, _n: int = n) -> None:
             if callback is not None:
                 callback({"event": "step", "batch": _batch, "batch_pairs": _n, **event})
 
@@ -130,7 +153,7 @@ def generate_pairs(
         nonlocal image_steps
         image_steps += 1
         if callback is not None:
-            callback({"event": "step", "batch": 0, "batch_pairs": len(pool), **event})
+            callback({"event": "step", "batch": first_batch, "batch_pairs": len(pool), **event})
 
     out = sample_images_pooled(
         dpm, segmenter, noise, masks, params, batch_size, indices=pool,
@@ -192,12 +215,19 @@ def expand(
     max_attempts = max_attempts if max_attempts is not None else default_max_attempts(count)
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     generated = kept = batch_no = 0
     next_index = start_index
 
     def on_step(event: dict[str, Any]) -> None:
         if callback is not None:
             callback({**event, "batch": batch_no})  # numbered across the whole request
+
+    def report(generated: int, kept: int) -> None:
+        if callback is not None:
+            callback({"event": "batch", "generated": generated, "kept": kept,
+                      "discarded": generated - kept, "target": count})  # fmt: skip
 
     while kept < count and generated < max_attempts:
         # A pool of several batches lets early rejection regroup survivors into fewer batches; it is
@@ -209,6 +239,8 @@ def expand(
         )
         indices = range(next_index, next_index + n)
         next_index += n
+
+        in_batch = 0
         for pair in generate_pairs(
             bundle, indices, seed=seed, params=params, eta=eta, batch_size=batch_size, callback=on_step
         ):
@@ -216,15 +248,11 @@ def expand(
                 break
             generated += 1
             kept += pair.kept
+            in_batch += 1
             yield pair
-        if callback is not None:
-            callback(
-                {
-                    "event": "batch",
-                    "generated": generated,
-                    "kept": kept,
-                    "discarded": generated - kept,
-                    "target": count,
-                }
-            )
-        batch_no += 1
+            if in_batch == batch_size:  # pairs come out a batch at a time (a pool at a time with a rule)
+                report(generated, kept)
+                batch_no, in_batch = batch_no + 1, 0
+        if in_batch:
+            report(generated, kept)
+            batch_no += 1
