@@ -57,7 +57,12 @@ Timeout = Annotated[
 ]
 
 # body fields of POST /v1/jobs as this CLI spells them, to name the option the service refused
-_OPTIONS = {"w_cf": "--w-cf", "w_cg": "--w-cg", "max_attempts": "--max-attempts"}
+_OPTIONS = {
+    "w_cf": "--w-cf",
+    "w_cg": "--w-cg",
+    "max_attempts": "--max-attempts",
+    "early_reject": "--early-reject",
+}
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -137,6 +142,12 @@ def expand(
     w_cf: Annotated[float | None, typer.Option("--w-cf", help="classifier-free weight")] = None,
     w_cg: Annotated[float | None, typer.Option("--w-cg", help="classifier guidance weight")] = None,
     seed: Annotated[int | None, typer.Option(help="request seed (default: drawn and recorded)")] = None,
+    solver: Annotated[str | None, typer.Option(help="dpmpp (DPM-Solver++) or unipc")] = None,
+    karras: Annotated[bool | None, typer.Option("--karras/--no-karras", help="Karras sigmas")] = None,
+    early_reject: Annotated[
+        bool | None,
+        typer.Option("--early-reject/--no-early-reject", help="the model's calibrated early rejection"),
+    ] = None,
     format: FormatOpt = ExportFormat.plain,
     progress: Progress = True,
     timeout: Timeout = None,
@@ -144,8 +155,9 @@ def expand(
     """Submit a job, follow it with a progress bar, then download and unpack its pairs into OUT."""
     with remote_errors(), _client(url, api_key) as client:
         job = client.submit(
-            count, model=model, tau=tau, eta=eta, steps=steps, w_cf=w_cf, w_cg=w_cg, seed=seed
-        )
+            count, model=model, tau=tau, eta=eta, steps=steps, w_cf=w_cf, w_cg=w_cg, seed=seed,
+            solver=solver, karras=karras, early_reject=early_reject,
+        )  # fmt: skip
         typer.echo(f"job {job.id} queued", err=True)
         with _interrupted(job.id):
             job = client.wait(job.id, progress=progress, timeout=timeout)

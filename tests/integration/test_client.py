@@ -184,6 +184,7 @@ def test_remote_expand_then_status_jobs_download(stack: Stack, tmp_path: Path) -
     result = remote(
         "expand", "--url", stack.url, "--api-key", ADMIN_KEY, "--count", "2", "--steps", "4",
         "--eta", str(ETA), "--seed", "9", "--out", str(out), "--format", "nnunet",
+        "--solver", "unipc", "--no-early-reject",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     rows, files = pair_files(out)  # the nnU-Net v2 raw layout
@@ -199,6 +200,8 @@ def test_remote_expand_then_status_jobs_download(stack: Stack, tmp_path: Path) -
     env = {"DIFFEXP_URL": stack.url, "DIFFEXP_API_KEY": ADMIN_KEY}  # the options' defaults
     status = remote("status", job_id, env=env)
     assert status.exit_code == 0 and '"status": "succeeded"' in status.stdout
+    sampling = json.loads(status.stdout)["params"]["sampling"]
+    assert (sampling["solver"], sampling["early_reject"]) == ("unipc", False)
     listed = remote("jobs", "--limit", "1", env=env)
     assert listed.exit_code == 0 and listed.stdout.startswith(f"{job_id}\tsucceeded\t2/2\t")
     dl = remote("download", job_id, "--out", str(tmp_path / "zips"), "--zip", "--format", "monai", env=env)
@@ -234,6 +237,8 @@ def test_remote_errors_are_one_line_and_a_nonzero_exit(stack: Stack, tmp_path: P
          "Error: invalid --tau 30.0: Input should be less than or equal to 20"),
         (["expand", *base, "--count", "2", "--w-cf", "-1", "--out", str(tmp_path)], 2,
          "Error: invalid --w-cf -1.0: Input should be greater than or equal to 0"),
+        (["expand", *base, "--count", "2", "--solver", "euler", "--out", str(tmp_path)], 2,
+         """Error: invalid --solver "euler": Input should be 'dpmpp' or 'unipc'"""),
         (["models", "--url", "localhost:8000"], 2,
          "Error: invalid service URL 'localhost:8000': expected http(s)://HOST[:PORT]"),
     ]  # fmt: skip
