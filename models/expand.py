@@ -147,11 +147,8 @@ def _generate_group(
                 masks[at[index]], noise[at[index]] = batch_masks[row], noise_i[row].to(dev)
     empty = empty_masks(masks).cpu()
     skip = empty if params.early_reject and not bundle.allows_empty_masks else None
-    image_steps = 0
 
     def on_image_step(event: dict[str, Any]) -> None:
-        nonlocal image_steps
-        image_steps += 1
         if callback is not None:
             callback({"event": "step", "batch": first_batch, "batch_pairs": len(pool), **event})
 
