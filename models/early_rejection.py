@@ -53,7 +53,7 @@ class EarlyRule:
 
     def check_step(self, steps: int) -> int:
         """The step (1 .. steps-1) after which pairs are scored."""
-        return min(max(1, round(self.at * steps)), steps - 1)
+        return step_at(self.at, steps)
 
     def applies_to(self, params: SamplingParams, eta: float) -> bool:
         """Only at the calibrated settings and η: elsewhere its false-rejection rate is unknown."""
@@ -74,6 +74,11 @@ class EarlyRule:
             eta=float(d["eta"]),
             calibration=dict(d.get("calibration", {})),
         )
+
+
+def step_at(at: float, steps: int) -> int:
+    """The image step (1 .. steps-1) a fraction ``at`` of ``steps`` falls on: where a check scores pairs."""
+    return min(max(1, round(at * steps)), steps - 1)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -154,7 +159,7 @@ def measure(
     from models.sampling import image_denoiser, params_solver, sample_masks, slot_batches, solve
 
     t0 = time.perf_counter()
-    steps_at = {at: min(max(1, round(at * params.steps)), params.steps - 1) for at in fractions}
+    steps_at = {at: step_at(at, params.steps) for at in fractions}
     estimates: dict[float, list[float]] = {at: [] for at in fractions}
     finally_kept: list[bool] = []
     score = filter_score(bundle.filter)

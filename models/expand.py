@@ -148,6 +148,8 @@ def _generate_group(
     empty = empty_masks(masks).cpu()
     skip = empty if params.early_reject and not bundle.allows_empty_masks else None
 
+    check_step = rule.check_step(params.steps) if rule is not None else None
+
     def on_image_step(event: dict[str, Any]) -> None:
         if callback is not None:
             callback({"event": "step", "batch": first_batch, "batch_pairs": len(pool), **event})
@@ -156,7 +158,7 @@ def _generate_group(
         dpm, segmenter, noise, masks, params, batch_size, indices=pool,
         score=filter_score(filter_net) if rule is not None else None,
         cut=rule.cut if rule is not None else float("inf"),
-        check_step=rule.check_step(params.steps) if rule is not None else None,
+        check_step=check_step,
         skip=skip, callback=on_image_step,
     )  # fmt: skip
     finished = ~out.dropped
@@ -173,7 +175,6 @@ def _generate_group(
                 losses[at[i]] = scored[k]
     kept = keep(losses, eta, empty=empty, allow_empty=bundle.allows_empty_masks) & finished
     image_u8, mask_u8 = to_uint8(out.images[:, 0]), to_uint8(masks[:, 0])
-    check_step = rule.check_step(params.steps) if rule is not None else None
     for row, index in enumerate(pool):
         yield GeneratedPair(
             index=index,
