@@ -138,9 +138,7 @@ def label_problem(values: np.ndarray) -> str | None:
 def mask_problem(grey: Grey) -> str | None:
     """Why a mask is refused by the API (not a label map, or no foreground), or None."""
     if grey.colour:
-        return (
-            "has colour (its channels differ); a mask is one channel of labels (grey, or a palette of greys)"
-        )
+        return "has colour (its channels differ); a mask is one channel of labels (grey levels, or a palette PNG)"
     problem = label_problem(grey.values)
     if problem is not None:
         return problem
@@ -170,7 +168,7 @@ def read_grey(path: str | Path, *, max_pixels: int | None = None, as_image: bool
     path = Path(path)
     kind = format_of(path)
     if kind == "pil":
-        return _read_pil(path, max_pixels)
+        return _read_pil(path, max_pixels, as_image)
     if kind == "dicom":
         return _read_dicom(path, max_pixels, as_image)
     return _read_nifti(path, max_pixels)
@@ -191,7 +189,7 @@ def _channels_differ(rgb: Image.Image) -> bool:
     return bool((a[..., 0] != a[..., 1]).any() or (a[..., 1] != a[..., 2]).any())
 
 
-def _read_pil(path: Path, max_pixels: int | None) -> Grey:
+def _read_pil(path: Path, max_pixels: int | None, as_image: bool = True) -> Grey:
     try:
         img = Image.open(path)  # reads the header only
     except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours
@@ -206,11 +204,22 @@ def _read_pil(path: Path, max_pixels: int | None) -> Grey:
             raise PixelsError("not_2d", f"has {frames} frames; one 2D image per file")
         try:
             img.load()
+            if not as_image and img.mode == "P":
+                # a palette mask's pixels are its labels, whatever colours the palette shows them in
+                return _palette_labels(img)
             return _pil_grey(img)
         except PixelsError:
             raise
         except Exception as exc:
             raise PixelsError("unreadable", f"unreadable or truncated image file ({exc})") from None
+
+
+def _palette_labels(img: Image.Image) -> Grey:
+    values = np.asarray(img).astype(np.float64)
+    if values.size == 0:
+        raise PixelsError("unreadable", "empty image")
+    top = float(values.max())
+    return Grey(values, 0.0, top, top if top > 0 else 1.0)
 
 
 def _pil_grey(img: Image.Image) -> Grey:

@@ -35,6 +35,8 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
+from models.labels import snap
+
 KEYS = ("image", "mask")
 
 
@@ -99,5 +101,8 @@ class Augmenter:
             image = convert_to_tensor(d["image"], track_meta=False)
             mask = convert_to_tensor(d["mask"], track_meta=False)
             out_i.append(image.float().clamp(-1, 1))
-            out_m.append(torch.where(mask > 0, 1.0, -1.0))
+            # a one-hot mask's pixels moved in from outside the frame have no class: argmax makes them background
+            out_m.append(
+                torch.where(mask > 0, 1.0, -1.0) if mask.shape[0] == 1 else snap(mask[None], mask.shape[0])[0]
+            )
         return torch.stack(out_i).to(images.device), torch.stack(out_m).to(masks.device)

@@ -22,6 +22,7 @@ from diffusers import UNet2DModel
 from models import __version__
 from models.early_rejection import EarlyRule
 from models.filtering import DEFAULT_ETA
+from models.labels import check_num_classes, mask_channels
 from models.networks import FilterSegmenter, NoisySegmenter
 from models.sampling import SamplingParams
 from models.schedule import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
@@ -38,8 +39,8 @@ class BundleError(ValueError):
     """A bundle folder is missing, incomplete or unreadable; the message says which part."""
 
 
-def new_meta(resolution: int) -> dict[str, Any]:
-    return {
+def new_meta(resolution: int, num_classes: int = 2) -> dict[str, Any]:
+    meta: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "package_version": __version__,
         "resolution": resolution,
@@ -55,6 +56,9 @@ def new_meta(resolution: int) -> dict[str, Any]:
         "sampling_defaults": SamplingParams().to_dict(),
         "eta_default": DEFAULT_ETA,
     }
+    if num_classes != 2:  # binary bundles keep the format they always had
+        meta["num_classes"] = check_num_classes(num_classes)
+    return meta
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -142,6 +146,16 @@ class Bundle:
     @property
     def resolution(self) -> int:
         return int(self.meta["resolution"])
+
+    @property
+    def num_classes(self) -> int:
+        """K, background included (2: a binary bundle; bundles from before multi-class have no key)."""
+        return int(self.meta.get("num_classes", 2))
+
+    @property
+    def mask_channels(self) -> int:
+        """Channels of the DPM's signal (``models.labels.mask_channels``)."""
+        return mask_channels(self.num_classes)
 
     @property
     def name(self) -> str:

@@ -77,8 +77,11 @@ def _prepare_bundle(
     test_fraction: float,
     group_by: str | None = None,
     group_column: str | None = None,
+    num_classes: int | None = None,
 ) -> tuple[PairDataset, PairDataset, dict[str, Any]]:
     """Create the bundle's bundle.json and split on first use; later stages must use the same data.
+
+    K (``num_classes``) is inferred from the masks on first use unless given, then kept in bundle.json.
 
     The split is group-aware with ``group_by``/``group_column`` (or a ``group`` column in the
     data's pairs.csv): no group straddles train and test, and the split records the grouping.
@@ -90,16 +93,22 @@ def _prepare_bundle(
             raise ValueError(
                 f"--resolution {resolution} differs from the bundle's {meta['resolution']}; use a new --out folder"
             )
+        bundle_classes = int(meta.get("num_classes", 2))
+        if num_classes is not None and num_classes != bundle_classes:
+            raise ValueError(
+                f"--num-classes {num_classes} differs from the bundle's {bundle_classes}; use a new --out folder"
+            )
         split = Split.from_dict(meta["split"])
+        data = load_folder(data_dir, int(meta["resolution"]), num_classes=bundle_classes)
     else:
         if resolution is None:
             resolution = 64
-        meta = new_meta(resolution)
+        data = load_folder(data_dir, resolution, num_classes=num_classes)
+        meta = new_meta(resolution, data.num_classes)
         names = [p[0] for p in pairs]
         groups, grouping = pair_groups(data_dir, names, group_by=group_by, group_column=group_column)
         split = make_split(names, test_fraction=test_fraction, seed=seed, groups=groups, grouping=grouping)
         meta["split"] = split.to_dict()
-    data = load_folder(data_dir, int(meta["resolution"]))
     if "data" in meta and meta["data"]["fingerprint"] != data.fingerprint:
         raise ValueError(
             f"{data_dir} is not the data this bundle was trained on (fingerprint differs); use a new --out folder"
@@ -140,6 +149,15 @@ GroupByOpt = Annotated[
     typer.Option(
         help="Group-aware split on first use: a pair's group is the first match of this regex in its "
         "name (its first capture group if any); no group straddles train and test."
+    ),
+]
+ClassesOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Classes K of the masks, background included (default: inferred on first use, 2 for binary "
+        "masks; label maps 0..K-1 or palette PNGs for K > 2).",
+        min=2,
+        max=16,
     ),
 ]
 GroupColumnOpt = Annotated[
@@ -237,12 +255,15 @@ def train(
     pretrained: Annotated[Path | None, typer.Option(help="Local DPM checkpoint to fine-tune from.")] = None,
     group_by: GroupByOpt = None,
     group_column: GroupColumnOpt = None,
+    num_classes: ClassesOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train all stages (I, II, IV) into a bundle; re-running continues from the checkpoints."""
     dev = _device(device)
     with user_errors():
-        tr, te, _ = _prepare_bundle(data, out, resolution, seed, test_fraction, group_by, group_column)
+        tr, te, _ = _prepare_bundle(
+            data, out, resolution, seed, test_fraction, group_by, group_column, num_classes
+        )
         typer.echo(f"{len(tr)} training pairs, {len(te)} held out, device {dev}")
         _run_dpm(tr, out, train_steps, batch_size, seed, lr, cf_dropout, pretrained, dev)
         _run_segmenter(tr, out, segmenter_steps or max(1, train_steps // 2), batch_size, seed, dev)
@@ -264,12 +285,15 @@ def train_dpm_cmd(
     pretrained: Annotated[Path | None, typer.Option(help="Local DPM checkpoint to fine-tune from.")] = None,
     group_by: GroupByOpt = None,
     group_column: GroupColumnOpt = None,
+    num_classes: ClassesOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Stage I only: the two-condition DPM."""
     dev = _device(device)
     with user_errors():
-        tr, _, _ = _prepare_bundle(data, out, resolution, seed, test_fraction, group_by, group_column)
+        tr, _, _ = _prepare_bundle(
+            data, out, resolution, seed, test_fraction, group_by, group_column, num_classes
+        )
         _run_dpm(tr, out, train_steps, batch_size, seed, lr, cf_dropout, pretrained, dev)
 
 
@@ -284,12 +308,15 @@ def train_segmenter_cmd(
     test_fraction: TestFracOpt = 0.2,
     group_by: GroupByOpt = None,
     group_column: GroupColumnOpt = None,
+    num_classes: ClassesOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Stage II only: the noisy segmenter with its image/mask head."""
     dev = _device(device)
     with user_errors():
-        tr, _, _ = _prepare_bundle(data, out, resolution, seed, test_fraction, group_by, group_column)
+        tr, _, _ = _prepare_bundle(
+            data, out, resolution, seed, test_fraction, group_by, group_column, num_classes
+        )
         _run_segmenter(tr, out, train_steps, batch_size, seed, dev)
 
 
@@ -304,12 +331,15 @@ def train_filter_cmd(
     test_fraction: TestFracOpt = 0.2,
     group_by: GroupByOpt = None,
     group_column: GroupColumnOpt = None,
+    num_classes: ClassesOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Stage IV only: the clean filter segmenter, with its held-out Dice."""
     dev = _device(device)
     with user_errors():
-        tr, te, _ = _prepare_bundle(data, out, resolution, seed, test_fraction, group_by, group_column)
+        tr, te, _ = _prepare_bundle(
+            data, out, resolution, seed, test_fraction, group_by, group_column, num_classes
+        )
         _run_filter(tr, te, out, train_steps, batch_size, seed, dev)
 
 

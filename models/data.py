@@ -5,11 +5,13 @@ needs its mask and every mask its image. Formats: PNG, JPEG, TIFF, BMP, DICOM (`
 (``.nii``, ``.nii.gz``), one 2D frame per file; DICOM and NIfTI are read through MONAI's readers.
 Images are read as greyscale (RGB through luminance, RGBA composited on black), 8-bit scaled by 255,
 DICOM by its window, other deeper formats min-max scaled, then resized with area filtering (bilinear
-when enlarging) and mapped to [-1, 1]. Masks are binarised *before* a nearest-neighbour resize, so
-no boundary pixel is lost to interpolation (original defect 7), and stored as -1/+1: a label map
-(whole values, at most 16 of them) by value > 0, any other mask at half its full value (128 for
-8-bit, 0.5 for 0/1 masks, half the maximum for deeper formats). ``app.pixels`` holds those rules,
-shared with the API's upload check.
+when enlarging) and mapped to [-1, 1]. Masks are label maps: K classes (``models.labels``) are
+inferred from the masks (whole values 0..K-1, or a palette PNG's indices) or given. A binary set
+(K = 2) is binarised *before* a nearest-neighbour resize, so no boundary pixel is lost to
+interpolation (original defect 7), and stored as -1/+1: a label map (whole values, at most 16 of
+them) by value > 0, any other mask at half its full value (128 for 8-bit, 0.5 for 0/1 masks, half
+the maximum for deeper formats). A K-class mask keeps its labels through the nearest resize and is
+stored one-hot. ``app.pixels`` holds the pixel rules, shared with the API's upload check.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from app.pixels import (
     to_unit,
 )
 from app.pixels import read_grey as pixels_read_grey
+from models.labels import check_num_classes, decode, encode, infer_num_classes
 
 IMAGE_SUFFIXES = tuple(FORMATS)
 
@@ -55,7 +58,8 @@ class DatasetError(ValueError):
 
 @dataclass
 class PairDataset:
-    """Images and masks of one folder at one resolution, as ``[N, 1, R, R]`` tensors in [-1, 1]."""
+    """Images ``[N, 1, R, R]`` in [-1, 1] and encoded masks ``[N, C, R, R]`` (``models.labels``) of one
+    folder at one resolution."""
 
     names: list[str]
     images: torch.Tensor
@@ -63,14 +67,20 @@ class PairDataset:
     resolution: int
     root: Path | None = None
     fingerprint: str = ""
+    num_classes: int = 2
 
     def __len__(self) -> int:
         return len(self.names)
 
     @property
+    def labels(self) -> torch.Tensor:
+        """The masks as label maps ``[N, 1, R, R]`` (long, 0 = background)."""
+        return decode(self.masks, self.num_classes)
+
+    @property
     def empty_masks(self) -> int:
         """How many masks have no foreground pixel (recorded in bundle.json as ``data.empty_masks``)."""
-        return int((~(self.masks > 0).flatten(1).any(dim=1)).sum())
+        return int((~(self.labels > 0).flatten(1).any(dim=1)).sum())
 
     def subset(self, names: Sequence[str]) -> PairDataset:
         index = {n: i for i, n in enumerate(self.names)}
@@ -78,7 +88,10 @@ class PairDataset:
         if missing:
             raise DatasetError(f"{self.root}: pairs named in the split are missing: {', '.join(missing[:5])}")
         rows = torch.tensor([index[n] for n in names], dtype=torch.long)
-        return PairDataset(list(names), self.images[rows], self.masks[rows], self.resolution, self.root)
+        return PairDataset(
+            list(names), self.images[rows], self.masks[rows], self.resolution, self.root,
+            num_classes=self.num_classes,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -323,23 +336,50 @@ def image_from_grey(grey: Grey, resolution: int) -> np.ndarray:
 
 
 def mask_from_grey(grey: Grey, resolution: int, path: Path, *, allow_empty: bool = False) -> np.ndarray:
-    """A mask as float32 ``[R, R]`` of -1 (background) / +1 (foreground), binarised
+    """A binary mask as float32 ``[R, R]`` of -1 (background) / +1 (foreground), binarised
     (``app.pixels.foreground``) before a nearest-neighbour resize.
 
     ``allow_empty`` accepts a mask without foreground (a real negative case in an export); training
     refuses them."""
-    binary = foreground(grey).astype(np.uint8) * 255
-    if not binary.any() and not allow_empty:
+    labels = labels_from_grey(grey, resolution, path, 2, allow_empty=allow_empty)
+    return np.where(labels > 0, 1.0, -1.0).astype(np.float32)
+
+
+def mask_levels(grey: Grey) -> set[float]:
+    """The distinct values of one mask (what ``models.labels.infer_num_classes`` reads)."""
+    return {float(v) for v in np.unique(grey.values)}
+
+
+def labels_from_grey(
+    grey: Grey, resolution: int, path: Path, num_classes: int, *, allow_empty: bool = False
+) -> np.ndarray:
+    """A mask as a uint8 label map ``[R, R]`` (0..K-1) after a nearest-neighbour resize.
+
+    Binary (K = 2): foreground by ``app.pixels.foreground``, as 0/1. K > 2: the file's values are the
+    labels and must be whole numbers 0..K-1."""
+    if num_classes == 2:
+        labels = foreground(grey).astype(np.uint8)
+    else:
+        values = grey.values
+        bad = values[(values < 0) | (values > num_classes - 1) | (values != np.floor(values))]
+        if bad.size:
+            raise DatasetError(
+                f"{path}: mask value {float(bad.flat[0]):g} is not a label of a {num_classes}-class set "
+                f"(whole values 0..{num_classes - 1}; set --num-classes to match the masks)"
+            )
+        labels = values.astype(np.uint8)
+    if not labels.any() and not allow_empty:
         raise DatasetError(
             f"{path}: mask with no foreground (no label above 0, no pixel at half of the mask's full value)"
         )
-    pil = Image.fromarray(binary, mode="L").resize((resolution, resolution), Image.Resampling.NEAREST)
-    out = np.asarray(pil) > 127
-    if not out.any() and binary.any():
+    out = np.asarray(
+        Image.fromarray(labels, mode="L").resize((resolution, resolution), Image.Resampling.NEAREST)
+    )
+    if not out.any() and labels.any():
         raise DatasetError(
             f"{path}: mask foreground vanishes at {resolution}x{resolution}; use a higher resolution"
         )
-    return np.where(out, 1.0, -1.0).astype(np.float32)
+    return out
 
 
 def load_image(path: Path, resolution: int) -> np.ndarray:
@@ -352,8 +392,13 @@ def load_mask(path: Path, resolution: int, *, allow_empty: bool = False) -> np.n
     return mask_from_grey(read_grey(path, as_image=False), resolution, path, allow_empty=allow_empty)
 
 
-def load_folder(root: str | Path, resolution: int, names: Sequence[str] | None = None) -> PairDataset:
-    """Load and validate every pair of ``root`` (or only ``names``) at ``resolution``."""
+def load_folder(
+    root: str | Path, resolution: int, names: Sequence[str] | None = None, *, num_classes: int | None = None
+) -> PairDataset:
+    """Load and validate every pair of ``root`` (or only ``names``) at ``resolution``.
+
+    ``num_classes`` K is inferred from the masks' values when None (``models.labels.infer_num_classes``);
+    a bundle passes its own so that evaluation reads a folder as its bundle was trained."""
     if resolution < 8:
         raise DatasetError(f"resolution must be at least 8 pixels, got {resolution}")
     pairs = find_pairs(root)
@@ -365,21 +410,28 @@ def load_folder(root: str | Path, resolution: int, names: Sequence[str] | None =
             raise DatasetError(
                 f"{root}: pairs named in the split are missing: {', '.join(sorted(missing)[:5])}"
             )
-    images, masks = [], []
+    images, greys = [], []
     for _name, ip, mp in pairs:
         image, mask = read_grey(ip), read_grey(mp, as_image=False)
         if image.size != mask.size:
             (iw, ih), (mw, mh) = image.size, mask.size
             raise DatasetError(f"{mp}: size mismatch, mask is {mw}x{mh} but image is {iw}x{ih}")
         images.append(image_from_grey(image, resolution))
-        masks.append(mask_from_grey(mask, resolution, mp))
+        greys.append(mask)
+    if num_classes is None:
+        num_classes = infer_num_classes(set().union(*(mask_levels(g) for g in greys)))
+    num_classes = check_num_classes(num_classes)
+    labels = np.stack(
+        [labels_from_grey(g, resolution, p[2], num_classes) for g, p in zip(greys, pairs, strict=True)]
+    )
     return PairDataset(
         names=[p[0] for p in pairs],
         images=torch.from_numpy(np.stack(images))[:, None],
-        masks=torch.from_numpy(np.stack(masks))[:, None],
+        masks=encode(torch.from_numpy(labels)[:, None], num_classes),
         resolution=resolution,
         root=Path(root),
         fingerprint=fingerprint(pairs),
+        num_classes=num_classes,
     )
 
 

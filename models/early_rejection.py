@@ -156,6 +156,7 @@ def measure(
 
     from models.expand import batch_noise
     from models.filtering import empty_masks, keep
+    from models.networks import image_part
     from models.sampling import image_denoiser, params_solver, sample_masks, slot_batches, solve
 
     t0 = time.perf_counter()
@@ -165,7 +166,7 @@ def measure(
     score = filter_score(bundle.filter)
     for batch in slot_batches(list(indices), batch_size):
         real = [k for k, i in enumerate(batch) if i is not None]
-        noise_m, noise_i = batch_noise(seed, batch, bundle.resolution, batch_size)
+        noise_m, noise_i = batch_noise(seed, batch, bundle.resolution, batch_size, bundle.mask_channels)
         masks = sample_masks(bundle.dpm, bundle.segmenter, noise_m.to(bundle.device), params)
         solver = params_solver(params)
         eps = image_denoiser(bundle.dpm, bundle.segmenter, masks, params)
@@ -175,8 +176,8 @@ def measure(
                 x, done = solve(eps, x, solver, start=done, stop=k, phase="image"), k
             x0 = solver.model_outputs[-1]
             assert x0 is not None
-            estimates[at].extend(score(x0.clamp(-1.0, 1.0), masks)[real].tolist())
-        x = solve(eps, x, solver, start=done, phase="image").clamp(-1.0, 1.0)
+            estimates[at].extend(score(image_part(x0).clamp(-1.0, 1.0), masks)[real].tolist())
+        x = image_part(solve(eps, x, solver, start=done, phase="image")).clamp(-1.0, 1.0)
         losses = score_pairs(bundle.filter, x, masks).cpu()
         kept = keep(losses, eta, empty=empty_masks(masks).cpu(), allow_empty=bundle.allows_empty_masks)
         finally_kept.extend(bool(k) for k in kept[real])

@@ -20,7 +20,8 @@ from app.params import default_max_attempts
 from models.bundle import Bundle
 from models.data import to_uint8
 from models.early_rejection import EarlyRule, filter_score
-from models.filtering import empty_masks, keep, score_pairs
+from models.filtering import empty_masks, keep, score_pairs_by_class
+from models.labels import decode, mask_to_uint8
 from models.sampling import SamplingParams, pair_noise, sample_images_pooled, sample_masks, slot_batches
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -35,10 +36,11 @@ class GeneratedPair:
     index: int
     seed: int
     image: np.ndarray  # uint8 [R, R]
-    mask: np.ndarray  # uint8 [R, R], 0 or 255
+    mask: np.ndarray  # uint8 [R, R]: 0 or 255 (binary), label values 0..K-1 (K classes)
     dice_loss: float  # Stage IV's; for a pair dropped early, the estimate that dropped it (1.0: empty mask)
     kept: bool
     rejected_at: int | None = None  # image step after which early rejection dropped it (0: before any)
+    class_losses: list[float] | None = None  # Stage IV's Dice loss per foreground class 1..K-1
 
     @property
     def name(self) -> str:
@@ -61,14 +63,14 @@ def _chunks(indices: Iterable[int], size: int) -> Iterator[list[int]]:
 
 
 def batch_noise(
-    seed: int, batch: list[int | None], resolution: int, batch_size: int
+    seed: int, batch: list[int | None], resolution: int, batch_size: int, channels: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The initial noise of one batch (``slot_batches``: pair index or None per row); padded rows are zeros."""
-    noise_m = torch.zeros(batch_size, 1, resolution, resolution)
-    noise_i = torch.zeros(batch_size, 1, resolution, resolution)
+    noise_m = torch.zeros(batch_size, channels, resolution, resolution)
+    noise_i = torch.zeros(batch_size, channels, resolution, resolution)
     for row, index in enumerate(batch):
         if index is not None:
-            noise_m[row], noise_i[row] = pair_noise(seed, index, resolution)
+            noise_m[row], noise_i[row] = pair_noise(seed, index, resolution, channels)
     return noise_m, noise_i
 
 
@@ -127,14 +129,14 @@ def _generate_group(
     rule: EarlyRule | None,
 ) -> Iterator[GeneratedPair]:
     """``generate_pairs`` for one group of pairs sampled together (one batch, or a pool with a rule)."""
-    r, dev = bundle.resolution, bundle.device
+    r, dev, c = bundle.resolution, bundle.device, bundle.mask_channels
     dpm, segmenter, filter_net = bundle.networks()
     at = {index: k for k, index in enumerate(pool)}
-    masks = torch.zeros(len(pool), 1, r, r, device=dev)
-    noise = torch.zeros(len(pool), 1, r, r, device=dev)
+    masks = torch.zeros(len(pool), c, r, r, device=dev)
+    noise = torch.zeros(len(pool), c, r, r, device=dev)
     batches = slot_batches(pool, batch_size)
     for batch_no, batch in enumerate(batches):
-        noise_m, noise_i = batch_noise(seed, batch, r, batch_size)
+        noise_m, noise_i = batch_noise(seed, batch, r, batch_size, c)
         n = sum(i is not None for i in batch)
 
         def on_mask_step(event: dict[str, Any], _batch: int = first_batch + batch_no, _n: int = n) -> None:
@@ -163,18 +165,20 @@ def _generate_group(
     )  # fmt: skip
     finished = ~out.dropped
     losses = torch.ones(len(pool))
+    by_class = torch.ones(len(pool), bundle.num_classes - 1)
     if out.checked is not None:
         losses = torch.where(out.dropped, out.checked, losses)
     for batch in batches:  # Stage IV, each pair at its row
         rows = torch.tensor([at[i] if i is not None else len(pool) for i in batch])
         images_p = torch.cat([out.images, torch.zeros_like(out.images[:1])])[rows]
         masks_p = torch.cat([masks, torch.zeros_like(masks[:1])])[rows]
-        scored = score_pairs(filter_net, images_p, masks_p).cpu()
+        scored = score_pairs_by_class(filter_net, images_p, masks_p).cpu()
         for k, i in enumerate(batch):
             if i is not None and finished[at[i]]:
-                losses[at[i]] = scored[k]
+                losses[at[i]], by_class[at[i]] = scored[k].mean(), scored[k]
     kept = keep(losses, eta, empty=empty, allow_empty=bundle.allows_empty_masks) & finished
-    image_u8, mask_u8 = to_uint8(out.images[:, 0]), to_uint8(masks[:, 0])
+    image_u8 = to_uint8(out.images[:, 0])
+    mask_u8 = mask_to_uint8(decode(masks, bundle.num_classes)[:, 0].cpu().numpy(), bundle.num_classes)
     for row, index in enumerate(pool):
         yield GeneratedPair(
             index=index,
@@ -184,6 +188,7 @@ def _generate_group(
             dice_loss=float(losses[row]),
             kept=bool(kept[row]),
             rejected_at=None if finished[row] else (0 if skip is not None and skip[row] else check_step),
+            class_losses=[float(v) for v in by_class[row]] if finished[row] else None,
         )
 
 

@@ -4,6 +4,11 @@ Layout ``[B, 1, H, W]`` throughout. Dice loss with no smoothing term:
 
     loss = 1 - 2 Σ p·m / (Σ p + Σ m)
 
+K-class masks: the filter's argmax is compared with the mask class by class, and a pair's loss is
+the mean of the K - 1 foreground classes' Dice losses (``class_dice_losses``). A class absent from
+both counts as agreement (0); a class the mask has and the prediction lost counts 1, so the pair is
+scored, not skipped.
+
 Empty-mask rule: when prediction and mask are both empty the pair agrees perfectly (loss 0);
 when exactly one is empty the loss is 1. A synthetic pair whose mask is all background never
 passes Stage IV, whatever its loss, unless the bundle's training data had empty masks
@@ -38,9 +43,21 @@ def dice_score(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return 1.0 - dice_loss(pred, mask)
 
 
+def class_dice_losses(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dice loss of each foreground class ``[B, K-1]`` between label maps ``pred`` and ``labels`` ``[B, 1, H, W]``."""
+    return torch.stack(
+        [dice_loss((pred == k).float(), (labels == k).float()) for k in range(1, num_classes)], dim=1
+    )
+
+
+def _labels_of(masks: torch.Tensor) -> torch.Tensor:
+    """Label maps of encoded masks ``[B, C, H, W]``: C = 1 is a -1/+1 (or 0/1) binary mask."""
+    return (masks > 0).long() if masks.shape[1] == 1 else masks.argmax(dim=1, keepdim=True)
+
+
 def empty_masks(masks: torch.Tensor) -> torch.Tensor:
-    """``[B]`` True where a -1/+1 (or 0/1) mask ``[B, ...]`` has no foreground pixel."""
-    return ~(masks > 0).flatten(1).any(dim=1)
+    """``[B]`` True where an encoded mask ``[B, C, ...]`` (-1/+1 or 0/1; one-hot for K classes) has no foreground pixel."""
+    return ~(_labels_of(masks) > 0).flatten(1).any(dim=1)
 
 
 def keep(
@@ -57,7 +74,20 @@ def keep(
 
 
 @torch.no_grad()
+def score_pairs_by_class(
+    filter_net: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor
+) -> torch.Tensor:
+    """Dice loss per foreground class ``[B, K-1]`` of the filter on ``images`` against encoded ``masks``
+    (binary: ``[B, 1]``, the thresholded prediction against the -1/+1 mask)."""
+    logits = filter_net(images)
+    if masks.shape[1] == 1:
+        pred = (torch.sigmoid(logits) > 0.5).float()
+        return dice_loss(pred, (masks > 0).float())[:, None]
+    return class_dice_losses(logits.argmax(dim=1, keepdim=True), _labels_of(masks), masks.shape[1])
+
+
+@torch.no_grad()
 def score_pairs(filter_net: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Dice loss ``[B]`` of the filter's thresholded prediction on ``images`` against -1/+1 ``masks``."""
-    pred = (torch.sigmoid(filter_net(images)) > 0.5).float()
-    return dice_loss(pred, (masks > 0).float())
+    """Stage IV's Dice loss ``[B]``: the filter's prediction on ``images`` against encoded ``masks``,
+    averaged over the foreground classes (one for a binary mask)."""
+    return score_pairs_by_class(filter_net, images, masks).mean(dim=1)

@@ -1,7 +1,9 @@
 """Guidance math of Stage III (Eq. 3, Lemma 3) as pure functions.
 
 Conventions: the segmenter's head gives a logit z for "x_t is an image" (y1 = 1); its per-pixel
-logits are those of the mask (y2). Probabilities are Bernoulli: p(y=1) = sigmoid(z / τ).
+logits are those of the mask (y2). For y1 and binary masks the probabilities are Bernoulli,
+p(y=1) = sigmoid(z / τ); for K-class masks each pixel's K logits are a softmax, p_τ(k) =
+softmax(z / τ)_k, the form Lemma 3 is stated in.
 
 Two ways to sharpen the classifier (``GuidanceMode``):
 - ``tau`` (the paper): log p_τ(y|x) = log sigmoid(±z/τ), a proper distribution for every τ.
@@ -37,6 +39,43 @@ def sharpened_log_prob(
     return strength * bernoulli_log_prob(logits, target, tau=1.0)
 
 
+def categorical_log_prob(logits: torch.Tensor, target: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Per-pixel log p_τ(target | logits) = Σ_k target_k · log softmax(z/τ)_k for ``[B, K, ...]``
+    logits and one-hot ``target`` over dim 1; returns ``[B, ...]``."""
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    return (target * torch.log_softmax(logits / tau, dim=1)).sum(dim=1)
+
+
+def categorical_log_prob_grad(logits: torch.Tensor, target: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """∂/∂z of ``categorical_log_prob`` in closed form: (target − softmax(z/τ)) / τ, for one-hot target.
+
+    The whole gradient over all K logits, not only the target's (Lemma 3 compares the target's
+    component alone); sampling takes it by autograd, and tests check the two agree for K = 3, 4.
+    """
+    return (target - torch.softmax(logits / tau, dim=1)) / tau
+
+
+def mask_log_prob(
+    logits: torch.Tensor, target: torch.Tensor, mode: GuidanceMode | str, strength: float
+) -> torch.Tensor:
+    """Per-sample log p(y2 = mask | x_t) ``[B]``: the sum over pixels, sharpened by ``mode``/``strength``.
+
+    One logit channel: Bernoulli, with ``target`` in {0, 1}. K channels: softmax over them, with a
+    one-hot ``target``; mode ``tau`` divides the logits by τ, mode ``scale`` multiplies log p by s.
+    """
+    if logits.shape[1] == 1:
+        return sharpened_log_prob(logits, target, mode, strength).flatten(1).sum(dim=1)
+    mode = GuidanceMode(mode)
+    if strength <= 0:
+        raise ValueError(f"guidance strength ({'tau' if mode is GuidanceMode.TAU else 's'}) must be > 0")
+    if mode is GuidanceMode.TAU:
+        per_pixel = categorical_log_prob(logits, target, tau=strength)
+    else:
+        per_pixel = strength * categorical_log_prob(logits, target, tau=1.0)
+    return per_pixel.flatten(1).sum(dim=1)
+
+
 def guidance_log_prob(
     y1_logit: torch.Tensor,
     mask_logits: torch.Tensor | None,
@@ -48,14 +87,15 @@ def guidance_log_prob(
 ) -> torch.Tensor:
     """Per-sample log p(y1 | x_t) [+ log p(y2 = mask | x_t, y1)], shape ``[B]`` (Lemma 2's sum).
 
-    ``mask`` is the phase-1 mask in {0, 1}; its term is the sum of per-pixel log-likelihoods.
+    ``mask`` is the phase-1 mask in {0, 1} (one channel, or K one-hot channels); its term is the sum
+    of per-pixel log-likelihoods (``mask_log_prob``).
     """
     target = torch.full_like(y1_logit, 1.0 if want_image else 0.0)
     total = sharpened_log_prob(y1_logit, target, mode, strength)
     if mask is not None:
         if mask_logits is None:
             raise ValueError("a mask term needs the segmenter's mask logits")
-        total = total + sharpened_log_prob(mask_logits, mask, mode, strength).flatten(1).sum(dim=1)
+        total = total + mask_log_prob(mask_logits, mask, mode, strength)
     return total
 
 

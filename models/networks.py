@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from models.labels import mask_channels
+
 
 class Condition(IntEnum):
     """The DPM's class embedding: what to synthesise (y1), and whether the mask condition is present."""
@@ -28,16 +30,35 @@ class Condition(IntEnum):
 DEFAULT_DPM_CHANNELS = (32, 64, 96, 128)
 
 
+def embed_image(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """Images ``[B, 1, H, W]`` as the DPM's ``[B, C, H, W]`` signal: the image in channel 0, zeros after.
+
+    One network denoises K-channel masks and one-channel images; an image's extra channels are a
+    constant zero that it learns to restore (and that sampling drops: ``image_part``).
+    """
+    if channels == 1:
+        return images
+    return torch.cat([images, images.new_zeros(images.shape[0], channels - 1, *images.shape[2:])], dim=1)
+
+
+def image_part(x: torch.Tensor) -> torch.Tensor:
+    """The image of a DPM signal ``[B, C, H, W]``: channel 0."""
+    return x[:, :1]
+
+
 def build_dpm(
     resolution: int,
     block_out_channels: tuple[int, ...] = DEFAULT_DPM_CHANNELS,
     layers_per_block: int = 1,
     attention: bool = True,
+    channels: int = 1,
 ) -> UNet2DModel:
     """The Stage I ε-prediction UNet: input ``[x_t, mask-or-zeros]``, 3 class embeddings (Condition).
 
-    The defaults (3.7M parameters) train at about 1 step/s at 64x64 on two CPU cores and keep
-    sampling under one second per pair there; attention sits at the coarsest level only.
+    ``channels`` is the encoded mask's (``models.labels.mask_channels``): 1 for binary masks, K for K
+    classes; x_t and the mask condition each have that many. The defaults (3.7M parameters) train at
+    about 1 step/s at 64x64 on two CPU cores and keep sampling under one second per pair there;
+    attention sits at the coarsest level only.
     """
     n = len(block_out_channels)
     down = ["DownBlock2D"] * n
@@ -49,8 +70,8 @@ def build_dpm(
         raise ValueError(f"resolution {resolution} must be divisible by {2 ** (n - 1)} for {n} UNet levels")
     return UNet2DModel(
         sample_size=resolution,
-        in_channels=2,
-        out_channels=1,
+        in_channels=2 * channels,
+        out_channels=channels,
         block_out_channels=block_out_channels,
         down_block_types=tuple(down),
         up_block_types=tuple(up),
@@ -63,15 +84,15 @@ def build_dpm(
 
 @dataclass
 class SegmenterOutput:
-    mask_logits: torch.Tensor  # [B, 1, H, W]: f_ψ's per-pixel logits for y2
+    mask_logits: torch.Tensor  # [B, C, H, W]: f_ψ's per-pixel logits for y2 (C = 1 binary, K classes)
     y1_logit: torch.Tensor  # [B]: g_ω's logit of "x_t is an image" (y1 = 1)
 
 
 class NoisySegmenter(ModelMixin, ConfigMixin):
     """Stage II: f_ψ(x_t, t), a small time-conditioned UNet, and the head g_ω for y1 (Eq. 2).
 
-    f_ψ outputs one mask-logit channel plus ``head_features`` feature channels; g_ω pools those
-    features and classifies image vs mask. It must stay far cheaper than the DPM, since guidance
+    f_ψ outputs the mask logits (one channel for a binary mask, K softmax logits for K classes) plus
+    ``head_features`` feature channels; g_ω pools those features and classifies image vs mask. It must stay far cheaper than the DPM, since guidance
     costs one forward and one input-backward per solver step: it runs at ``1/downsample`` of the
     resolution (area-pooled in, bilinear out; see ``default_segmenter_downsample``).
     """
@@ -84,9 +105,11 @@ class NoisySegmenter(ModelMixin, ConfigMixin):
         layers_per_block: int = 1,
         head_features: int = 8,
         downsample: int = 1,
+        num_classes: int = 2,
     ) -> None:
         super().__init__()
         n = len(block_out_channels)
+        self.channels = mask_channels(num_classes)
         if downsample < 1 or sample_size % downsample:
             raise ValueError(
                 f"downsample {downsample} must be a positive divisor of sample_size {sample_size}"
@@ -94,8 +117,8 @@ class NoisySegmenter(ModelMixin, ConfigMixin):
         self.downsample = downsample
         self.unet = UNet2DModel(
             sample_size=sample_size // downsample,
-            in_channels=1,
-            out_channels=1 + head_features,
+            in_channels=self.channels,
+            out_channels=self.channels + head_features,
             block_out_channels=tuple(block_out_channels),
             down_block_types=("DownBlock2D",) * n,
             up_block_types=("UpBlock2D",) * n,
@@ -113,9 +136,9 @@ class NoisySegmenter(ModelMixin, ConfigMixin):
         out = self.unet(h, t).sample
         if self.downsample > 1:
             out = F.interpolate(out, size=x_t.shape[-2:], mode="bilinear", align_corners=False)
-        feats = out[:, 1:]
+        feats = out[:, self.channels :]
         pooled = torch.cat([feats.mean(dim=(2, 3)), feats.amax(dim=(2, 3))], dim=1)
-        return SegmenterOutput(mask_logits=out[:, :1], y1_logit=self.head(pooled).squeeze(1))
+        return SegmenterOutput(mask_logits=out[:, : self.channels], y1_logit=self.head(pooled).squeeze(1))
 
 
 def default_segmenter_downsample(resolution: int) -> int:
@@ -137,20 +160,25 @@ class FilterSegmenter(nn.Module):
     segmenter scores synthetic pairs far more reliably (its held-out Dice is in bundle.json).
     """
 
-    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 128), num_res_units: int = 2) -> None:
+    def __init__(
+        self, channels: tuple[int, ...] = (16, 32, 64, 128), num_res_units: int = 2, num_classes: int = 2
+    ) -> None:
         super().__init__()
-        self.config = {"channels": list(channels), "num_res_units": num_res_units}
+        self.config: dict[str, Any] = {"channels": list(channels), "num_res_units": num_res_units}
+        if num_classes != 2:  # written only for K > 2, so binary filters keep their config.json
+            self.config["num_classes"] = num_classes
+        self.num_classes = num_classes
         self.net = MonaiUNet(
             spatial_dims=2,
             in_channels=1,
-            out_channels=1,
+            out_channels=mask_channels(num_classes),
             channels=tuple(channels),
             strides=(2,) * (len(channels) - 1),
             num_res_units=num_res_units,
         )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Mask logits ``[B, 1, H, W]`` for images in [-1, 1]."""
+        """Mask logits ``[B, C, H, W]`` for images in [-1, 1] (C = 1 binary, K softmax logits for K classes)."""
         out: torch.Tensor = self.net(image)
         return out
 
@@ -166,7 +194,11 @@ class FilterSegmenter(nn.Module):
     def from_pretrained(cls, folder: str | Path) -> FilterSegmenter:
         folder = Path(folder)
         config: dict[str, Any] = json.loads((folder / "config.json").read_text())
-        model = cls(channels=tuple(config["channels"]), num_res_units=int(config["num_res_units"]))
+        model = cls(
+            channels=tuple(config["channels"]),
+            num_res_units=int(config["num_res_units"]),
+            num_classes=int(config.get("num_classes", 2)),
+        )
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
         return model.eval()
 

@@ -28,7 +28,8 @@ from pydantic import ValidationError
 from app.params import SamplingSettings, Solver
 from models.denoisers import ClassifierGuided, Denoiser, EpsFn, ImageDenoiser, MaskDenoiser
 from models.guidance import GuidanceMode
-from models.networks import NoisySegmenter
+from models.labels import snap
+from models.networks import NoisySegmenter, image_part
 from models.schedule import Scheduler, batch_state_fields, make_solver
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -122,11 +123,14 @@ def pair_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def pair_noise(seed: int, index: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The initial noise of one pair, ``(mask_noise, image_noise)`` each ``[1, R, R]``, drawn on the CPU."""
+def pair_noise(
+    seed: int, index: int, resolution: int, channels: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The initial noise of one pair, ``(mask_noise, image_noise)`` each ``[C, R, R]``, drawn on the CPU
+    (C: the DPM's channels, 1 for binary masks)."""
     g = torch.Generator(device="cpu").manual_seed(pair_seed(seed, index))
-    mask_noise = torch.randn((1, resolution, resolution), generator=g)
-    image_noise = torch.randn((1, resolution, resolution), generator=g)
+    mask_noise = torch.randn((channels, resolution, resolution), generator=g)
+    image_noise = torch.randn((channels, resolution, resolution), generator=g)
     return mask_noise, image_noise
 
 
@@ -185,11 +189,11 @@ def image_denoiser(
     masks: torch.Tensor,
     params: SamplingParams,
 ) -> Denoiser:
-    """Phase 2's noise predictor for -1/+1 ``masks``: classifier-free w_cf, then segmenter guidance
+    """Phase 2's noise predictor for encoded ``masks``: classifier-free w_cf, then segmenter guidance
     towards y1 = image and y2 = mask when w_cg > 0."""
     eps: Denoiser = ImageDenoiser(dpm, masks, params.w_cf)
     if params.w_cg > 0 and segmenter is not None:
-        mask01 = (masks > 0).to(masks.dtype)
+        mask01 = (masks > 0).to(masks.dtype)  # the foreground, or the one-hot classes of a K-class mask
         eps = ClassifierGuided(eps, segmenter, params.w_cg, True, params.guidance, params.strength, mask01)
     return eps
 
@@ -202,11 +206,12 @@ def sample_masks(
     params: SamplingParams,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Phase 1: masks ``[B, 1, R, R]`` of -1/+1 from noise, guided towards y1 = mask."""
+    """Phase 1: encoded masks ``[B, C, R, R]`` from noise ``[B, C, R, R]``, guided towards y1 = mask:
+    -1/+1 for one channel, one-hot (of the argmax) for K channels."""
     x0 = solve(
         mask_denoiser(dpm, segmenter, params), noise, params_solver(params), phase="mask", callback=callback
     )
-    return binarize(x0)
+    return binarize(x0) if x0.shape[1] == 1 else snap(x0, x0.shape[1])
 
 
 @torch.no_grad()
@@ -218,9 +223,11 @@ def sample_images(
     params: SamplingParams,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Phase 2: images ``[B, 1, R, R]`` in [-1, 1] for -1/+1 ``masks``, with CFG and segmenter guidance."""
+    """Phase 2: images ``[B, 1, R, R]`` in [-1, 1] for encoded ``masks``, with CFG and segmenter guidance
+    (``noise`` has the DPM's C channels; the image is channel 0)."""
     eps = image_denoiser(dpm, segmenter, masks, params)
-    return solve(eps, noise, params_solver(params), phase="image", callback=callback).clamp(-1.0, 1.0)
+    x = solve(eps, noise, params_solver(params), phase="image", callback=callback)
+    return image_part(x).clamp(-1.0, 1.0)
 
 
 def binarize(x: torch.Tensor) -> torch.Tensor:
@@ -326,7 +333,7 @@ def sample_images_pooled(
     if score is None or check_step is None or not 0 < check_step < steps:
         score, check_step = None, steps
     skip = torch.zeros(p, dtype=torch.bool) if skip is None else skip.cpu()
-    images = torch.zeros_like(noise)
+    images = torch.zeros_like(image_part(noise))
     dropped = skip.clone()
     scores = torch.full((p,), float("nan")) if score is not None else None
     padded_noise, padded_masks = (
@@ -352,11 +359,11 @@ def sample_images_pooled(
         if score is None:
             for k, i in enumerate(batch):
                 if i is not None:
-                    images[at[i]] = x[k].clamp(-1.0, 1.0)
+                    images[at[i]] = x[k, :1].clamp(-1.0, 1.0)
             continue
         x0 = solver.model_outputs[-1]
         assert x0 is not None and scores is not None
-        estimate = score(x0.clamp(-1.0, 1.0), padded_masks[rows]).cpu()
+        estimate = score(image_part(x0).clamp(-1.0, 1.0), padded_masks[rows]).cpu()
         template = solver
         for k, i in enumerate(batch):
             if i is None:
@@ -365,7 +372,7 @@ def sample_images_pooled(
             if estimate[k] <= cut:
                 xs[i], states[i] = x[k : k + 1], (solver, k)
             else:
-                images[at[i]], dropped[at[i]] = x0[k].clamp(-1.0, 1.0), True
+                images[at[i]], dropped[at[i]] = x0[k, :1].clamp(-1.0, 1.0), True
     if score is None or template is None:
         return PooledImages(images, dropped, scores)
     # Phase 2b: the pairs that passed, regrouped by row position, from the check to the end.
@@ -380,7 +387,7 @@ def sample_images_pooled(
         x = solve(full.rows(rows), x, solver, start=check_step, phase="image", callback=callback)
         for k, i in enumerate(batch):
             if i is not None:
-                images[at[i]] = x[k].clamp(-1.0, 1.0)
+                images[at[i]] = x[k, :1].clamp(-1.0, 1.0)
     return PooledImages(images, dropped, scores)
 
 

@@ -24,6 +24,7 @@ from models.augment import Augmenter, AugmentRecipe
 from models.bundle import read_meta, write_meta
 from models.data import PairDataset
 from models.filtering import DEFAULT_ETA, score_pairs
+from models.labels import mask_channels, one_hot01
 from models.networks import (
     DEFAULT_DPM_CHANNELS,
     Condition,
@@ -32,6 +33,7 @@ from models.networks import (
     build_dpm,
     count_parameters,
     default_segmenter_downsample,
+    embed_image,
 )
 from models.schedule import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
 
@@ -205,7 +207,8 @@ def train_dpm(
     bundle_dir = Path(bundle_dir)
     dev = torch.device(device)
     channels = tuple(block_out_channels) if block_out_channels else DEFAULT_DPM_CHANNELS
-    model = _seeded_init(cfg.seed, "dpm", lambda: build_dpm(data.resolution, channels)).to(dev)
+    c = mask_channels(data.num_classes)
+    model = _seeded_init(cfg.seed, "dpm", lambda: build_dpm(data.resolution, channels, channels=c)).to(dev)
     reinitialised: list[str] = []
     if pretrained is not None:
         reinitialised = load_pretrained_weights(model, pretrained)
@@ -219,6 +222,8 @@ def train_dpm(
     }
     if block_out_channels:  # recorded only when set, so checkpoints of earlier bundles still resume
         config["block_out_channels"] = list(channels)
+    if data.num_classes != 2:
+        config["num_classes"] = data.num_classes
     if augment is not None:
         config["augment"] = augment.to_dict()
     augmenter = Augmenter(augment, data.resolution) if augment is not None else None
@@ -231,12 +236,12 @@ def train_dpm(
         is_image = (torch.rand(b, generator=g) < 0.5).to(dev)
         dropped = (torch.rand(b, generator=g) < cf_dropout).to(dev)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=g).to(dev)
-        noise = torch.randn((b, 1, r, r), generator=g).to(dev)
+        noise = torch.randn((b, c, r, r), generator=g).to(dev)
         img, msk = images[rows], masks[rows]
         if augmenter is not None:
             aug_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
             img, msk = augmenter.batch(img, msk, aug_seed)
-        x0 = torch.where(is_image.view(-1, 1, 1, 1), img, msk)
+        x0 = torch.where(is_image.view(-1, 1, 1, 1), embed_image(img, c), msk)
         cond = torch.where((is_image & ~dropped).view(-1, 1, 1, 1), msk, torch.zeros_like(x0))
         labels = torch.where(
             is_image,
@@ -250,7 +255,7 @@ def train_dpm(
     start, loss_value = _optimise(
         "dpm", model, opt, cfg, config, bundle_dir, loss_at, ema=ema, callback=callback
     )
-    ema_model = build_dpm(data.resolution, channels)
+    ema_model = build_dpm(data.resolution, channels, channels=c)
     ema_model.load_state_dict(model.state_dict())
     ema.copy_to(ema_model.parameters())
     ema_model.save_pretrained(bundle_dir / "dpm", safe_serialization=True)
@@ -268,8 +273,18 @@ def train_dpm(
 
 
 def _segmentation_loss(logits: torch.Tensor, target01: torch.Tensor, dice: DiceLoss) -> torch.Tensor:
-    """Dice + BCE on per-pixel logits."""
-    return dice(logits, target01) + F.binary_cross_entropy_with_logits(logits, target01)
+    """Dice + BCE on one channel of per-pixel logits; Dice + cross-entropy on K softmax channels
+    (``target01`` one-hot, ``dice`` built by ``_dice_for``)."""
+    if logits.shape[1] == 1:
+        return dice(logits, target01) + F.binary_cross_entropy_with_logits(logits, target01)
+    return dice(logits, target01) + F.cross_entropy(logits, target01.argmax(dim=1))
+
+
+def _dice_for(num_classes: int) -> DiceLoss:
+    """MONAI's Dice loss on sigmoid (binary) or softmax (K classes) outputs, background excluded for K."""
+    if num_classes == 2:
+        return DiceLoss(sigmoid=True)
+    return DiceLoss(softmax=True, include_background=False)
 
 
 def train_segmenter(
@@ -287,27 +302,31 @@ def train_segmenter(
         cfg.seed,
         "segmenter",
         lambda: NoisySegmenter(
-            sample_size=data.resolution, downsample=default_segmenter_downsample(data.resolution)
+            sample_size=data.resolution,
+            downsample=default_segmenter_downsample(data.resolution),
+            num_classes=data.num_classes,
         ),
     ).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     config = {**asdict(cfg), "downsample": model.downsample}
+    if data.num_classes != 2:
+        config["num_classes"] = data.num_classes
     acp = alphas_cumprod().to(dev)
-    dice = DiceLoss(sigmoid=True)
+    dice = _dice_for(data.num_classes)
     images, masks = data.images.to(dev), data.masks.to(dev)
-    b, r = cfg.batch_size, data.resolution
+    targets = one_hot01(data.labels, data.num_classes).to(dev)
+    b, r, c = cfg.batch_size, data.resolution, mask_channels(data.num_classes)
 
     def loss_at(g: torch.Generator) -> torch.Tensor:
         rows = _batch_rows(len(data), b, g)
         is_image = (torch.rand(b, generator=g) < 0.5).to(dev)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=g).to(dev)
-        noise = torch.randn((b, 1, r, r), generator=g).to(dev)
-        x0 = torch.where(is_image.view(-1, 1, 1, 1), images[rows], masks[rows])
+        noise = torch.randn((b, c, r, r), generator=g).to(dev)
+        x0 = torch.where(is_image.view(-1, 1, 1, 1), embed_image(images[rows], c), masks[rows])
         out = model(add_noise(x0, noise, t, acp), t)
         loss = F.binary_cross_entropy_with_logits(out.y1_logit, is_image.float())
         if is_image.any():
-            target = (masks[rows][is_image] > 0).float()
-            loss = loss + _segmentation_loss(out.mask_logits[is_image], target, dice)
+            loss = loss + _segmentation_loss(out.mask_logits[is_image], targets[rows][is_image], dice)
         return loss
 
     t0 = time.perf_counter()
@@ -367,15 +386,18 @@ def train_filter(
     """Stage IV's clean segmenter: Dice + BCE on real training pairs; reports held-out Dice on the test split."""
     bundle_dir = Path(bundle_dir)
     dev = torch.device(device)
-    model = _seeded_init(cfg.seed, "filter", FilterSegmenter).to(dev)
+    model = _seeded_init(cfg.seed, "filter", lambda: FilterSegmenter(num_classes=data.num_classes)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     config = asdict(cfg)
-    dice = DiceLoss(sigmoid=True)
-    images, masks = data.images.to(dev), data.masks.to(dev)
+    if data.num_classes != 2:
+        config["num_classes"] = data.num_classes
+    dice = _dice_for(data.num_classes)
+    images = data.images.to(dev)
+    targets = one_hot01(data.labels, data.num_classes).to(dev)
 
     def loss_at(g: torch.Generator) -> torch.Tensor:
         rows = _batch_rows(len(data), cfg.batch_size, g)
-        return _segmentation_loss(model(_jitter_intensity(images[rows], g)), (masks[rows] > 0).float(), dice)
+        return _segmentation_loss(model(_jitter_intensity(images[rows], g)), targets[rows], dice)
 
     t0 = time.perf_counter()
     start, loss_value = _optimise("filter", model, opt, cfg, config, bundle_dir, loss_at, callback=callback)

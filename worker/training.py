@@ -242,8 +242,10 @@ def prepare(data_dir: Path, bundle: Path, rec: dict[str, Any]) -> tuple[PairData
     params = rec["params"]
     if (bundle / "bundle.json").exists():
         meta = read_meta(bundle)
+        data = load_folder(data_dir, int(meta["resolution"]), num_classes=int(meta.get("num_classes", 2)))
     else:
-        meta = new_meta(int(params["resolution"]))
+        data = load_folder(data_dir, int(params["resolution"]), num_classes=params.get("num_classes"))
+        meta = new_meta(int(params["resolution"]), data.num_classes)
         names = [p[0] for p in find_pairs(data_dir)]
         groups, grouping = pair_groups(data_dir, names)
         split = make_split(
@@ -251,7 +253,6 @@ def prepare(data_dir: Path, bundle: Path, rec: dict[str, Any]) -> tuple[PairData
             grouping=grouping,
         )  # fmt: skip
         meta["split"] = split.to_dict()
-    data = load_folder(data_dir, int(meta["resolution"]))
     meta["data"] = {
         "folder": f"dataset:{rec['dataset']}",  # not the temporary folder: the same on every run
         "fingerprint": data.fingerprint,

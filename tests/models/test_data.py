@@ -241,8 +241,8 @@ def test_monai_readers_agree_with_the_api_readers_on_every_pixel(tmp_path: Path)
 
 
 def test_loads_dicom_images_with_nifti_label_map_masks(tmp_path: Path) -> None:
-    """Label maps (0, 1, 2) are foreground wherever the label is above 0; they used to be binarised
-    at half of 255, which left them empty."""
+    """Label maps (0, 1, 2) read as three classes; read as binary (``num_classes=2``) they are
+    foreground wherever the label is above 0 (they used to be binarised at half of 255, which left them empty)."""
     from tests.utils.medical import disc_mask, write_dicom, write_nifti
 
     gradient = np.tile(np.linspace(0, 1600, 32), (32, 1)).astype(np.uint16)  # -100..1500 after the intercept
@@ -252,10 +252,14 @@ def test_loads_dicom_images_with_nifti_label_map_masks(tmp_path: Path) -> None:
         )
         labels = disc_mask(32, 32, 1) + (disc_mask(32, 32, 1) * (np.arange(32)[None, :] > 16))
         write_nifti(tmp_path / "masks" / f"p{i}.nii.gz", labels.astype(np.uint8))
-    ds = load_folder(tmp_path, 16)
+    ds = load_folder(tmp_path, 16, num_classes=2)
     assert ds.names == ["p0", "p1"] and ds.images.shape == (2, 1, 16, 16)
     full = Image.fromarray((disc_mask(32, 32, 1) * 255).astype(np.uint8)).resize(
         (16, 16), Image.Resampling.NEAREST
     )
     assert ds.masks[0, 0].eq(1).numpy().tolist() == (np.asarray(full) > 0).tolist()  # labels 1 and 2 alike
+    three = load_folder(tmp_path, 16)  # K inferred from the values 0, 1, 2
+    assert three.num_classes == 3 and three.masks.shape == (2, 3, 16, 16)
+    assert three.labels.unique().tolist() == [0, 1, 2]
+    assert (three.labels[0, 0] > 0).numpy().tolist() == (np.asarray(full) > 0).tolist()
     assert float(ds.images.min()) == -1.0 and float(ds.images.max()) == 1.0  # the window clips both ends
