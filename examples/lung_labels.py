@@ -174,7 +174,7 @@ def _source_md(
     original = (
         (src / "SOURCE.md").read_text() if (src / "SOURCE.md").is_file() else "(no SOURCE.md in source)\n"
     )
-    skipped_line = f"- skipped (empty masks): {', '.join(skipped)}\n" if skipped else ""
+    skipped_line = f"Skipped (empty masks): {', '.join(skipped)}\n\n" if skipped else ""
     return f"""# Three-label lung masks derived from `{src.name}`
 
 Derived by `python -m examples.lung_labels` (examples/lung_labels.py) from `{src}`:
@@ -199,8 +199,7 @@ Derived by `python -m examples.lung_labels` (examples/lung_labels.py) from `{src
 |---|---|
 {table}
 
-{skipped_line}
-## Source provenance (copied from `{src.name}/SOURCE.md`)
+{skipped_line}## Source provenance (copied from `{src.name}/SOURCE.md`)
 
 {original}"""
 
