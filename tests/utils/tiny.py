@@ -24,6 +24,34 @@ def make_shapes_dataset(root: Path, n: int = 12, size: int = 32, seed: int = 0) 
     return root
 
 
+def make_multiclass_dataset(root: Path, n: int = 12, size: int = 32, classes: int = 3, seed: int = 0) -> Path:
+    """``n`` pairs of ``classes - 1`` ellipses on a noisy background, masks as label maps ``0..classes-1``.
+
+    Class ``k`` is the ellipse in the ``k``-th of ``classes - 1`` vertical strips from the image left
+    (with a gap between them, so they never touch) and has its own brightness, so the classes are learnable from the image.
+    """
+    if classes < 2:
+        raise ValueError(f"classes must be >= 2, got {classes}")
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:size, :size]
+    strip = size / (classes - 1)
+    for i in range(n):
+        labels = np.zeros((size, size), dtype=np.uint8)
+        img = rng.normal(60, 10, (size, size))
+        for k in range(1, classes):
+            cx = (k - 0.5) * strip + rng.uniform(-0.1, 0.1) * strip
+            cy = rng.uniform(size * 0.35, size * 0.65)
+            rx, ry = rng.uniform(0.2, 0.35) * strip, rng.uniform(size * 0.15, size * 0.3)
+            inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
+            labels[inside] = k
+            img[inside] += 160 * k / (classes - 1)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / "images" / f"multi{i:03d}.png")
+        Image.fromarray(labels).save(root / "masks" / f"multi{i:03d}.png")
+    return root
+
+
 def make_tiny_bundle(root: Path, size: int = 16, steps: int = 30) -> Path:
     """Train a throwaway bundle on shapes in a few seconds (all three stages, CPU)."""
     from models.bundle import new_meta, write_meta

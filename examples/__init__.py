@@ -1,0 +1,1 @@
+"""Example datasets and the scripts that derive them (not part of the installed package)."""
