@@ -594,13 +594,14 @@ def calibrate(
 
 @app.command()
 def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
-    """Print a bundle's metadata: resolution, split sizes, training, held-out metrics, defaults."""
+    """Print a bundle's metadata: resolution, classes, split sizes, training, held-out metrics, defaults."""
     with user_errors():
         meta = read_meta(bundle)
     split = meta.get("split", {})
     summary = {
         "bundle": str(bundle),
         "resolution": meta["resolution"],
+        "num_classes": int(meta.get("num_classes", 2)),
         "package_version": meta.get("package_version"),
         "data": dict(meta.get("data", {})),
         "split": {
