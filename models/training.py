@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from models.augment import Augmenter, AugmentRecipe
 from models.bundle import read_meta, write_meta
 from models.data import PairDataset
-from models.filtering import DEFAULT_ETA, score_pairs
+from models.filtering import DEFAULT_ETA, score_pairs_by_class
 from models.labels import mask_channels, one_hot01
 from models.networks import (
     DEFAULT_DPM_CHANNELS,
@@ -355,23 +355,30 @@ def _jitter_intensity(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_filter(model: FilterSegmenter, data: PairDataset, eta: float = DEFAULT_ETA) -> dict[str, float]:
-    """Held-out Dice of the filter (threshold 0.5) and the share of real pairs it would keep at η."""
+def evaluate_filter(model: FilterSegmenter, data: PairDataset, eta: float = DEFAULT_ETA) -> dict[str, Any]:
+    """Held-out Dice of the filter (threshold 0.5; argmax for K classes, averaged over the foreground
+    classes, each also in ``dice_by_class``) and the share of real pairs it would keep at η."""
     model.eval()
     dev = next(model.parameters()).device
-    loss = torch.cat(
+    by_class = torch.cat(
         [
-            score_pairs(model, data.images[i : i + 32].to(dev), data.masks[i : i + 32].to(dev)).cpu()
+            score_pairs_by_class(model, data.images[i : i + 32].to(dev), data.masks[i : i + 32].to(dev)).cpu()
             for i in range(0, len(data), 32)
         ]
     )
-    return {
+    loss = by_class.mean(dim=1)
+    out: dict[str, Any] = {
         "dice_mean": float((1 - loss).mean()),
         "dice_std": float((1 - loss).std()) if len(loss) > 1 else 0.0,
         "real_pass_rate": float((loss <= eta).float().mean()),
         "eta": eta,
         "n": len(loss),
     }
+    if data.num_classes > 2:
+        out["dice_by_class"] = {
+            str(k + 1): float((1 - by_class[:, k]).mean()) for k in range(by_class.shape[1])
+        }
+    return out
 
 
 def train_filter(
