@@ -154,3 +154,27 @@ def test_stage_iv_scores_the_mean_over_foreground_classes() -> None:
     assert score_pairs(_Fixed(logits), torch.zeros(2, 1, 4, 4), masks).tolist() == [0.0, 0.5]
     assert empty_masks(masks).tolist() == [False, False]
     assert empty_masks(encode(torch.zeros(1, 1, 4, 4, dtype=torch.long), 3)).tolist() == [True]
+
+
+def test_the_binary_demo_bundle_makes_the_same_pairs_as_before_multiclass_support() -> None:
+    """Pairs 0-1 of seed 13 at 3 steps, saved by the code before K-class support (commit 83e96a8).
+
+    Bit-identical on the machine that saved them; other CPUs may round a few pixels differently,
+    so the comparison allows what kernel rounding can do and no more.
+    """
+    from pathlib import Path
+
+    from models.bundle import Bundle
+    from models.expand import generate_pairs
+
+    golden = np.load(Path(__file__).parent / "golden" / "demo-binary-seed13.npz")
+    bundle = Bundle.load(Path(__file__).parents[2] / "models" / "bundles" / "cxr-lung-64")
+    assert bundle.num_classes == 2 and "num_classes" not in bundle.meta
+    params = bundle.default_params().updated(steps=3)
+    pairs = list(generate_pairs(bundle, [0, 1], seed=13, params=params, eta=1.0, batch_size=2))
+    masks = np.stack([p.mask for p in pairs])
+    images = np.stack([p.image for p in pairs]).astype(float)
+    assert set(np.unique(masks).tolist()) <= {0, 255}
+    assert (masks == golden["masks"]).mean() > 0.995
+    assert np.abs(images - golden["images"]).mean() < 0.5
+    assert np.allclose([p.dice_loss for p in pairs], golden["losses"], atol=0.02)
