@@ -4,12 +4,13 @@ A dataset folder holds ``images/NAME.ext`` and ``masks/NAME.ext`` with the same 
 needs its mask and every mask its image. Formats: PNG, JPEG, TIFF, BMP, DICOM (``.dcm``) and NIfTI
 (``.nii``, ``.nii.gz``), one 2D frame per file; DICOM and NIfTI are read through MONAI's readers.
 Images are read as greyscale (RGB through luminance, RGBA composited on black), 8-bit scaled by 255,
-DICOM by its window, other deeper formats min-max scaled, then resized with area filtering (bilinear
-when enlarging) and mapped to [-1, 1]. Masks are binarised *before* a nearest-neighbour resize, so
-no boundary pixel is lost to interpolation (original defect 7), and stored as -1/+1: a label map
-(whole values, at most 16 of them) by value > 0, any other mask at half its full value (128 for
-8-bit, 0.5 for 0/1 masks, half the maximum for deeper formats). ``app.pixels`` holds those rules,
-shared with the API's upload check.
+DICOM by its window, other deeper formats min-max scaled, padded to a square with black (centred,
+aspect kept: ``models.shape``; a square image is untouched, the padding recorded per pair), then
+resized with area filtering (bilinear when enlarging) and mapped to [-1, 1]. Masks are binarised
+*before* a nearest-neighbour resize, so no boundary pixel is lost to interpolation (original defect
+7; padded with background first), and stored as -1/+1: a label map (whole values, at most 16 of them)
+by value > 0, any other mask at half its full value (128 for 8-bit, 0.5 for 0/1 masks, half the
+maximum for deeper formats). ``app.pixels`` holds those rules, shared with the API's upload check.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import csv
 import random
 import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -45,6 +47,7 @@ from app.pixels import (
     to_unit,
 )
 from app.pixels import read_grey as pixels_read_grey
+from models.shape import Padding, pad_to_square, square_padding
 
 IMAGE_SUFFIXES = tuple(FORMATS)
 
@@ -63,6 +66,8 @@ class PairDataset:
     resolution: int
     root: Path | None = None
     fingerprint: str = ""
+    # how each pair was padded to a square before the resize (models.shape); None: not recorded
+    paddings: list[Padding] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -78,7 +83,17 @@ class PairDataset:
         if missing:
             raise DatasetError(f"{self.root}: pairs named in the split are missing: {', '.join(missing[:5])}")
         rows = torch.tensor([index[n] for n in names], dtype=torch.long)
-        return PairDataset(list(names), self.images[rows], self.masks[rows], self.resolution, self.root)
+        paddings = None if self.paddings is None else [self.paddings[index[n]] for n in names]
+        return PairDataset(
+            list(names), self.images[rows], self.masks[rows], self.resolution, self.root, paddings=paddings
+        )
+
+    def shapes(self, most: int = 5) -> dict[str, int]:
+        """The ``most`` commonest original sizes, ``{"WxH": pairs}`` (bundle.json ``data.shapes``)."""
+        if not self.paddings:
+            return {}
+        counts = Counter(f"{p.width}x{p.height}" for p in self.paddings)
+        return dict(counts.most_common(most))
 
 
 @dataclass(frozen=True)
@@ -309,9 +324,12 @@ def read_grey(path: Path, *, as_image: bool = True) -> Grey:
 
 
 def image_from_grey(grey: Grey, resolution: int) -> np.ndarray:
-    """An image as float32 ``[R, R]`` in [-1, 1]: [0, 1] by ``app.pixels.to_unit``, then resized
-    with area filtering (bilinear when enlarging)."""
+    """An image as float32 ``[R, R]`` in [-1, 1]: [0, 1] by ``app.pixels.to_unit``, padded to a square
+    with black, then resized with area filtering (bilinear when enlarging)."""
     unit = to_unit(grey)
+    # padded to a square (aspect kept) with its black level (0: the format's or window's black), before
+    # the resize; a square image is untouched
+    unit, _ = pad_to_square(unit, 0.0)
     h, w = unit.shape
     pil = Image.fromarray(unit.astype(np.float32), mode="F")
     shrinking = resolution < min(h, w)
@@ -333,6 +351,7 @@ def mask_from_grey(grey: Grey, resolution: int, path: Path, *, allow_empty: bool
         raise DatasetError(
             f"{path}: mask with no foreground (no label above 0, no pixel at half of the mask's full value)"
         )
+    binary, _ = pad_to_square(binary, 0)  # background in the padding (models.shape)
     pil = Image.fromarray(binary, mode="L").resize((resolution, resolution), Image.Resampling.NEAREST)
     out = np.asarray(pil) > 127
     if not out.any() and binary.any():
@@ -365,7 +384,7 @@ def load_folder(root: str | Path, resolution: int, names: Sequence[str] | None =
             raise DatasetError(
                 f"{root}: pairs named in the split are missing: {', '.join(sorted(missing)[:5])}"
             )
-    images, masks = [], []
+    images, masks, paddings = [], [], []
     for _name, ip, mp in pairs:
         image, mask = read_grey(ip), read_grey(mp, as_image=False)
         if image.size != mask.size:
@@ -373,6 +392,7 @@ def load_folder(root: str | Path, resolution: int, names: Sequence[str] | None =
             raise DatasetError(f"{mp}: size mismatch, mask is {mw}x{mh} but image is {iw}x{ih}")
         images.append(image_from_grey(image, resolution))
         masks.append(mask_from_grey(mask, resolution, mp))
+        paddings.append(square_padding(*image.size))  # as image_from_grey/mask_from_grey padded them
     return PairDataset(
         names=[p[0] for p in pairs],
         images=torch.from_numpy(np.stack(images))[:, None],
@@ -380,6 +400,7 @@ def load_folder(root: str | Path, resolution: int, names: Sequence[str] | None =
         resolution=resolution,
         root=Path(root),
         fingerprint=fingerprint(pairs),
+        paddings=paddings,
     )
 
 
