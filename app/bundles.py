@@ -177,4 +177,5 @@ def resolve_params(
         solver=body.solver,
         karras=body.karras,
         early_reject=body.early_reject,
+        size=body.size,
     )

@@ -35,6 +35,7 @@ MANIFEST_FIELDS = ["name", "index", "seed", "dice_loss", "model", "eta"]
 SAMPLING_FIELDS = [
     "steps", "order", "w_cf", "w_cg", "guidance", "tau", "scale", "clip_x0", "solver", "karras", "early_reject",
 ]  # fmt: skip
+OUTPUT_FIELDS = ["size"]  # the job's output WxH (app.params.Size), only when it asked for one
 # Every row is a generated pair: said in the row, so it stays said once rows are mixed with real ones.
 PROVENANCE_FIELDS = ["synthetic"]
 # Per-job Redis hashes/strings that DELETE removes (leases and the lock expire by themselves).
@@ -108,9 +109,12 @@ class RedisKeys:
 
 
 def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
-    """One row per pair: name, index, seed, dice_loss, the parameters that produced it, ``synthetic`` (1)."""
+    """One row per pair: name, index, seed, dice_loss, the parameters that produced it, ``synthetic`` (1).
+    A job with an output ``size`` has a ``size`` column after the sampling fields (a square job's
+    manifest is as before)."""
     out = io.StringIO()
-    fields = MANIFEST_FIELDS + SAMPLING_FIELDS + PROVENANCE_FIELDS
+    size = params.get("size")
+    fields = MANIFEST_FIELDS + SAMPLING_FIELDS + (OUTPUT_FIELDS if size else []) + PROVENANCE_FIELDS
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     sampling = params["sampling"]
@@ -122,6 +126,7 @@ def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
                 "model": params["model"],
                 "eta": params["eta"],
                 **{k: sampling.get(k) for k in SAMPLING_FIELDS},
+                **({"size": size} if size else {}),
                 "synthetic": 1,
             }
         )

@@ -15,12 +15,13 @@ w_cg = 50 or w_cf = 20 the guided noise prediction leaves the range the networks
 from __future__ import annotations
 
 import operator
+import re
 import secrets
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 TAU_MIN, TAU_MAX = 0.05, 20.0
 SCALE_MIN, SCALE_MAX = 0.05, 20.0
@@ -34,6 +35,12 @@ MAX_REQUEST_SEED = 2**53 - 1
 SEED_BITS = 32  # seeds drawn when a request gives none
 DEFAULT_ETA = 0.065  # the paper's Stage IV threshold
 DEFAULT_MAX_ATTEMPTS_FACTOR = 20  # max_attempts defaults to this x count
+MAX_SIDE = 4096  # the largest output side a size may ask for (an output PNG, not a training resolution)
+# What parse_size accepts, as one regular expression for the OpenAPI schema: 1..4096, no leading zero,
+# an ASCII lowercase "x" between (a test checks the two agree).
+_SIDE = "(?:[1-9][0-9]{0,2}|[1-3][0-9]{3}|40[0-8][0-9]|409[0-6])"
+SIZE_PATTERN = f"^{_SIDE}x{_SIDE}$"
+_SIZE = re.compile(r"([0-9]+)x([0-9]+)", re.ASCII)
 
 
 class Solver(StrEnum):
@@ -134,6 +141,37 @@ Seed = Annotated[
 RecordSeed = Annotated[int, Field(strict=True, ge=0, le=MAX_SEED, description="the seed the job runs with")]
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``"256x192"`` as ``(width, height)``: two whole numbers from 1 to MAX_SIDE joined by an ASCII
+    lowercase ``x`` (not ``×``, ``X`` or spaces). Raises ValueError naming the value."""
+    m = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT (e.g. 256x192, with an ASCII lowercase x)")
+    for side in m.groups():
+        if side.startswith("0"):
+            raise ValueError(f"size {text!r}: sides must be whole numbers from 1 to {MAX_SIDE}, no leading 0")
+        if int(side) > MAX_SIDE:
+            raise ValueError(f"size {text!r}: sides must be at most {MAX_SIDE} pixels")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _valid_size(text: str) -> str:
+    parse_size(text)
+    return text
+
+
+# An output shape: the square sample is centre-cropped to W:H and resized (models.shape.restore_shape).
+Size = Annotated[
+    str,
+    AfterValidator(_valid_size),
+    Field(
+        description=f"output WIDTHxHEIGHT, e.g. 256x192 (ASCII x, sides 1 to {MAX_SIDE}): each pair is "
+        "centre-cropped to that aspect and resized (masks nearest); null: the square R x R output",
+        json_schema_extra={"pattern": SIZE_PATTERN},
+    ),
+]
+
+
 class SamplingSettings(BaseModel):
     """Stage III settings of a job or of a bundle's defaults (``models.sampling.SamplingParams`` on the
     torch side is validated by this model). Keys it does not know are ignored."""
@@ -175,6 +213,7 @@ class JobParams(BaseModel):
     sampling: SamplingSettings
     batch_size: int = Field(ge=1)
     shard_size: int = Field(ge=1)
+    size: Size | None = None  # output shape; None (and in jobs created before it): the square output
 
 
 def draw_seed() -> int:
@@ -213,6 +252,7 @@ def merge_job_params(
     seed: int | None = None,
     eta: float | None = None,
     max_attempts: int | None = None,
+    size: str | None = None,
     **sampling_overrides: Any,
 ) -> JobParams:
     """A request's values over a bundle's defaults: what a job runs with (its seed drawn if not given)."""
@@ -226,4 +266,5 @@ def merge_job_params(
         sampling=merge_sampling(sampling_defaults, **sampling_overrides),
         batch_size=batch_size,
         shard_size=shard_size,
+        size=size,
     )

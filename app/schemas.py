@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
-from app.params import Count, Eta, GuidanceMode, MaxAttempts, Seed, Solver, Steps, Tau, WCf, WCg
+from app.params import Count, Eta, GuidanceMode, MaxAttempts, Seed, Size, Solver, Steps, Tau, WCf, WCg
 from app.params import JobParams as JobParams  # re-exported: the store uses it from here
 from app.params import SamplingSettings as SamplingSettings
 
@@ -75,6 +75,7 @@ class JobCreate(BaseModel):
         description="most pairs generated, count to DIFFEXP_MAX_ATTEMPTS_FACTOR x DIFFEXP_MAX_COUNT; "
         "default: DIFFEXP_MAX_ATTEMPTS_FACTOR x count",
     )
+    size: Size | None = None
     callback_url: str | None = Field(
         default=None,
         min_length=1,

@@ -53,7 +53,7 @@ MAX_BACKOFF_S = 30.0
 CHUNK = 1 << 20
 Format = Literal["plain", "nnunet", "monai"]
 SUBMIT_FIELDS = frozenset(
-    "count model tau eta steps w_cf w_cg seed guidance solver karras early_reject max_attempts callback_url "
+    "count model tau eta steps w_cf w_cg seed guidance solver karras early_reject max_attempts size callback_url "
     "callback_secret".split()
 )
 
@@ -320,6 +320,7 @@ class Client(_Base):
         karras: bool | None = None,
         early_reject: bool | None = None,
         max_attempts: int | None = None,
+        size: str | None = None,
         callback_url: str | None = None,
         callback_secret: str | None = None,
         idempotency_key: str | None = None,
@@ -327,7 +328,8 @@ class Client(_Base):
         """Queue a job for ``count`` kept pairs; unset parameters take the model's defaults.
         ``callback_url`` is POSTed the job when it ends, signed with ``callback_secret`` (drawn by the
         service unless given, and then only in this answer: ``Job.callback_secret``). Sending it
-        twice with the same ``idempotency_key`` returns the first job."""
+        twice with the same ``idempotency_key`` returns the first job. ``size`` (``"256x192"``)
+        crops and resizes each pair to that shape; default: the model's square output."""
         body = {
             "count": count,
             "model": model,
@@ -342,6 +344,7 @@ class Client(_Base):
             "karras": karras,
             "early_reject": early_reject,
             "max_attempts": max_attempts,
+            "size": size,
             "callback_url": callback_url,
             "callback_secret": callback_secret,
         }
@@ -684,8 +687,8 @@ class AsyncClient(_Base):
 
     async def submit(self, count: int, *, idempotency_key: str | None = None, **params: Any) -> Job:
         """As ``Client.submit``: ``model``, ``tau``, ``eta``, ``steps``, ``w_cf``, ``w_cg``, ``seed``,
-        ``guidance``, ``solver``, ``karras``, ``early_reject``, ``max_attempts``, ``callback_url``,
-        ``callback_secret``."""
+        ``guidance``, ``solver``, ``karras``, ``early_reject``, ``max_attempts``, ``size``,
+        ``callback_url``, ``callback_secret``."""
         body = {"count": count, **params}
         return Job.from_json(await self._json(self._submit_call(body, idempotency_key)))
 

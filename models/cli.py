@@ -24,6 +24,7 @@ from models.data import DatasetError, PairDataset, Split, find_pairs, load_folde
 from models.expand import Cancelled, expand
 from models.guidance import GuidanceMode
 from models.merge import merge
+from models.shape import parse_size, restore_shape
 from models.training import TrainConfig, train_dpm, train_filter, train_segmenter
 
 app = typer.Typer(
@@ -118,6 +119,7 @@ def _prepare_bundle(
         "fingerprint": data.fingerprint,
         "pairs": len(data),
         "empty_masks": data.empty_masks,  # 0: Stage IV never keeps a synthetic pair with an empty mask
+        "shapes": data.shapes(),  # the commonest original sizes, "WxH": pairs (padded to squares)
         "licence_files": [],
     }
     write_meta(out, meta)
@@ -385,11 +387,22 @@ def expand_cmd(
         ),  # fmt: skip
     ] = None,
     keep_rejected: Annotated[bool, typer.Option(help="Also write discarded pairs under rejected/.")] = False,
+    size: Annotated[
+        str | None,
+        typer.Option(
+            help="Output WIDTHxHEIGHT (e.g. 256x192): each pair centre-cropped to that aspect and resized "
+            "(masks nearest). Default: the bundle's square resolution."
+        ),
+    ] = None,
     export_format: FormatOpt = ExportFormat.PLAIN,
     device: DeviceOpt = "auto",
 ) -> None:
     """Generate pairs until COUNT pass the Stage IV filter; write them and a manifest of every attempt."""
     dev = _device(device)
+    try:
+        out_size = parse_size(size) if size is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--size") from None
     if eta is not None and not 0 < eta <= 1:
         raise typer.BadParameter(f"must be in (0, 1], got {eta}", param_hint="--eta")
     if order is not None and order not in (1, 2, 3):
@@ -420,6 +433,8 @@ def expand_cmd(
             "max_attempts": max_attempts or default_max_attempts(count),
             "params": params.to_dict(),
         }
+        if size is not None:
+            run["size"] = size
         (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
         typer.echo(f"seed {seed_used}, eta {eta_used}, {params.to_dict()}")
         bar = tqdm(total=count, desc="kept", unit="pair", dynamic_ncols=True, file=sys.stderr)
@@ -439,15 +454,16 @@ def expand_cmd(
             for pair in expand(b, count, seed=seed_used, params=params, eta=eta_used, batch_size=batch_size,
                                max_attempts=max_attempts, callback=on_event):  # fmt: skip
                 generated += 1
+                image, mask = pair.image, pair.mask
+                if out_size is not None and (pair.kept or keep_rejected):
+                    image, mask = restore_shape(image, mask, out_size)
                 if pair.kept:
-                    Image.fromarray(pair.image, mode="L").save(out / lay.image(pair.name))
-                    (out / lay.mask(pair.name)).write_bytes(mask_member(lay, _png(pair.mask)))
+                    Image.fromarray(image, mode="L").save(out / lay.image(pair.name))
+                    (out / lay.mask(pair.name)).write_bytes(mask_member(lay, _png(mask)))
                     names.append(pair.name)
                 elif keep_rejected:  # rejected pairs stay plain (0/255 masks), outside the format's folders
-                    Image.fromarray(pair.image, mode="L").save(
-                        out / "rejected" / "images" / f"{pair.name}.png"
-                    )
-                    Image.fromarray(pair.mask, mode="L").save(out / "rejected" / "masks" / f"{pair.name}.png")
+                    Image.fromarray(image, mode="L").save(out / "rejected" / "images" / f"{pair.name}.png")
+                    Image.fromarray(mask, mode="L").save(out / "rejected" / "masks" / f"{pair.name}.png")
                 writer.writerow(
                     [pair.name, pair.index, pair.seed, f"{pair.dice_loss:.6f}", int(pair.kept), 1]
                 )

@@ -148,6 +148,10 @@ def expand(
         bool | None,
         typer.Option("--early-reject/--no-early-reject", help="the model's calibrated early rejection"),
     ] = None,
+    size: Annotated[
+        str | None,
+        typer.Option(help="output WIDTHxHEIGHT, e.g. 256x192 (centre-cropped, resized); default: square"),
+    ] = None,
     format: FormatOpt = ExportFormat.plain,
     progress: Progress = True,
     timeout: Timeout = None,
@@ -156,7 +160,7 @@ def expand(
     with remote_errors(), _client(url, api_key) as client:
         job = client.submit(
             count, model=model, tau=tau, eta=eta, steps=steps, w_cf=w_cf, w_cg=w_cg, seed=seed,
-            solver=solver, karras=karras, early_reject=early_reject,
+            solver=solver, karras=karras, early_reject=early_reject, size=size,
         )  # fmt: skip
         typer.echo(f"job {job.id} queued", err=True)
         with _interrupted(job.id):

@@ -4,14 +4,16 @@ A dataset folder holds ``images/NAME.ext`` and ``masks/NAME.ext`` with the same 
 needs its mask and every mask its image. Formats: PNG, JPEG, TIFF, BMP, DICOM (``.dcm``) and NIfTI
 (``.nii``, ``.nii.gz``), one 2D frame per file; DICOM and NIfTI are read through MONAI's readers.
 Images are read as greyscale (RGB through luminance, RGBA composited on black), 8-bit scaled by 255,
-DICOM by its window, other deeper formats min-max scaled, then resized with area filtering (bilinear
-when enlarging) and mapped to [-1, 1]. Masks are label maps: K classes (``models.labels``) are
-inferred from the masks (whole values 0..K-1, or a palette PNG's indices) or given. A binary set
-(K = 2) is binarised *before* a nearest-neighbour resize, so no boundary pixel is lost to
-interpolation (original defect 7), and stored as -1/+1: a label map (whole values, at most 16 of
-them) by value > 0, any other mask at half its full value (128 for 8-bit, 0.5 for 0/1 masks, half
-the maximum for deeper formats). A K-class mask keeps its labels through the nearest resize and is
-stored one-hot. ``app.pixels`` holds the pixel rules, shared with the API's upload check.
+DICOM by its window, other deeper formats min-max scaled, padded to a square with black (centred,
+aspect kept: ``models.shape``; a square image is untouched, the padding recorded per pair), then
+resized with area filtering (bilinear when enlarging) and mapped to [-1, 1]. Masks are label maps: K
+classes (``models.labels``) are inferred from the masks (whole values 0..K-1, or a palette PNG's
+indices) or given. A binary set (K = 2) is binarised *before* a nearest-neighbour resize, so no
+boundary pixel is lost to interpolation (original defect 7; padded with background first), and stored
+as -1/+1: a label map (whole values, at most 16 of them) by value > 0, any other mask at half its full
+value (128 for 8-bit, 0.5 for 0/1 masks, half the maximum for deeper formats). A K-class mask keeps
+its labels through the padding and the nearest resize and is stored one-hot. ``app.pixels`` holds the
+pixel rules, shared with the API's upload check.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import csv
 import random
 import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -48,6 +51,7 @@ from app.pixels import (
 )
 from app.pixels import read_grey as pixels_read_grey
 from models.labels import check_num_classes, decode, encode, infer_num_classes
+from models.shape import Padding, pad_to_square, square_padding
 
 IMAGE_SUFFIXES = tuple(FORMATS)
 
@@ -68,6 +72,8 @@ class PairDataset:
     root: Path | None = None
     fingerprint: str = ""
     num_classes: int = 2
+    # how each pair was padded to a square before the resize (models.shape); None: not recorded
+    paddings: list[Padding] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -88,10 +94,18 @@ class PairDataset:
         if missing:
             raise DatasetError(f"{self.root}: pairs named in the split are missing: {', '.join(missing[:5])}")
         rows = torch.tensor([index[n] for n in names], dtype=torch.long)
+        paddings = None if self.paddings is None else [self.paddings[index[n]] for n in names]
         return PairDataset(
             list(names), self.images[rows], self.masks[rows], self.resolution, self.root,
-            num_classes=self.num_classes,
+            num_classes=self.num_classes, paddings=paddings,
         )  # fmt: skip
+
+    def shapes(self, most: int = 5) -> dict[str, int]:
+        """The ``most`` commonest original sizes, ``{"WxH": pairs}`` (bundle.json ``data.shapes``)."""
+        if not self.paddings:
+            return {}
+        counts = Counter(f"{p.width}x{p.height}" for p in self.paddings)
+        return dict(counts.most_common(most))
 
 
 @dataclass(frozen=True)
@@ -322,9 +336,12 @@ def read_grey(path: Path, *, as_image: bool = True) -> Grey:
 
 
 def image_from_grey(grey: Grey, resolution: int) -> np.ndarray:
-    """An image as float32 ``[R, R]`` in [-1, 1]: [0, 1] by ``app.pixels.to_unit``, then resized
-    with area filtering (bilinear when enlarging)."""
+    """An image as float32 ``[R, R]`` in [-1, 1]: [0, 1] by ``app.pixels.to_unit``, padded to a square
+    with black, then resized with area filtering (bilinear when enlarging)."""
     unit = to_unit(grey)
+    # padded to a square (aspect kept) with its black level (0: the format's or window's black), before
+    # the resize; a square image is untouched
+    unit, _ = pad_to_square(unit, 0.0)
     h, w = unit.shape
     pil = Image.fromarray(unit.astype(np.float32), mode="F")
     shrinking = resolution < min(h, w)
@@ -372,6 +389,7 @@ def labels_from_grey(
         raise DatasetError(
             f"{path}: mask with no foreground (no label above 0, no pixel at half of the mask's full value)"
         )
+    labels, _ = pad_to_square(labels, 0)  # background in the padding (models.shape)
     out = np.asarray(
         Image.fromarray(labels, mode="L").resize((resolution, resolution), Image.Resampling.NEAREST)
     )
@@ -410,7 +428,7 @@ def load_folder(
             raise DatasetError(
                 f"{root}: pairs named in the split are missing: {', '.join(sorted(missing)[:5])}"
             )
-    images, greys = [], []
+    images, greys, paddings = [], [], []
     for _name, ip, mp in pairs:
         image, mask = read_grey(ip), read_grey(mp, as_image=False)
         if image.size != mask.size:
@@ -418,6 +436,7 @@ def load_folder(
             raise DatasetError(f"{mp}: size mismatch, mask is {mw}x{mh} but image is {iw}x{ih}")
         images.append(image_from_grey(image, resolution))
         greys.append(mask)
+        paddings.append(square_padding(*image.size))  # as image_from_grey/labels_from_grey padded them
     if num_classes is None:
         num_classes = infer_num_classes(set().union(*(mask_levels(g) for g in greys)))
     num_classes = check_num_classes(num_classes)
@@ -432,6 +451,7 @@ def load_folder(
         root=Path(root),
         fingerprint=fingerprint(pairs),
         num_classes=num_classes,
+        paddings=paddings,
     )
 
 

@@ -28,6 +28,7 @@ from app.store import SHARD_DONE, SHARD_TAKEN, JobStore
 from models.bundle import Bundle
 from models.expand import Cancelled, generate_pairs
 from models.sampling import SamplingParams
+from models.shape import parse_size, restore_shape
 from worker.metrics import counted, metered_pairs
 from worker.progress import ShardProgress
 
@@ -267,12 +268,16 @@ def _attempt(
         batch_size=params.batch_size,
         callback=callback,
     )
+    out_size = parse_size(params.size) if params.size else None  # None: the square output
     batch: list[tuple[dict[str, Any], bytes, bytes]] = []  # a batch's kept pairs, stored together
     for pair in metered_pairs(pairs, store, params.model, bundle.device):  # counted for /metrics
         generated += 1
         if pair.kept:
             meta = {"name": pair.name, "index": pair.index, "seed": pair.seed, "dice_loss": pair.dice_loss}
-            batch.append((meta, png(pair.image), png(pair.mask)))
+            image, mask = pair.image, pair.mask
+            if out_size is not None:
+                image, mask = restore_shape(image, mask, out_size)
+            batch.append((meta, png(image), png(mask)))
             kept.append(pair.index)
         if generated % params.batch_size == 0 or generated == len(indices):  # a batch is complete
             # generate_pairs yields a batch's pairs together, so storing them at once delays none

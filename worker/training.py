@@ -258,6 +258,7 @@ def prepare(data_dir: Path, bundle: Path, rec: dict[str, Any]) -> tuple[PairData
         "fingerprint": data.fingerprint,
         "pairs": len(data),
         "empty_masks": data.empty_masks,
+        "shapes": data.shapes(),  # the commonest original sizes, "WxH": pairs (padded to squares)
         "licence_files": [],
     }
     for note in ("SOURCE.md", "pairs.csv", "LICENSE", "LICENSE.md"):

@@ -30,6 +30,12 @@ def test_solver_karras_and_early_rejection_go_into_the_job(client: TestClient, e
     assert (sampling["solver"], sampling["karras"], sampling["early_reject"]) == ("dpmpp", False, True)
 
 
+def test_size_goes_into_the_job(client: TestClient, enqueued: Enqueued) -> None:
+    job = client.post("/v1/jobs", json={"count": 2, "size": "32x24"}).json()
+    assert job["params"]["size"] == "32x24" and job["input"]["size"] == "32x24"
+    assert client.post("/v1/jobs", json={"count": 2}).json()["params"]["size"] is None  # square R x R
+
+
 def test_create_job_answers_202_with_location_and_the_values_used(
     client: TestClient, enqueued: Enqueued, settings: Settings
 ) -> None:
@@ -92,6 +98,12 @@ BAD_BODIES: list[tuple[dict[str, Any], str, str]] = [
     ({"count": 4, "max_attempts": 3}, "max_attempts", "between count (4)"),
     ({"count": 2, "model": "no-such-model"}, "model", "Unknown model 'no-such-model'"),
     ({"count": 2, "colour": "red"}, "colour", "Extra inputs are not permitted"),
+    ({"count": 2, "size": "256×192"}, "size", "'256×192' is not WIDTHxHEIGHT"),  # not an ASCII x
+    ({"count": 2, "size": "0x10"}, "size", "'0x10': sides must be whole numbers from 1 to 4096"),
+    ({"count": 2, "size": "-4x10"}, "size", "is not WIDTHxHEIGHT"),
+    ({"count": 2, "size": "abc"}, "size", "'abc' is not WIDTHxHEIGHT"),
+    ({"count": 2, "size": "100000x10"}, "size", "at most 4096"),
+    ({"count": 2, "size": 256}, "size", "valid string"),
 ]
 
 

@@ -64,8 +64,9 @@ def test_submit_retried_after_a_lost_answer_sends_the_same_idempotency_key(scrip
 def test_submit_uses_the_given_idempotency_key_and_refuses_unknown_parameters(scripted: Scripted) -> None:
     scripted.on("POST", "/v1/jobs", json_reply(202, job_json(JOB, "queued", 0)))
     with client(scripted) as c:
-        c.submit(2, idempotency_key="mine")
-    assert scripted.seen("POST", "/v1/jobs")[0].headers["idempotency-key"] == "mine"
+        c.submit(2, idempotency_key="mine", size="32x24")
+    sent = scripted.seen("POST", "/v1/jobs")[0]
+    assert sent.headers["idempotency-key"] == "mine" and sent.body == b'{"count":2,"size":"32x24"}'
     with pytest.raises(TypeError, match="colour"):
         asyncio.run(_async_submit(scripted.url, colour="red"))
 

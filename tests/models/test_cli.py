@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from models.cli import app
+from tests.utils.tiny import make_nonsquare_dataset
 
 runner = CliRunner()
 
@@ -71,6 +72,8 @@ def test_train_then_expand_then_inspect(tmp_path: Path, shapes_dir: Path) -> Non
         (["--count", "2", "--order", "4"], "--order"),
         (["--count", "2", "--w-cg", "-1"], "--w-cg"),
         (["--count", "2", "--device", "quantum"], "--device"),
+        (["--count", "2", "--size", "256×192"], "256×192"),
+        (["--count", "2", "--size", "0x10"], "0x10"),
     ],
 )
 def test_bad_expand_values_exit_2_naming_the_value(
@@ -114,3 +117,28 @@ def test_train_with_group_by_makes_a_group_aware_split(tmp_path: Path, shapes_di
     res = runner.invoke(app, ["train-segmenter", str(shapes_dir), "--out", str(tmp_path / "b2"),
                               "--group-by", "shape(", "--device", "cpu"])  # fmt: skip
     assert res.exit_code == 2 and "not a valid regular expression" in res.output
+
+
+@pytest.mark.slow
+def test_nonsquare_train_then_expand_with_size(tmp_path: Path) -> None:
+    """32x24 pairs train at 16x16 (padded, aspect kept); --size 32x24 brings the outputs back to that shape."""
+    data = make_nonsquare_dataset(tmp_path / "wide", n=6, width=32, height=24)
+    bundle = tmp_path / "bundle"
+    res = runner.invoke(app, ["train", str(data), "--out", str(bundle), "--resolution", "16",
+                              "--train-steps", "4", "--batch-size", "4", "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads((bundle / "bundle.json").read_text())["data"]["shapes"] == {"32x24": 6}
+
+    out = tmp_path / "expanded"
+    res = runner.invoke(app, ["expand", str(bundle), "--count", "2", "--out", str(out), "--steps", "2",
+                              "--eta", "1.0", "--seed", "7", "--batch-size", "2", "--size", "32x24",
+                              "--no-early-reject"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert len(rows) == 2
+    for r in rows:
+        img = np.asarray(Image.open(out / "images" / f"{r['name']}.png"))
+        mask = np.asarray(Image.open(out / "masks" / f"{r['name']}.png"))
+        assert img.shape == mask.shape == (24, 32)  # H x W
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+    assert json.loads((out / "run.json").read_text())["size"] == "32x24"

@@ -52,6 +52,22 @@ def make_multiclass_dataset(root: Path, n: int = 12, size: int = 32, classes: in
     return root
 
 
+def make_nonsquare_dataset(root: Path, n: int = 8, width: int = 32, height: int = 24, seed: int = 0) -> Path:
+    """Like ``make_shapes_dataset`` with ``width`` != ``height``: an ellipse (the mask) on noise, W x H PNGs."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:height, :width]
+    for i in range(n):
+        cx, cy = rng.uniform(0.3, 0.7, 2) * (width, height)
+        rx, ry = rng.uniform(0.15, 0.3, 2) * (width, height)
+        mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
+        img = (rng.normal(70, 12, (height, width)) + mask * 110).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / f"wide{i:03d}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"wide{i:03d}.png")
+    return root
+
+
 def make_tiny_bundle(root: Path, size: int = 16, steps: int = 30) -> Path:
     """Train a throwaway bundle on shapes in a few seconds (all three stages, CPU)."""
     from models.bundle import new_meta, write_meta

@@ -14,6 +14,7 @@ from app.layout import manifest_key
 from app.schemas import JobStatus
 from models.bundle import Bundle
 from models.expand import generate_pairs
+from models.shape import restore_shape
 from tests.worker.conftest import Harness
 from worker import shard as shard_mod
 from worker.shard import Outcome, sampling_params
@@ -72,6 +73,31 @@ def test_job_keeps_exactly_count_lowest_kept_indices(harness: Harness) -> None:
         )
         np.testing.assert_array_equal(img, pair.image)
         np.testing.assert_array_equal(mask, pair.mask)
+        assert set(np.unique(mask)) <= {0, 255}
+
+
+def test_a_job_with_a_size_stores_its_pairs_at_that_size(harness: Harness) -> None:
+    job_id = harness.submit(count=2, seed=5, size="20x12")  # eta 1: both pairs of shard 0 kept
+    harness.drain()
+    rec = harness.store.get(job_id)
+    assert rec["status"] == "succeeded", rec["error"]
+    rows = manifest(harness, job_id)
+    assert [r["size"] for r in rows] == ["20x12", "20x12"]
+    p = rec["params"]
+    direct = generate_pairs(
+        harness.bundle, range(2), seed=5, params=sampling_params(p), eta=p["eta"], batch_size=2
+    )
+    for pair in direct:  # the square pair, cropped to 5:3 and resized (the mask nearest)
+        want_image, want_mask = restore_shape(pair.image, pair.mask, (20, 12))
+        img, mask = (
+            np.array(
+                Image.open(io.BytesIO(harness.store.storage.get(f"jobs/{job_id}/{part}/{pair.name}.png")))
+            )
+            for part in ("images", "masks")
+        )
+        assert img.shape == mask.shape == (12, 20)
+        np.testing.assert_array_equal(img, want_image)
+        np.testing.assert_array_equal(mask, want_mask)
         assert set(np.unique(mask)) <= {0, 255}
 
 
