@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -162,8 +165,6 @@ def test_the_binary_demo_bundle_makes_the_same_pairs_as_before_multiclass_suppor
     Bit-identical on the machine that saved them; other CPUs may round a few pixels differently,
     so the comparison allows what kernel rounding can do and no more.
     """
-    from pathlib import Path
-
     from models.bundle import Bundle
     from models.expand import generate_pairs
 
@@ -178,3 +179,28 @@ def test_the_binary_demo_bundle_makes_the_same_pairs_as_before_multiclass_suppor
     assert (masks == golden["masks"]).mean() > 0.995
     assert np.abs(images - golden["images"]).mean() < 0.5
     assert np.allclose([p.dice_loss for p in pairs], golden["losses"], atol=0.02)
+
+
+def test_num_classes_errors_name_the_file_and_the_value(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from models.cli import app
+    from tests.utils.tiny import make_multiclass_dataset, make_shapes_dataset
+
+    runner = CliRunner()
+    binary = make_shapes_dataset(tmp_path / "binary", n=4, size=16)
+    res = runner.invoke(app, ["train-filter", str(binary), "--out", str(tmp_path / "b1"), "--num-classes", "3",
+                              "--train-steps", "1"])  # fmt: skip
+    assert res.exit_code == 2 and "mask value 255" in res.output and "shape000.png" in res.output
+    res = runner.invoke(
+        app, ["train-filter", str(binary), "--out", str(tmp_path / "b2"), "--num-classes", "1"]
+    )
+    assert res.exit_code == 2 and "--num-classes" in res.output
+    three = make_multiclass_dataset(tmp_path / "three", n=4, size=16, classes=3)
+    bundle = tmp_path / "b3"
+    res = runner.invoke(app, ["train-filter", str(three), "--out", str(bundle), "--train-steps", "1",
+                              "--resolution", "16"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads((bundle / "bundle.json").read_text())["num_classes"] == 3  # inferred
+    res = runner.invoke(app, ["train-segmenter", str(three), "--out", str(bundle), "--num-classes", "4"])
+    assert res.exit_code == 2 and "--num-classes 4 differs from the bundle's 3" in res.output
