@@ -3,6 +3,12 @@
 MONAI ``UNet`` (or ``AttentionUnet``), Dice + BCE, Adam with a cosine schedule, the last weights
 scored (no model selection on test), per-image Dice at threshold 0.5. A seed fixes the initial
 weights (the same for every row of that seed), the batch order and the augmentation draws.
+
+K-class masks (``[N, K, R, R]`` one-hot in -1/+1, ``models.labels``): K softmax outputs, Dice
+(background excluded) + cross-entropy, and per image the Dice of each foreground class of the
+argmax (``models.filtering.class_dice_losses``: a class absent from both prediction and mask counts
+as agreement, 1); the "mean foreground Dice" of an image is the mean over its K - 1 classes. The
+number of classes is read from the masks' channels, so a binary run is exactly what it always was.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from torch.nn import functional as F
 
 from models.augment import Augmenter
 from models.data import PairDataset
-from models.filtering import score_pairs
+from models.filtering import score_pairs, score_pairs_by_class
 from models.training import step_generator
 
 
@@ -36,29 +42,38 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
-def build_downstream(cfg: DownstreamConfig) -> torch.nn.Module:
+def build_downstream(cfg: DownstreamConfig, out_channels: int = 1) -> torch.nn.Module:
+    """The segmenter with ``out_channels`` logits: 1 (sigmoid, binary) or K (softmax)."""
     from monai.networks.nets import AttentionUnet, UNet
 
     strides = (2,) * (len(cfg.channels) - 1)
     if cfg.model == "attention-unet":
         return AttentionUnet(
-            spatial_dims=2, in_channels=1, out_channels=1, channels=cfg.channels, strides=strides
+            spatial_dims=2, in_channels=1, out_channels=out_channels, channels=cfg.channels, strides=strides
         )
     return UNet(
         spatial_dims=2,
         in_channels=1,
-        out_channels=1,
+        out_channels=out_channels,
         channels=cfg.channels,
         strides=strides,
         num_res_units=cfg.num_res_units,
     )
 
 
-def init_downstream(cfg: DownstreamConfig, seed: int) -> torch.nn.Module:
+def init_downstream(cfg: DownstreamConfig, seed: int, out_channels: int = 1) -> torch.nn.Module:
     """Initial weights depend on the seed only: every row of one seed starts from the same network."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(step_generator(seed, "downstream:init", 0).initial_seed())
-        return build_downstream(cfg)
+        return build_downstream(cfg, out_channels)
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, dice: DiceLoss) -> torch.Tensor:
+    """Dice + BCE for one -1/+1 channel; Dice (softmax, background excluded) + cross-entropy for K one-hot channels."""
+    target = (masks > 0).float()
+    if masks.shape[1] == 1:
+        return dice(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+    return dice(logits, target) + F.cross_entropy(logits, target.argmax(dim=1))
 
 
 def _permutations(n: int, seed: int, key: str) -> Iterator[int]:
@@ -116,12 +131,14 @@ def train_downstream(
 
     The first ``n_real`` rows are real pairs and the rest synthetic; with ``synthetic_ratio`` each
     batch holds that share of synthetic rows, else batches run through the concatenation.
+    ``masks`` are encoded (``models.labels``): one channel trains a sigmoid output, K a softmax.
     """
     dev = torch.device(cfg.device)
-    model = init_downstream(cfg, seed).to(dev)
+    channels = masks.shape[1]
+    model = init_downstream(cfg, seed, channels).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    dice = DiceLoss(sigmoid=True)
+    dice = DiceLoss(sigmoid=True) if channels == 1 else DiceLoss(softmax=True, include_background=False)
     x_all, y_all = images.to(dev), masks.to(dev)
     n_real = len(x_all) if n_real is None else n_real
     if synthetic_ratio is not None and n_real < len(x_all):
@@ -136,9 +153,7 @@ def train_downstream(
         x, y = x_all[rows], y_all[rows]
         if augmenter is not None:
             x, y = augmenter.batch(x, y, step_generator(seed, f"augment:{key}", taken).initial_seed())
-        logits = model(x)
-        target = (y > 0).float()
-        loss = dice(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+        loss = segmentation_loss(model(x), y, dice)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -152,11 +167,30 @@ def train_downstream(
 
 @torch.no_grad()
 def test_dice(model: torch.nn.Module, data: PairDataset, batch_size: int = 64) -> np.ndarray:
-    """Per-image Dice at threshold 0.5 on ``data`` (no test-time augmentation)."""
+    """Per-image Dice at threshold 0.5 on ``data`` (no test-time augmentation); K classes: per-image mean
+    foreground Dice of the argmax."""
     model.eval()
     dev = next(model.parameters()).device
     losses = [
         score_pairs(
+            model, data.images[i : i + batch_size].to(dev), data.masks[i : i + batch_size].to(dev)
+        ).cpu()
+        for i in range(0, len(data), batch_size)
+    ]
+    return (1.0 - torch.cat(losses).double()).numpy()
+
+
+@torch.no_grad()
+def test_dice_by_class(model: torch.nn.Module, data: PairDataset, batch_size: int = 64) -> np.ndarray:
+    """Per-image Dice of each foreground class ``[N, K-1]`` (binary: ``[N, 1]``, exactly ``test_dice``).
+
+    A row's mean is the image's mean foreground Dice."""
+    if data.masks.shape[1] == 1:
+        return test_dice(model, data, batch_size)[:, None]
+    model.eval()
+    dev = next(model.parameters()).device
+    losses = [
+        score_pairs_by_class(
             model, data.images[i : i + batch_size].to(dev), data.masks[i : i + batch_size].to(dev)
         ).cpu()
         for i in range(0, len(data), batch_size)

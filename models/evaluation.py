@@ -21,6 +21,11 @@ split is used. The data folder must be the one the bundle was trained on (same f
 **Budget.** Table-1 rows train ``epochs * ceil((n_train + N) / batch)`` steps (or ``--steps``);
 ``origin_epochs`` trains ``epochs * ceil(n_train / batch)``. Every few-shot row of one fraction
 trains the same number of steps (``--fewshot-steps``, else ``epochs * ceil((n_real + N) / batch)``).
+
+**Classes.** The data is read with the bundle's K (``num_classes`` in bundle.json, 2 when absent).
+For K > 2 the downstream segmenter has K softmax outputs (Dice without background + cross-entropy),
+every Dice is the mean foreground Dice, and the results add a per-class table (``dice_by_class``:
+Dice of each foreground class 1..K-1, per row). Binary bundles are evaluated exactly as before.
 """
 
 from __future__ import annotations
@@ -238,7 +243,8 @@ def run_evaluation(
     out = Path(out)
     progress = Progress(bar)
     meta = read_meta(bundle_path)
-    data_full = load_folder(data_dir, int(cfg.resolution or meta["resolution"]))
+    num_classes = int(meta.get("num_classes", 2))  # read the masks as the bundle was trained on them
+    data_full = load_folder(data_dir, int(cfg.resolution or meta["resolution"]), num_classes=num_classes)
     split, bundle_fits = protocol_split(meta, data_full, cfg)
     if not bundle_fits and not cfg.retrain and cfg.fewshot:
         raise EvaluationError(
@@ -289,6 +295,8 @@ def run_evaluation(
         "variants": {},
         "fewshot": [],
     }
+    if num_classes != 2:  # binary results keep the keys they always had
+        results["data"]["num_classes"] = num_classes
     pngs: dict[str, Path] = {}
     if cfg.table and bundle_fits:
         run_table(cfg, bundle, data_dir, train, test, base, eta, out, progress, log, results, pngs, plots)

@@ -16,6 +16,9 @@ For each train fraction (nested subsets of the train split, one seeded permutati
 * at the smallest fraction the "synthetic + augmentation" row is repeated for each N of the sweep;
 * memorisation: each kept synthetic pair's nearest training mask (Dice) and image (SSIM) among
   the subset the bundle saw, beside the same figures for the real test pairs.
+
+K-class bundles: a run's per-image score is the mean foreground Dice, and each run and row also
+carries the Dice of each foreground class 1..K-1 (``dice_by_class``).
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ import torch
 from models.augment import Augmenter, AugmentRecipe
 from models.bundle import Bundle
 from models.data import PairDataset, Split
-from models.downstream import DownstreamConfig, steps_per_epoch, test_dice, train_downstream
+from models.downstream import DownstreamConfig, steps_per_epoch, test_dice_by_class, train_downstream
 from models.memorisation import memorisation_report
 from models.retrain import RetrainRecipe, fraction_dir, retrain_bundle
 from models.sampling import SamplingParams
-from models.statistics import paired_difference, summarise
+from models.statistics import paired_difference, summarise, summarise_by_class
 from models.synthetic import (
     PairCache,
     Progress,
@@ -85,6 +88,9 @@ class FewshotSettings:
 class RunCache:
     """Per-test-image Dice of finished downstream runs, keyed by everything that fixes the run.
 
+    Stored as ``per_image`` (what binary runs always stored) plus, for K classes, ``per_class``
+    ``[N, K-1]``; ``get`` and ``put`` take the ``[N, K-1]`` matrix (``[N, 1]`` binary).
+
     A rerun (after an interruption, or with more rows or seeds) trains only what is new, and
     several processes can fill one output folder in parallel (one file per run, written atomically).
     """
@@ -99,13 +105,19 @@ class RunCache:
         path = self._path(key)
         if not path.is_file():
             return None
-        return np.asarray(json.loads(path.read_text())["per_image"], dtype=np.float64)
+        stored = json.loads(path.read_text())
+        if "per_class" in stored:
+            return np.asarray(stored["per_class"], dtype=np.float64)
+        return np.asarray(stored["per_image"], dtype=np.float64)[:, None]
 
-    def put(self, key: dict[str, Any], per_image: np.ndarray) -> None:
+    def put(self, key: dict[str, Any], by_class: np.ndarray) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "per_image": [float(x) for x in per_image]}, default=str))
+        record: dict[str, Any] = {"key": key, "per_image": [float(x) for x in by_class.mean(axis=1)]}
+        if by_class.shape[1] > 1:
+            record["per_class"] = [[float(x) for x in row] for row in by_class]
+        tmp.write_text(json.dumps(record, default=str))
         tmp.replace(path)
 
 
@@ -142,13 +154,19 @@ class RowRuns:
     def summary(self, steps: int, train_pairs: int) -> dict[str, Any]:
         means = [r["dice"] for r in self.runs]
         s = summarise(means)
-        return {
+        out: dict[str, Any] = {
             "mean": s["mean"],
             "std": s["std"],
             "runs": self.runs,
             "steps": steps,
             "train_pairs": train_pairs,
         }
+        if self.runs and "dice_by_class" in self.runs[0]:
+            out["dice_by_class"] = {
+                c: {"mean": v["mean"], "std": v["std"]}
+                for c, v in summarise_by_class(np.array([r["dice_by_class"] for r in self.runs])).items()
+            }
+        return out
 
 
 @dataclass(frozen=True)
@@ -248,7 +266,7 @@ def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
     # ---- downstream rows
     augmenter = Augmenter(s.augment, test.resolution) if s.augment is not None else None
     res = test.resolution
-    syn_tensors = [pairs_to_tensors(st.pairs, res) for st in sets]
+    syn_tensors = [pairs_to_tensors(st.pairs, res, test.num_classes) for st in sets]
     dup = duplicate_rows(n_real, n_main, s.gen_seed)
     plans: list[tuple[str, bool, int | None]] = [("origin", False, None), ("duplicates", False, None)]
     if augmenter is not None:
@@ -294,20 +312,26 @@ def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
                     [sets[set_id].extra["seed"], [p.name for p in sets[set_id].pairs[: n_syn]], bundle_key],
                     "duplicates": dup.tolist() if key == "duplicates" else None,
                 }  # fmt: skip
-                per_image = runs_cache.get(run_key)
-                if per_image is None:
+                if test.num_classes != 2:  # binary keys stay as they were, so their cached runs still count
+                    run_key["num_classes"] = test.num_classes
+                by_class = runs_cache.get(run_key)
+                if by_class is None:
                     model, _taken = train_downstream(
                         x, y, steps, downstream, seed, f"fewshot{fraction:g}:{key}", progress.step,
                         augmenter=augmenter if augmented else None, n_real=n_real,
                         synthetic_ratio=s.synthetic_ratio if n_syn is not None else None,
                     )  # fmt: skip
-                    per_image = test_dice(model, test)
-                    runs_cache.put(run_key, per_image)
+                    by_class = test_dice_by_class(model, test)
+                    runs_cache.put(run_key, by_class)
                     counts["runs_trained"] += 1
                 else:
                     counts["runs_from_cache"] += 1
                     progress.step(steps)
-                rr.runs.append({"set": set_id, "seed": seed, "dice": float(per_image.mean())})
+                per_image = by_class.mean(axis=1)  # binary: the one column, exactly
+                run: dict[str, Any] = {"set": set_id, "seed": seed, "dice": float(per_image.mean())}
+                if by_class.shape[1] > 1:
+                    run["dice_by_class"] = [float(v) for v in by_class.mean(axis=0)]
+                rr.runs.append(run)
                 rr.per_image.append(per_image)
             sizes[key] = len(x)
         rows[key] = rr

@@ -17,10 +17,19 @@ from monai.metrics import SSIMMetric
 COPY_THRESHOLD = 0.95
 
 
+def _foreground(masks: torch.Tensor) -> torch.Tensor:
+    """Encoded masks as flat 0/1 foreground: the -1/+1 channel, or the K - 1 one-hot foreground channels."""
+    return (masks > 0 if masks.shape[1] == 1 else masks[:, 1:] > 0).flatten(1).float()
+
+
 def nearest_mask_dice(query: torch.Tensor, reference: torch.Tensor, chunk: int = 256) -> np.ndarray:
-    """For each query mask ``[N, 1, R, R]`` (-1/+1), its highest Dice against any reference mask ``[M, 1, R, R]``."""
-    q = (query > 0).flatten(1).float()
-    r = (reference > 0).flatten(1).float()
+    """For each query mask ``[N, C, R, R]`` (encoded: -1/+1, or K one-hot channels), its highest Dice
+    against any reference mask ``[M, C, R, R]``.
+
+    K classes: the foreground channels are pooled, so the overlap counts pixels where both masks
+    have the *same* foreground class (a left lung drawn where the other has the right one does not count)."""
+    q = _foreground(query)
+    r = _foreground(reference)
     r_sum = r.sum(dim=1)
     best = []
     for i in range(0, len(q), chunk):

@@ -13,7 +13,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-Pair = tuple[np.ndarray, np.ndarray]  # uint8 image [R, R], uint8 mask [R, R] (0/255)
+Pair = tuple[np.ndarray, np.ndarray]  # uint8 image [R, R], uint8 mask [R, R] (0/255, or labels 0..K-1)
+
+# outline colours of foreground classes 1, 2, ... of a K-class mask (class 1 keeps the binary red)
+CLASS_COLOURS = ("#ff3030", "#30a0ff", "#ffd030", "#30e060", "#e040ff", "#ff8c00", "#00e0e0", "#a0a0a0")
 
 
 def _show_pairs(axes: Any, pairs: Sequence[Pair], cols: int) -> None:
@@ -23,8 +26,14 @@ def _show_pairs(axes: Any, pairs: Sequence[Pair], cols: int) -> None:
             continue
         img, mask = pairs[i]
         ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        if mask.max() > 0 and mask.min() == 0:
-            ax.contour(mask > 127, levels=[0.5], colors="#ff3030", linewidths=0.8)
+        if mask.max() > 15:  # a binary mask, written 0/255
+            if mask.min() == 0:
+                ax.contour(mask > 127, levels=[0.5], colors="#ff3030", linewidths=0.8)
+            continue
+        for k in (int(v) for v in np.unique(mask) if v > 0):  # a label map: one outline per class
+            if (mask != k).any():
+                colour = CLASS_COLOURS[(k - 1) % len(CLASS_COLOURS)]
+                ax.contour(mask == k, levels=[0.5], colors=colour, linewidths=0.8)
 
 
 def sample_grid(

@@ -1,4 +1,6 @@
-"""results.md of an evaluation: Table 1 (metrics as rows, variants as columns) and the few-shot tables."""
+"""results.md of an evaluation: Table 1 (metrics as rows, variants as columns) and the few-shot tables.
+
+K-class evaluations (``data.num_classes`` > 2) add per-class Dice tables; a binary report is unchanged."""
 
 from __future__ import annotations
 
@@ -21,6 +23,38 @@ def _dice_cell(d: dict[str, Any] | None) -> str:
     return f"{d['dice']['mean']:.3f} (±{d['dice']['std']:.3f})"
 
 
+def num_classes(r: dict[str, Any]) -> int:
+    return int(r.get("data", {}).get("num_classes", 2))
+
+
+def _class_note(r: dict[str, Any]) -> str:
+    k = num_classes(r)
+    return (
+        f" {k} classes: Dice is the mean foreground Dice (per image, the Dice of each foreground class "
+        f"1..{k - 1} of the softmax argmax, averaged over the classes; a class absent from both prediction "
+        f"and mask counts 1); the per-class table gives each class's Dice."
+    )
+
+
+def _summary_cell(s: dict[str, Any] | None) -> str:
+    return "–" if not s else f"{s['mean']:.3f} (±{s['std']:.3f})"
+
+
+def class_table(
+    columns: list[tuple[str, dict[str, Any] | None]], k: int, lead: tuple[str, str] | None = None
+) -> list[str]:
+    """Rows: foreground classes 1..K-1; columns: (label, {"1": {"mean", "std"}, ...} or None).
+
+    ``lead`` (header, value) puts a first column before the class (the few-shot fraction)."""
+    head = f"| {lead[0]} | class | " if lead else "| class | "
+    lines = [head + " | ".join(label for label, _ in columns) + " |",
+             "|---" * (len(columns) + 1 + bool(lead)) + "|"]  # fmt: skip
+    for c in range(1, k):
+        first = f"| {lead[1]} | {c} | " if lead else f"| {c} | "
+        lines.append(first + " | ".join(_summary_cell((d or {}).get(str(c))) for _, d in columns) + " |")
+    return lines
+
+
 def table_markdown(r: dict[str, Any]) -> list[str]:
     """A Table-1-shaped table (metrics as rows, variants as columns) plus the Fig. 2 numbers."""
     cfg = r["config"]
@@ -35,7 +69,8 @@ def table_markdown(r: dict[str, Any]) -> list[str]:
         f"{r['steps']['expanded']} steps (equal-steps rows), {r['steps']['origin_epochs']} steps (equal epochs). "
         f"Stage III: {r['bundle']['sampling_params']}; η = {r['bundle']['eta']}.",
         "",
-        "Dice: per-image Dice at 0.5 on the test split, mean (± std over seeds), no test-time augmentation.",
+        "Dice: per-image Dice at 0.5 on the test split, mean (± std over seeds), no test-time augmentation."
+        + (_class_note(r) if num_classes(r) > 2 else ""),
         "",
         "| Metric | " + " | ".join(vs[k]["label"] for k in table_keys) + " |",
         "|---|" + "---|" * len(table_keys),
@@ -54,6 +89,11 @@ def table_markdown(r: dict[str, Any]) -> list[str]:
     if origin:
         o = origin["dice"]["mean"]
         row("Δ Dice vs origin (equal steps)", lambda v: f"{v['downstream']['dice']['mean'] - o:+.3f}")
+    if num_classes(r) > 2:
+        lines += ["", "Per-class Dice (mean ± std over seeds):", ""]
+        lines += class_table(
+            [(vs[k]["label"], vs[k]["downstream"].get("dice_by_class")) for k in table_keys], num_classes(r)
+        )
     f = r["bundle"]["filter_real_test"]
     lines += [
         "",
@@ -115,7 +155,8 @@ def fewshot_markdown(r: dict[str, Any]) -> list[str]:
         f"Split {group_text}, seed {split.get('seed')}: {r['data']['n_train']} train / {r['data']['n_test']} test "
         f"pairs; nested train subsets. Dice: per-image Dice at 0.5 on the test split, mean (± std over all "
         f"runs: synthetic rows run once per (synthetic set, seed)). Paired: mean per-test-image Dice "
-        f"difference of the row against the reference, with its 95 % bootstrap CI over test images.",
+        f"difference of the row against the reference, with its 95 % bootstrap CI over test images."
+        + (_class_note(r) if num_classes(r) > 2 else ""),
         "",
         "| fraction | real pairs | N | steps | bundle | " + " | ".join(ROW_LABELS[k] for k in ROWS) + " |",
         "|---|---|---|---|---|" + "---|" * len(ROWS),
@@ -127,6 +168,15 @@ def fewshot_markdown(r: dict[str, Any]) -> list[str]:
             + " | ".join(_row_cell(e["rows"].get(k)) for k in ROWS)
             + " |"
         )
+    if num_classes(r) > 2:
+        lines += ["", "Per-class Dice (mean ± std over runs):", ""]
+        for i, e in enumerate(entries):
+            table = class_table(
+                [(ROW_LABELS[k], e["rows"][k].get("dice_by_class")) for k in ROWS if k in e["rows"]],
+                num_classes(r),
+                lead=("fraction", f"{e['fraction']:.0%}"),
+            )
+            lines += table if i == 0 else table[2:]  # one header for every fraction
     lines += [
         "",
         "| fraction | row | vs origin (paired, 95 % CI) | vs origin + augmentation (paired, 95 % CI) |",

@@ -92,7 +92,7 @@ def retrain_bundle(
         if not missing_stages(out) and _complete(meta, recipe):
             return Bundle.load(out, device=device)
     else:
-        meta = new_meta(subset.resolution)
+        meta = new_meta(subset.resolution, subset.num_classes)
         meta.update(
             {
                 "split": record,

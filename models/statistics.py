@@ -18,6 +18,13 @@ def summarise(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def summarise_by_class(per_run: np.ndarray) -> dict[str, dict[str, Any]]:
+    """``{"1": summarise(...), ...}``: each foreground class's score over runs, from ``[runs, K-1]``
+    (class index as a string key, as JSON writes it)."""
+    per_run = np.asarray(per_run, dtype=np.float64)
+    return {str(c + 1): summarise(per_run[:, c].tolist()) for c in range(per_run.shape[1])}
+
+
 def paired_difference(
     row: np.ndarray, reference: np.ndarray, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
 ) -> dict[str, Any]:

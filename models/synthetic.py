@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from models.bundle import Bundle
 from models.expand import GeneratedPair, generate_pairs
+from models.labels import encode, mask_channels
 from models.sampling import SamplingParams
 from models.variants import Variant, sampling_params
 
@@ -99,14 +100,20 @@ class PairCache:
 def _write_pair(path: Path, pair: GeneratedPair) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, image=pair.image, mask=pair.mask, index=pair.index, dice_loss=pair.dice_loss)
+    arrays: dict[str, Any] = {"image": pair.image, "mask": pair.mask, "index": pair.index,
+                              "dice_loss": pair.dice_loss}  # fmt: skip
+    if pair.class_losses is not None and len(pair.class_losses) > 1:  # K classes: Stage IV per class
+        arrays["class_losses"] = np.asarray(pair.class_losses)
+    np.savez(tmp, **arrays)
     tmp.replace(path)
 
 
 def _read_pair(path: Path, seed: int) -> GeneratedPair:
+    """A cached pair; its mask as written (0/255 binary, label values 0..K-1 for K classes)."""
     with np.load(path) as z:
+        by_class = [float(v) for v in z["class_losses"]] if "class_losses" in z.files else None
         return GeneratedPair(index=int(z["index"]), seed=seed, image=z["image"], mask=z["mask"],
-                             dice_loss=float(z["dice_loss"]), kept=True)  # fmt: skip
+                             dice_loss=float(z["dice_loss"]), kept=True, class_losses=by_class)  # fmt: skip
 
 
 @dataclass
@@ -147,11 +154,23 @@ def make_synthetic(cache: PairCache, v: Variant, base: SamplingParams, n: int, e
     return SyntheticSet(kept, losses, len(losses), params, eta)
 
 
-def pairs_to_tensors(pairs: Sequence[GeneratedPair], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 pairs to ``[N, 1, R, R]`` images in [-1, 1] and -1/+1 masks, resized when ``R`` differs."""
+def pairs_to_tensors(
+    pairs: Sequence[GeneratedPair], resolution: int, num_classes: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 pairs to ``[N, 1, R, R]`` images in [-1, 1] and encoded masks (``models.labels``: binary
+    ``[N, 1, R, R]`` -1/+1 from 0/255; K classes ``[N, K, R, R]`` one-hot from the label values),
+    resized when ``R`` differs (masks nearest)."""
+    c = mask_channels(num_classes)
     if not pairs:
-        return torch.zeros(0, 1, resolution, resolution), torch.zeros(0, 1, resolution, resolution)
+        return torch.zeros(0, 1, resolution, resolution), torch.zeros(0, c, resolution, resolution)
     img = torch.from_numpy(np.stack([p.image for p in pairs])).float()[:, None] / 127.5 - 1.0
+    if num_classes != 2:
+        labels = torch.from_numpy(np.stack([p.mask for p in pairs]).astype(np.int64))[:, None]
+        if img.shape[-1] != resolution:
+            mode = "area" if img.shape[-1] > resolution else "bilinear"
+            img = F.interpolate(img, size=(resolution, resolution), mode=mode).clamp(-1, 1)
+            labels = F.interpolate(labels.float(), size=(resolution, resolution), mode="nearest").long()
+        return img, encode(labels, num_classes)
     msk = torch.from_numpy(np.stack([p.mask for p in pairs])).float()[:, None] / 127.5 - 1.0
     if img.shape[-1] != resolution:
         mode = "area" if img.shape[-1] > resolution else "bilinear"

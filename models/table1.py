@@ -7,6 +7,9 @@ Fig. 2 only). Pair i of a request depends on (seed, i) only, so a ``cfcgcs`` var
 pairs of the ``cfcg`` variant with the same τ. Rows: ``origin`` (equal steps), ``origin_epochs``
 (equal epochs, fewer steps: the paper's comparison, labelled), ``duplicates`` (the control) and
 every synthetic variant but ``cfcg_s*``.
+
+K-class bundles: each row's Dice is the mean foreground Dice, and ``dice_by_class`` gives the
+Dice of each foreground class 1..K-1 (mean ± std over seeds).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import torch
 
 from models.bundle import Bundle
 from models.data import PairDataset, load_folder, to_uint8
-from models.downstream import steps_per_epoch, test_dice, train_downstream
-from models.statistics import summarise
+from models.downstream import steps_per_epoch, test_dice, test_dice_by_class, train_downstream
+from models.labels import mask_to_uint8
+from models.statistics import summarise, summarise_by_class
 from models.synthetic import (
     PairCache,
     Progress,
@@ -35,6 +39,13 @@ from models.variants import VARIANTS, sampling_params, select_variants
 
 if TYPE_CHECKING:
     from models.evaluation import EvalConfig
+
+
+def _mask_u8(data: PairDataset, i: int) -> np.ndarray:
+    """Pair ``i``'s mask as written: 0/255 (binary, as before) or label values 0..K-1."""
+    if data.num_classes == 2:
+        return to_uint8(data.masks[i, 0])
+    return mask_to_uint8(data.labels[i, 0].numpy(), data.num_classes)
 
 
 def _variant_params_dict(s: SyntheticSet) -> dict[str, Any]:
@@ -65,7 +76,7 @@ def run_table(
         segmenter_features,
     )
 
-    res = train.resolution
+    res, k_classes = train.resolution, bundle.num_classes
     dcfg = cfg.downstream()
     variants = select_variants(cfg.variants)
     n = cfg.n_synthetic
@@ -86,7 +97,11 @@ def run_table(
     )
     cache = PairCache(bundle, cfg.gen_seed, cfg.gen_batch_size, progress, n)
     # the ceiling of the Stage IV yield: the filter's pass rate on real held-out pairs at the same η
-    test_b = test if res == bundle.resolution else load_folder(data_dir, bundle.resolution, test.names)
+    test_b = (
+        test
+        if res == bundle.resolution
+        else load_folder(data_dir, bundle.resolution, test.names, num_classes=k_classes)
+    )
     results["bundle"]["filter_real_test"] = evaluate_filter(bundle.filter, test_b, eta)
 
     # ---- synthetic sets (generated once per variant, reused for every downstream seed)
@@ -107,11 +122,16 @@ def run_table(
     ) -> dict[str, torch.nn.Module]:
         first: dict[str, torch.nn.Module] = {}
         for key, x, y, steps in rows:
-            scores, taken = [], []
+            scores, taken, by_class = [], [], []
             for seed in cfg.seeds:
                 progress.phase(f"{prefix}{key} seed {seed}")
                 model, k = train_downstream(x, y, steps, dcfg, seed, prefix + key, progress.step)
-                scores.append(float(test_dice(model, test).mean()))
+                if k_classes == 2:
+                    scores.append(float(test_dice(model, test).mean()))
+                else:  # mean foreground Dice, and each class's mean over the test images
+                    per_class = test_dice_by_class(model, test)
+                    scores.append(float(per_class.mean(axis=1).mean()))
+                    by_class.append(per_class.mean(axis=0))
                 taken.append(k)
                 first.setdefault(key, model)
             record[key] = {
@@ -121,6 +141,8 @@ def run_table(
                 "train_pairs": len(x),
                 "dice": summarise(scores),
             }
+            if by_class:
+                record[key]["dice_by_class"] = summarise_by_class(np.stack(by_class))
         return first
 
     rows: list[tuple[str, torch.Tensor, torch.Tensor, int]] = []
@@ -134,7 +156,7 @@ def run_table(
             rows.append((v.key, torch.cat([train.images, train.images[dup]]),
                          torch.cat([train.masks, train.masks[dup]]), budget["expanded"]))  # fmt: skip
         else:
-            si, sm = pairs_to_tensors(synthetic[v.key].pairs, res)
+            si, sm = pairs_to_tensors(synthetic[v.key].pairs, res, k_classes)
             rows.append(
                 (v.key, torch.cat([train.images, si]), torch.cat([train.masks, sm]), budget["expanded"])
             )
@@ -211,9 +233,7 @@ def run_table(
     order: list[str] = ["cfcgcs_tau2", "cfcgcs_tau1", "cfcg_tau2", *synthetic]
     grid_key = next((k for k in order if k in synthetic and synthetic[k].pairs), None)
     if grid_key is not None:
-        real_pairs = [
-            (to_uint8(train.images[i, 0]), to_uint8(train.masks[i, 0])) for i in range(min(16, len(train)))
-        ]
+        real_pairs = [(to_uint8(train.images[i, 0]), _mask_u8(train, i)) for i in range(min(16, len(train)))]
         fake = [(p.image, p.mask) for p in synthetic[grid_key].pairs[:16]]
         pngs["samples"] = plots.sample_grid(
             out / "samples.png", fake, real_pairs, f"generated: {VARIANTS[grid_key].label}"
