@@ -19,7 +19,7 @@ from models.expand import GeneratedPair
 from models.labels import encode
 from models.memorisation import nearest_mask_dice
 from models.synthetic import pairs_to_tensors
-from tests.utils.tiny import make_multiclass_dataset
+from tests.utils.tiny import make_multiclass_dataset, make_nonsquare_dataset
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -113,3 +113,36 @@ def test_evaluate_end_to_end_on_a_three_class_bundle(tmp_path: Path) -> None:
     md = (out / "results.md").read_text()
     assert "Per-class Dice" in md and "mean foreground Dice" in md
     assert any(line.startswith("| 2 | ") for line in md.splitlines())
+
+
+def test_evaluate_end_to_end_on_a_nonsquare_bundle(tmp_path: Path) -> None:
+    """32x20 pairs: trained padded to a square (aspect kept), expanded back to 32x20, then evaluated."""
+    data = make_nonsquare_dataset(tmp_path / "data", n=10, width=32, height=20)
+    bundle = tmp_path / "bundle"
+    res = runner.invoke(app, ["train", str(data), "--out", str(bundle), "--resolution", "16", "--train-steps", "4",
+                              "--segmenter-steps", "2", "--filter-steps", "2", "--batch-size", "4",
+                              "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["data"]["shapes"] == {"32x20": 10} and "num_classes" not in meta  # binary, as before
+
+    expanded = tmp_path / "expanded"
+    res = runner.invoke(app, ["expand", str(bundle), "--count", "2", "--out", str(expanded), "--steps", "2",
+                              "--eta", "1", "--seed", "0", "--batch-size", "2", "--size", "32x20",
+                              "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    for image, mask in zip(
+        sorted((expanded / "images").iterdir()), sorted((expanded / "masks").iterdir()), strict=True
+    ):
+        assert Image.open(image).size == Image.open(mask).size == (32, 20)
+        assert set(np.unique(np.asarray(Image.open(mask))).tolist()) <= {0, 255}
+
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate", str(bundle), str(data), "--out", str(out), "--n-synthetic", "2",
+                              "--seeds", "0", "--steps", "2", "--batch-size", "4", "--sample-steps", "2",
+                              "--variants", "cf", "--fewshot", "none", "--no-inception-fid",
+                              "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "results.json").read_text())
+    assert r["variants"]["cf"]["downstream"]["train_pairs"] == 10  # 8 real + 2 synthetic
+    assert 0.0 <= r["variants"]["cf"]["downstream"]["dice"]["mean"] <= 1.0
