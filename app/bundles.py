@@ -76,6 +76,7 @@ def model_public(rec: dict[str, Any]) -> ModelPublic:
     return ModelPublic(
         name=rec["name"],
         resolution=int(meta["resolution"]),
+        num_classes=int(meta.get("num_classes", 2)),  # absent in binary (and older) bundles
         sampling_defaults=SamplingSettings.model_validate(meta.get("sampling_defaults", {})),
         eta_default=float(meta.get("eta_default", DEFAULT_ETA)),
         metrics=metrics_of(rec),

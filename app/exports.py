@@ -7,6 +7,9 @@
 - ``monai``: ``images/NAME.png``, ``labels/NAME.png`` (0/1) and ``datalist.json`` in the Medical
   Segmentation Decathlon form MONAI's ``load_decathlon_datalist`` reads (``training``, ``test``).
 
+A K-class model's (K > 2) masks are label maps 0..K-1 in every format (already label values, so kept
+as they are) and the index files list K labels: background and one per class (``Labels.classes``).
+
 Every format keeps ``manifest.csv``; ``dataset.json``/``datalist.json`` carry a ``provenance`` block
 saying the pairs are synthetic and which model and parameters made them. One module for the service's
 zip (``app.zipstream``) and the library's folders (``diffuseexpand expand --format``, ``merge``): pure
@@ -45,7 +48,7 @@ class Layout:
     test_images: str
     test_masks: str
     channel_suffix: str  # nnU-Net names each input channel: NAME_0000 is channel 0
-    labels: bool  # masks as label values 0/1 (True) or 0/255 as stored
+    labels: bool  # binary masks as label values 0/1 (True) or 0/255 as stored (K classes: always 0..K-1)
     index: str | None  # the format's index file
 
     def image(self, name: str, *, test: bool = False) -> str:
@@ -77,14 +80,26 @@ def layout(fmt: str) -> Layout:
 
 @dataclass(frozen=True)
 class Labels:
-    """What the image channel and the foreground are called (nnU-Net ``channel_names``/``labels``)."""
+    """What the image channel and the labels are called (nnU-Net ``channel_names``/``labels``).
+
+    Binary (``classes`` empty): label 1 is ``structure``. K classes: ``classes`` names labels 1..K-1."""
 
     modality: str = DEFAULT_MODALITY
     structure: str = DEFAULT_STRUCTURE
+    classes: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) + 1 if self.classes else 2
+
+    def foreground(self) -> list[str]:
+        """The names of labels 1, 2, ... (one for a binary model)."""
+        return list(self.classes) or [self.structure]
 
     @classmethod
     def from_bundle(cls, meta: Mapping[str, Any] | None) -> Labels:
-        """A bundle.json's optional ``modality`` and ``structure`` (e.g. "X-ray", "lung"), else the defaults."""
+        """A bundle.json's optional ``modality`` and ``structure`` (e.g. "X-ray", "lung"), else the defaults;
+        for K = ``num_classes`` > 2 the class names of its ``labels`` (``{"1": "left lung", ...}``)."""
         meta = meta or {}
 
         def text(key: str, default: str) -> str:
@@ -94,7 +109,25 @@ class Labels:
         structure = text("structure", DEFAULT_STRUCTURE)
         if structure == "background":  # label 0 is nnU-Net's background: the foreground needs another name
             structure = DEFAULT_STRUCTURE
-        return cls(text("modality", DEFAULT_MODALITY), structure)
+        num_classes = meta.get("num_classes", 2)
+        if not isinstance(num_classes, int) or num_classes <= 2:
+            return cls(text("modality", DEFAULT_MODALITY), structure)
+        names = meta.get("labels")
+        return cls(text("modality", DEFAULT_MODALITY), structure, class_names(num_classes, names))
+
+
+def class_names(num_classes: int, names: Any = None) -> tuple[str, ...]:
+    """Names of labels 1..K-1: ``names[str(k)]`` (a bundle.json's ``labels``) where it is usable text,
+    else ``class_k``. nnU-Net keys its labels by name, so a repeated name (or "background") is replaced."""
+    given = names if isinstance(names, Mapping) else {}
+    out: list[str] = []
+    for k in range(1, num_classes):
+        value = given.get(str(k))
+        name = value.strip() if isinstance(value, str) and value.strip() else f"class_{k}"
+        if name == "background" or name in out:
+            name = f"class_{k}"
+        out.append(name)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -113,7 +146,7 @@ def nnunet_dataset(
     entries = list(entries)
     return {
         "channel_names": {"0": labels.modality},
-        "labels": {"background": 0, labels.structure: 1},
+        "labels": {"background": 0, **{name: k for k, name in enumerate(labels.foreground(), 1)}},
         "numTraining": sum(not e.test for e in entries),
         "file_ending": ".png",
         # 2D greyscale PNGs: the natural-image reader (also what nnU-Net picks for .png by itself)
@@ -143,7 +176,7 @@ def monai_datalist(
         "name": GENERATOR,
         "description": description,
         "modality": {"0": labels.modality},
-        "labels": {"0": "background", "1": labels.structure},
+        "labels": {"0": "background", **{str(k): name for k, name in enumerate(labels.foreground(), 1)}},
         "numTraining": len(training),
         "numTest": len(test),
         "training": training,
@@ -191,9 +224,10 @@ def binary_png(png: bytes, foreground: int) -> bytes:
     return buf.getvalue()
 
 
-def mask_member(lay: Layout, png: bytes) -> bytes:
-    """A stored 0/255 mask as the format keeps it: label values 0/1, or unchanged for ``plain``."""
-    return binary_png(png, 1) if lay.labels else png
+def mask_member(lay: Layout, png: bytes, num_classes: int = 2) -> bytes:
+    """A stored mask as the format keeps it: a binary 0/255 mask as label values 0/1, or unchanged for
+    ``plain``; a K-class mask (K > 2) is stored as its label values 0..K-1 already: unchanged everywhere."""
+    return binary_png(png, 1) if lay.labels and num_classes <= 2 else png
 
 
 def describe(count: int, model: str, source: str) -> str:

@@ -108,21 +108,65 @@ class RedisKeys:
         return f"{self.prefix}:worker:*"
 
 
-def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
-    """One row per pair: name, index, seed, dice_loss, the parameters that produced it, ``synthetic`` (1).
-    A job with an output ``size`` has a ``size`` column after the sampling fields (a square job's
-    manifest is as before)."""
+def class_loss_fields(num_classes: int) -> list[str]:
+    """The manifest's per-class Dice loss columns: ``dice_loss_1`` ... ``dice_loss_{K-1}`` for K > 2;
+    none for a binary model (its one class loss is ``dice_loss``), so binary manifests stay as they were."""
+    return [f"dice_loss_{c}" for c in range(1, num_classes)] if num_classes > 2 else []
+
+
+def pair_meta(
+    name: str, index: int, seed: int, dice_loss: float, class_losses: list[float] | None = None
+) -> dict[str, Any]:
+    """A kept pair's entry (Redis ``J:pairs``); ``class_losses`` (one per foreground class) only for
+    K > 2: a binary pair's entry is byte for byte what it always was."""
+    meta: dict[str, Any] = {"name": name, "index": index, "seed": seed, "dice_loss": dice_loss}
+    if class_losses is not None and len(class_losses) > 1:
+        meta["class_losses"] = [float(v) for v in class_losses]
+    return meta
+
+
+def row_class_losses(row: dict[str, Any]) -> list[float] | None:
+    """A pair's per-class Dice losses from its Redis entry or its manifest row (CSV text); None: binary."""
+    if row.get("class_losses"):
+        return [float(v) for v in row["class_losses"]]
+    values: list[float] = []
+    while (value := row.get(f"dice_loss_{len(values) + 1}")) not in (None, ""):
+        values.append(float(value))
+    return values or None
+
+
+def rows_num_classes(rows: list[dict[str, Any]]) -> int:
+    """K of a job's pairs as their entries say it (2 when none says more): every pair of a job has K - 1
+    class losses, so the first that has them tells."""
+    for row in rows:
+        losses = row_class_losses(row)
+        if losses is not None:
+            return len(losses) + 1
+    return 2
+
+
+def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any], num_classes: int | None = None) -> bytes:
+    """One row per pair: name, index, seed, dice_loss (then ``dice_loss_1``... for K > 2), the parameters
+    that produced it, ``synthetic`` (1). K is ``num_classes``, else what the rows say. A job with an
+    output ``size`` has a ``size`` column after the sampling fields (a square job's manifest is as before)."""
     out = io.StringIO()
     size = params.get("size")
-    fields = MANIFEST_FIELDS + SAMPLING_FIELDS + (OUTPUT_FIELDS if size else []) + PROVENANCE_FIELDS
+    per_class = class_loss_fields(num_classes or rows_num_classes(rows))
+    at = MANIFEST_FIELDS.index("dice_loss") + 1
+    fields = (
+        MANIFEST_FIELDS[:at] + per_class + MANIFEST_FIELDS[at:] + SAMPLING_FIELDS
+        + (OUTPUT_FIELDS if size else []) + PROVENANCE_FIELDS
+    )  # fmt: skip
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     sampling = params["sampling"]
     for row in rows:
+        losses = row_class_losses(row) or []
         writer.writerow(
             {
                 **{k: row[k] for k in ("name", "index", "seed")},
                 "dice_loss": repr(float(row["dice_loss"])),
+                **{field: repr(float(v)) for field, v in zip(per_class, losses, strict=False)},
                 "model": params["model"],
                 "eta": params["eta"],
                 **{k: sampling.get(k) for k in SAMPLING_FIELDS},

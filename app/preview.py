@@ -1,4 +1,5 @@
-"""The preview of a pair: the image in grey with the outline of its mask drawn in colour.
+"""The preview of a pair: the image in grey with the outline of its mask drawn in colour (one colour
+per class for a K-class label map).
 
 A pure function of the two PNGs (PIL and numpy only: the API image has no torch). The outline is
 drawn at the pair's own resolution, one pixel wide, on the mask's side of the boundary, so every
@@ -14,6 +15,12 @@ import numpy as np
 from PIL import Image
 
 OUTLINE_RGB = (255, 40, 40)  # red reads on any grey level, dark lung or bright bone
+# A K-class mask's label k is outlined in CLASS_RGB[(k - 1) % len]: label 1 in the binary red, then
+# colours far apart in hue (and from grey) so neighbouring classes read apart.
+CLASS_RGB = (
+    OUTLINE_RGB, (40, 200, 255), (255, 210, 0), (60, 230, 60), (230, 60, 230), (255, 140, 0), (140, 110, 255),
+)  # fmt: skip
+MAX_LABEL = 15  # app.pixels.MAX_MASK_LABELS - 1: masks whose top value is at most this are label maps
 
 
 def outline(mask: np.ndarray) -> np.ndarray:
@@ -27,8 +34,10 @@ def outline(mask: np.ndarray) -> np.ndarray:
 def overlay(image_png: bytes, mask_png: bytes) -> bytes:
     """An RGB PNG: the image in grey, the mask's outline in ``OUTLINE_RGB``.
 
-    A mask of another size than the image is resized to it (nearest); any non-zero mask value counts
-    as inside. Raises ``ValueError`` when either is not a readable image.
+    A mask of another size than the image is resized to it (nearest). A binary mask (0/255): any
+    non-zero value counts as inside. A K-class label map (values 0..K-1, K > 2, as a K-class model's
+    masks are stored): each label's own outline in its ``CLASS_RGB`` colour. Raises ``ValueError`` when
+    either is not a readable image.
     """
     try:
         image = Image.open(io.BytesIO(image_png))
@@ -41,9 +50,14 @@ def overlay(image_png: bytes, mask_png: bytes) -> bytes:
     inside = mask.convert("L")
     if inside.size != image.size:
         inside = inside.resize(image.size, Image.Resampling.NEAREST)
-    edge = outline(np.asarray(inside) > 0)
+    values = np.asarray(inside)
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
-    rgb[edge] = OUTLINE_RGB
+    top = int(values.max()) if values.size else 0
+    if 2 <= top <= MAX_LABEL:  # a label map: one outline per class
+        for label in np.unique(values[values > 0]).tolist():
+            rgb[outline(values == label)] = CLASS_RGB[(int(label) - 1) % len(CLASS_RGB)]
+    else:
+        rgb[outline(values > 0)] = OUTLINE_RGB
     out = io.BytesIO()
     Image.fromarray(rgb, "RGB").save(out, format="PNG", optimize=True)
     return out.getvalue()

@@ -183,7 +183,9 @@ class JobsPublic(BaseModel):
 class PairLinks(BaseModel):
     image: str
     mask: str
-    preview: str = Field(description="the image in grey with the mask's outline drawn in red")
+    preview: str = Field(
+        description="the image in grey with the mask's outline drawn in red (K classes: one colour per class)"
+    )
 
 
 class PairPublic(BaseModel):
@@ -191,6 +193,11 @@ class PairPublic(BaseModel):
     index: int = Field(description="the pair's index within the job: pair i draws from (seed, i)")
     seed: int
     dice_loss: float = Field(description="Stage IV: the filter's Dice loss against the mask (kept ≤ η)")
+    class_dice_losses: list[float] | None = Field(
+        default=None,
+        description="a K-class model's (K > 2) Stage IV Dice loss per foreground class 1..K-1 (dice_loss is "
+        "their mean; the manifest's dice_loss_1...); null for a binary model",
+    )
     links: PairLinks
 
 
@@ -207,6 +214,11 @@ class ModelPublic(BaseModel):
 
     name: str
     resolution: int
+    num_classes: int = Field(
+        default=2,
+        ge=2,
+        description="mask classes K, background included: 2 = binary (masks 0/255), K > 2 = label maps 0..K-1",
+    )
     sampling_defaults: SamplingSettings
     eta_default: Eta
     metrics: dict[str, Any] = {}

@@ -41,6 +41,7 @@ from app.layout import (
     manifest_csv,
     manifest_key,
     mask_key,
+    pair_meta,
     read_manifest,
     record_key,
     zip_key,
@@ -536,6 +537,7 @@ class JobStore:
         dice_loss: float,
         image_png: bytes,
         mask_png: bytes,
+        class_losses: list[float] | None = None,
     ) -> bool:
         """Store a kept pair; keys depend on (job, name) only, so a re-run overwrites.
 
@@ -543,7 +545,7 @@ class JobStore:
         the record before it lists the job's objects, so either its listing sees these objects or the
         write below sees no record.
         """
-        meta = {"name": name, "index": index, "seed": seed, "dice_loss": dice_loss}
+        meta = pair_meta(name, index, seed, dice_loss, class_losses)
         return self.put_pairs(job_id, [(meta, image_png, mask_png)])
 
     def put_pairs(self, job_id: str, pairs: list[tuple[dict[str, Any], bytes, bytes]]) -> bool:

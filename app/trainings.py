@@ -58,6 +58,7 @@ TrainEnqueue = Callable[[str, str], None]  # (training id, queue)
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 STAGES = ("dpm", "segmenter", "filter")
+MAX_CLASSES = 16  # models.labels.MAX_CLASSES (this module stays torch-free): a label map's most levels
 STAGE_LABELS = {"dpm": "I", "segmenter": "II", "filter": "IV"}
 
 
@@ -80,6 +81,13 @@ class TrainingCreate(BaseModel):
     name: ModelName = Field(description="model name: 1-64 of a-z 0-9 . _ -, starting with a letter or digit")
     resolution: int = Field(
         default=64, ge=16, le=256, multiple_of=8, description="square training size in pixels"
+    )
+    num_classes: int | None = Field(
+        default=None,
+        ge=2,
+        le=MAX_CLASSES,
+        description="mask classes K, background included (label maps 0..K-1); default: inferred from the "
+        "masks (whole values 0..L with L ≥ 2: L + 1 classes, else binary)",
     )
     train_steps: int = Field(default=2400, ge=1, description="Stage I steps, up to DIFFEXP_TRAIN_MAX_STEPS")
     segmenter_steps: int | None = Field(default=None, ge=1, description="Stage II steps (default: half)")

@@ -68,6 +68,7 @@ def job_zip(
     """The pairs of ``rows`` in format ``fmt`` (``app.exports``), with ``manifest.csv`` and ``job.json``.
 
     ``final`` streams the stored manifest; otherwise (a partial zip) one is written for ``rows``.
+    ``labels`` (the model's, ``Labels.from_bundle``) names the index file's labels and says K.
     Order: the format's index file, ``manifest.csv``, ``job.json``, then each row's image and mask.
     """
     job_id, params = rec["id"], rec["params"]
@@ -76,11 +77,14 @@ def job_zip(
     deflate, store = (ZIP_64, NO_COMPRESSION_64) if big else (ZIP_32, NO_COMPRESSION_32)
     when = zip_time(rec)
 
+    labels = labels or Labels()
+    binarise = lay.labels and labels.num_classes <= 2  # K-class masks are stored as their labels already
+
     def members() -> Iterable[tuple[str, datetime, int, Any, Iterable[bytes]]]:
         index = index_file(
             fmt,
             [Entry(str(row["name"])) for row in rows],
-            labels or Labels(),
+            labels,
             provenance(rec),
             describe(len(rows), str(params["model"]), f"job {job_id}"),
         )
@@ -94,7 +98,7 @@ def job_zip(
                 on_member(i)
             name = str(row["name"])
             yield lay.image(name), when, MODE, store, storage.iter_chunks(image_key(job_id, name))
-            if lay.labels:  # 0/255 -> 0/1: read whole (a mask is a few kB)
+            if binarise:  # 0/255 -> 0/1: read whole (a mask is a few kB)
                 chunks: Iterable[bytes] = iter([mask_member(lay, storage.get(mask_key(job_id, name)))])
             else:
                 chunks = storage.iter_chunks(mask_key(job_id, name))

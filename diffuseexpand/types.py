@@ -104,12 +104,14 @@ class Model:
     default: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    num_classes: int = 2  # mask classes K (background included); 2: binary masks 0/255
 
     @classmethod
     def from_json(cls, data: dict[str, Any], default_name: str | None = None) -> Model:
         return cls(
             name=str(data["name"]),
             resolution=int(data.get("resolution", 0)),
+            num_classes=int(data.get("num_classes") or 2),
             sampling_defaults=dict(data.get("sampling_defaults") or {}),
             eta_default=_float(data.get("eta_default")),
             default=data.get("name") == default_name,
@@ -127,16 +129,20 @@ class Pair:
     seed: int | None
     dice_loss: float | None
     links: dict[str, str] = field(default_factory=dict)
+    # Stage IV's Dice loss per foreground class 1..K-1 of a K-class model (K > 2); None when binary
+    class_dice_losses: list[float] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Pair:
         seed = data.get("seed")
+        per_class = data.get("class_dice_losses")
         return cls(
             name=str(data["name"]),
             index=int(data.get("index", 0)),
             seed=int(seed) if seed is not None else None,
             dice_loss=_float(data.get("dice_loss")),
             links=dict(data.get("links") or {}),
+            class_dice_losses=[float(v) for v in per_class] if isinstance(per_class, list) else None,
         )
 
 

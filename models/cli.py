@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from app.exports import GENERATOR, Entry, ExportFormat, Labels, describe, index_file, layout, mask_member
+from app.layout import class_loss_fields
 from app.params import Solver, default_max_attempts, draw_seed
 from models.bundle import Bundle, BundleError, new_meta, read_meta, resolve_device, write_meta
 from models.data import DatasetError, PairDataset, Split, find_pairs, load_folder, make_split, pair_groups
@@ -174,7 +175,8 @@ FormatOpt = Annotated[
     typer.Option(
         "--format",
         help="Layout: plain (images/, masks/ 0/255), nnunet (raw nnU-Net v2 dataset: imagesTr/, labelsTr/ "
-        "0/1, dataset.json) or monai (images/, labels/ 0/1, datalist.json). See docs/exports.md.",
+        "0/1, dataset.json) or monai (images/, labels/ 0/1, datalist.json); a K-class bundle's masks are "
+        "label maps 0..K-1 in every layout. See docs/exports.md.",
     ),
 ]
 
@@ -448,7 +450,9 @@ def expand_cmd(
 
         manifest = (out / "manifest.csv").open("w", newline="")
         writer = csv.writer(manifest)
-        writer.writerow(["name", "index", "seed", "dice_loss", "kept", "synthetic"])
+        per_class = class_loss_fields(b.num_classes)  # K > 2: dice_loss_1 ... dice_loss_{K-1}
+        writer.writerow(["name", "index", "seed", "dice_loss", *per_class, "kept", "synthetic"])
+        labels = Labels.from_bundle(b.meta)
         names: list[str] = []
         try:
             for pair in expand(b, count, seed=seed_used, params=params, eta=eta_used, batch_size=batch_size,
@@ -459,13 +463,18 @@ def expand_cmd(
                     image, mask = restore_shape(image, mask, out_size)
                 if pair.kept:
                     Image.fromarray(image, mode="L").save(out / lay.image(pair.name))
-                    (out / lay.mask(pair.name)).write_bytes(mask_member(lay, _png(mask)))
+                    (out / lay.mask(pair.name)).write_bytes(mask_member(lay, _png(mask), b.num_classes))
                     names.append(pair.name)
-                elif keep_rejected:  # rejected pairs stay plain (0/255 masks), outside the format's folders
+                elif (
+                    keep_rejected
+                ):  # rejected pairs stay plain (masks as stored), outside the format's folders
                     Image.fromarray(image, mode="L").save(out / "rejected" / "images" / f"{pair.name}.png")
                     Image.fromarray(mask, mode="L").save(out / "rejected" / "masks" / f"{pair.name}.png")
+                # a pair dropped before Stage IV has no class losses: empty cells
+                losses = [f"{v:.6f}" for v in pair.class_losses or []] if per_class else []
+                losses += [""] * (len(per_class) - len(losses))
                 writer.writerow(
-                    [pair.name, pair.index, pair.seed, f"{pair.dice_loss:.6f}", int(pair.kept), 1]
+                    [pair.name, pair.index, pair.seed, f"{pair.dice_loss:.6f}", *losses, int(pair.kept), 1]
                 )
                 manifest.flush()
                 if pair.kept:
@@ -483,7 +492,7 @@ def expand_cmd(
             index = index_file(
                 lay.format,
                 [Entry(n) for n in names],
-                Labels.from_bundle(b.meta),
+                labels,
                 provenance,
                 describe(len(names), bundle.name, "diffuseexpand expand"),
             )

@@ -3,7 +3,8 @@
 - Real pairs (``images/NAME.ext`` + ``masks/NAME.ext``, any format ``models.data`` reads) are brought
   into the synthetic pairs' space exactly as training saw them: greyscale, 8-bit, resized to the
   synthetic resolution (area filter; masks binarised at half their full value, 0/255 or 0/1 alike,
-  then nearest-neighbour), written as PNG.
+  then nearest-neighbour), written as PNG. With a K-class synthetic set (K > 2: its manifest's
+  ``dice_loss_k`` columns, or its index file's labels) masks keep their label values 0..K-1 instead.
 - Synthetic pairs come from what ``expand`` writes or a job's zip unpacks to, in any export format; a
   ``manifest.csv`` is required (it is what says they are synthetic).
 - Names are prefixed (``real_``, ``synth_``) so they never collide. Real pairs the real set holds out
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,9 +30,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.exports import GENERATOR, Entry, ExportFormat, Labels, Layout, index_file, layout
+from app.exports import GENERATOR, Entry, ExportFormat, Labels, Layout, class_names, index_file, layout
+from app.pixels import read_grey
 from models.bundle import read_meta
-from models.data import IMAGE_SUFFIXES, DatasetError, load_image, load_mask
+from models.data import IMAGE_SUFFIXES, DatasetError, labels_from_grey, load_image, load_mask
 
 REAL_PREFIX = "real_"
 SYNTH_PREFIX = "synth_"
@@ -54,6 +57,7 @@ class SyntheticSet:
     format: ExportFormat
     made_by: dict[str, Any] = field(default_factory=dict)  # job.json (a zip) or run.json (expand)
     labels: Labels | None = None  # what its dataset.json / datalist.json calls the channel and label
+    num_classes: int = 2  # K > 2: its masks are label maps 0..K-1 (its manifest's dice_loss_k columns)
 
 
 def _stems(folder: Path, suffixes: Iterable[str], strip: str = "") -> dict[str, Path]:
@@ -111,10 +115,24 @@ def _index_labels(fmt: ExportFormat, doc: dict[str, Any]) -> Labels | None:
     try:
         if fmt is ExportFormat.NNUNET:
             structure = next(k for k, v in doc["labels"].items() if v == 1)
-            return Labels(str(doc["channel_names"]["0"]), str(structure))
-        return Labels(str(doc["modality"]["0"]), str(doc["labels"]["1"]))
-    except (KeyError, StopIteration, AttributeError, TypeError):
+            modality = str(doc["channel_names"]["0"])
+            by_value = {int(v): str(k) for k, v in doc["labels"].items()}
+        else:
+            structure = doc["labels"]["1"]
+            modality = str(doc["modality"]["0"])
+            by_value = {int(k): str(v) for k, v in doc["labels"].items()}
+    except (KeyError, StopIteration, AttributeError, TypeError, ValueError):
         return None
+    top = max(by_value)
+    if top <= 1:
+        return Labels(modality, str(structure))
+    return Labels(modality, str(structure), class_names(top + 1, {str(k): v for k, v in by_value.items()}))
+
+
+def manifest_classes(fields: Iterable[str] | None) -> int:
+    """K of a synthetic set from its manifest's columns: ``dice_loss_1`` ... for K > 2, none when binary."""
+    per_class = [f for f in fields or () if re.fullmatch(r"dice_loss_[0-9]+", f)]
+    return len(per_class) + 1 if per_class else 2
 
 
 def read_synthetic(root: Path) -> SyntheticSet:
@@ -134,7 +152,9 @@ def read_synthetic(root: Path) -> SyntheticSet:
             f"{manifest}: missing; a synthetic set is what `expand` writes or a job's zip holds"
         )
     with manifest.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        num_classes = manifest_classes(reader.fieldnames)
     if rows and "name" not in rows[0]:
         raise DatasetError(f"{manifest}: no 'name' column")
     real = [r["name"] for r in rows if r.get("source", "synthetic") != "synthetic"]
@@ -161,7 +181,8 @@ def read_synthetic(root: Path) -> SyntheticSet:
             made_by = {"file": note, **_read_json(root / note)}
             break
     labels = _index_labels(fmt, _read_json(root / lay.index)) if lay.index else None
-    return SyntheticSet(pairs, fmt, made_by, labels)
+    num_classes = max(num_classes, labels.num_classes if labels is not None else 2)
+    return SyntheticSet(pairs, fmt, made_by, labels, num_classes)
 
 
 def real_split(
@@ -225,12 +246,18 @@ def _synthetic_size(pairs: list[SourcePair]) -> int:
     return sizes[0][0]
 
 
-def _write_pair(pair: SourcePair, image_to: Path, mask_to: Path, resolution: int, foreground: int) -> None:
+def _write_pair(
+    pair: SourcePair, image_to: Path, mask_to: Path, resolution: int, foreground: int, num_classes: int = 2
+) -> None:
     (iw, ih), (mw, mh) = _size(pair.image), _size(pair.mask)
     if (iw, ih) != (mw, mh):
         raise DatasetError(f"{pair.mask}: size mismatch, mask is {mw}x{mh} but image is {iw}x{ih}")
     image = np.round((load_image(pair.image, resolution) + 1.0) * 127.5).astype(np.uint8)
-    mask = (load_mask(pair.mask, resolution, allow_empty=True) > 0).astype(np.uint8) * foreground
+    if num_classes > 2:  # label maps keep their labels 0..K-1 (a value out of range is an error naming it)
+        grey = read_grey(pair.mask, as_image=False)
+        mask = labels_from_grey(grey, resolution, pair.mask, num_classes, allow_empty=True)
+    else:
+        mask = (load_mask(pair.mask, resolution, allow_empty=True) > 0).astype(np.uint8) * foreground
     Image.fromarray(image).save(image_to, format="PNG")
     Image.fromarray(mask).save(mask_to, format="PNG")
 
@@ -242,6 +269,7 @@ def _write(
     resolution: int,
     real: Path,
     synthetic: Path,
+    num_classes: int = 2,
 ) -> tuple[list[Entry], list[str]]:
     """The pairs, manifest.csv and the sources' notes; returns the entries and the notes copied."""
     foreground = 1 if lay.labels else 255
@@ -253,7 +281,7 @@ def _write(
     for prefix, source, pair, test in sources:
         name = prefix + pair.name
         image, mask = lay.image(name, test=test), lay.mask(name, test=test)
-        _write_pair(pair, out / image, out / mask, resolution, foreground)
+        _write_pair(pair, out / image, out / mask, resolution, foreground, num_classes)
         entries.append(Entry(name, test=test, source=source))
         split = "test" if test else "train"
         rows.append({"name": name, "source": source, "split": split, "original": pair.name, "image": image, "label": mask})  # fmt: skip
@@ -297,12 +325,16 @@ def merge(
     labels = Labels.from_bundle(
         {"modality": modality or base.modality, "structure": structure or base.structure}
     )
+    k = synth.num_classes
+    if k > 2:  # K classes: the synthetic set's class names (its index file), else class_1, ...
+        names = base.classes if base.num_classes == k else class_names(k)
+        labels = Labels(labels.modality, labels.structure, names)
 
     sources = [(REAL_PREFIX, "real", p, p.name in test) for p in real_pairs]
     sources += [(SYNTH_PREFIX, "synthetic", p, False) for p in synth.pairs]  # never a test pair
     created = not out.exists()
     try:
-        entries, copied = _write(out, lay, sources, resolution, real, synthetic)
+        entries, copied = _write(out, lay, sources, resolution, real, synthetic, k)
     except BaseException:
         if created:  # a merge that fails half-way leaves no half-written set to trip over
             shutil.rmtree(out, ignore_errors=True)
@@ -311,6 +343,7 @@ def merge(
     summary: dict[str, Any] = {
         "format": lay.format.value,
         "resolution": resolution,
+        **({"num_classes": k} if k > 2 else {}),  # binary summaries stay as they were
         "real": {
             "folder": str(real),
             "pairs": n_real,

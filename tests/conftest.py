@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.utils.tiny import make_shapes_dataset, make_tiny_bundle
+from tests.utils.tiny import make_shapes_dataset, make_tiny_bundle, make_tiny_multiclass_bundle
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -14,6 +14,12 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 16x16 bundle trained for a few steps, shared by every test that samples."""
     return make_tiny_bundle(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_multiclass_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 16x16 K = 3 bundle (labels 0..2, named in bundle.json) trained for a few steps."""
+    return make_tiny_multiclass_bundle(tmp_path_factory.mktemp("tinymc"))
 
 
 @pytest.fixture()

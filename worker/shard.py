@@ -20,6 +20,7 @@ import redis
 from PIL import Image
 from pydantic import ValidationError
 
+from app.layout import pair_meta
 from app.params import JobParams
 from app.registry import format_ref
 from app.schemas import JobStatus
@@ -273,7 +274,7 @@ def _attempt(
     for pair in metered_pairs(pairs, store, params.model, bundle.device):  # counted for /metrics
         generated += 1
         if pair.kept:
-            meta = {"name": pair.name, "index": pair.index, "seed": pair.seed, "dice_loss": pair.dice_loss}
+            meta = pair_meta(pair.name, pair.index, pair.seed, pair.dice_loss, pair.class_losses)
             image, mask = pair.image, pair.mask
             if out_size is not None:
                 image, mask = restore_shape(image, mask, out_size)

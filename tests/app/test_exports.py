@@ -27,7 +27,7 @@ from app.exports import (
     monai_datalist,
     nnunet_dataset,
 )
-from app.layout import image_key, mask_key, zip_key
+from app.layout import image_key, manifest_csv, mask_key, pair_meta, zip_key
 from app.storage import LocalStorage
 from app.store import JobStore
 from app.zipstream import job_zip
@@ -100,6 +100,51 @@ def test_labels_come_from_the_bundle_when_it_names_them() -> None:
     assert Labels.from_bundle(None) == Labels("image", "foreground")
     assert Labels.from_bundle({"modality": " X-ray ", "structure": "lung"}) == Labels("X-ray", "lung")
     assert Labels.from_bundle({"modality": 3, "structure": "background"}) == Labels("image", "foreground")
+
+
+def test_a_k_class_bundle_names_its_k_labels_in_the_index_files() -> None:
+    meta = {"modality": "X-ray", "num_classes": 3, "labels": {"0": "background", "1": "left lung", "2": "right lung"}}  # fmt: skip
+    labels = Labels.from_bundle(meta)
+    assert labels.num_classes == 3 and labels.classes == ("left lung", "right lung")
+    doc = nnunet_dataset([Entry("a")], labels, {}, "")
+    assert doc["labels"] == {"background": 0, "left lung": 1, "right lung": 2}
+    assert monai_datalist([Entry("a")], labels, {}, "")["labels"] == {"0": "background", "1": "left lung", "2": "right lung"}  # fmt: skip
+    # unnamed (or named twice, or "background") classes are class_k; a binary bundle keeps its one label
+    assert Labels.from_bundle({"num_classes": 4, "labels": {"1": "lung", "2": "lung", "3": "background"}}).classes == ("lung", "class_2", "class_3")  # fmt: skip
+    assert Labels.from_bundle({"num_classes": 2, "labels": {"1": "lung"}}) == Labels()
+
+
+def k_class_job(root: Path) -> tuple[LocalStorage, dict[str, Any], list[dict[str, Any]], list[np.ndarray]]:
+    """``stored_job`` with K = 3: label-map masks 0..2 and each pair's class losses, as a worker stores them."""
+    storage, rec, rows = stored_job(root)
+    masks = []
+    for i, row in enumerate(rows):
+        mask = pixels(pair_pngs(i)[1]) // 255
+        mask[:, 8:] *= 2  # label 2 on the right half
+        storage.put(mask_key(rec["id"], row["name"]), png(mask))
+        row["class_losses"] = [0.25 * i, 0.5]
+        masks.append(mask)
+    return storage, rec, rows, masks
+
+
+def test_a_k_class_zip_keeps_the_label_values_and_a_column_per_class(tmp_path: Path) -> None:
+    storage, rec, rows, masks = k_class_job(tmp_path)
+    labels = Labels.from_bundle({"num_classes": 3})
+    for fmt in FORMATS:
+        zf = unzip(b"".join(job_zip(storage, rec, rows, final=False, fmt=fmt, labels=labels)))
+        lay = layout(fmt)
+        for row, mask in zip(rows, masks, strict=True):
+            assert np.array_equal(pixels(zf.read(lay.mask(row["name"]))), mask), fmt
+        manifest = zf.read("manifest.csv").decode().splitlines()
+        assert manifest[0].startswith("name,index,seed,dice_loss,dice_loss_1,dice_loss_2,model,"), fmt
+        assert manifest[2].split(",")[3:6] == ["0.01", "0.25", "0.5"]
+        if fmt == "nnunet":
+            doc = json.loads(zf.read("dataset.json"))
+            assert doc["labels"] == {"background": 0, "class_1": 1, "class_2": 2}
+    # a binary job's manifest has no per-class column (and its entries carry no class losses)
+    binary = manifest_csv([{k: v for k, v in r.items() if k != "class_losses"} for r in rows], rec["params"])
+    assert binary.decode().startswith("name,index,seed,dice_loss,model,eta,")
+    assert pair_meta("a", 0, 1, 0.5, [0.5]) == {"name": "a", "index": 0, "seed": 1, "dice_loss": 0.5}
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "P", "1"])

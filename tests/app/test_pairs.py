@@ -104,6 +104,7 @@ def test_lists_the_kept_pairs_so_far_then_the_final_result(
         "index": 1,
         "seed": SEED,
         "dice_loss": pytest.approx(0.02),
+        "class_dice_losses": None,  # a binary model's pairs have only dice_loss
         "links": {f: f"{job['base']}/{pair_name(SEED, 1)}/{f}.png" for f in ("image", "mask", "preview")},
     }
     paged = client.get(job["base"], params={"offset": 1, "limit": 1}).json()
@@ -120,6 +121,23 @@ def test_lists_the_kept_pairs_so_far_then_the_final_result(
     # pair 3 was kept by shard 1 but is not in the result: no longer a pair of this job
     assert client.get(f"{job['base']}/{pair_name(SEED, 3)}/image.png").status_code == 404
     assert client.get(f"{job['base']}/{pair_name(SEED, 2)}/image.png").status_code == 200
+
+
+def test_a_k_class_jobs_pairs_list_their_class_losses_so_far_and_in_the_final_result(
+    client: TestClient, store: JobStore
+) -> None:
+    job_id = new_job(client)
+    for i in (1, 2, 3):  # stored as a worker stores a K = 3 pair: label values, one loss per class
+        labels = (mask_of(i) > 0).astype(np.uint8) * (1 + i % 2)
+        assert store.put_pair(job_id, name=pair_name(SEED, i), index=i, seed=SEED, dice_loss=0.25,
+                              image_png=png(image_of(i)), mask_png=png(labels), class_losses=[0.1 * i, 0.5 - 0.1 * i])  # fmt: skip
+    so_far = client.get(f"/v1/jobs/{job_id}/pairs").json()["data"]
+    assert [p["class_dice_losses"] for p in so_far] == [pytest.approx([0.1 * i, 0.5 - 0.1 * i]) for i in (1, 2, 3)]  # fmt: skip
+    decide(store, job_id)
+    final = client.get(f"/v1/jobs/{job_id}/pairs").json()
+    assert final["final"] and [p["class_dice_losses"] for p in final["data"]] == [p["class_dice_losses"] for p in so_far[:2]]  # fmt: skip
+    header = store.storage.get(f"jobs/{job_id}/manifest.csv").decode().splitlines()[0].split(",")
+    assert header[:6] == ["name", "index", "seed", "dice_loss", "dice_loss_1", "dice_loss_2"]
 
 
 def test_a_job_without_pairs_lists_none(client: TestClient) -> None:

@@ -229,3 +229,13 @@ def test_reading_dicom_and_nifti_imports_no_torch(tmp_path: Path) -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_a_palette_label_map_is_a_k_class_mask_whatever_its_colours(tmp_path: Path) -> None:
+    labels = np.zeros((8, 8), np.uint8)
+    labels[1:4, 1:4], labels[5:7, 2:6] = 1, 2
+    img = Image.fromarray(labels, "P")
+    img.putpalette([0, 0, 0, 255, 0, 0, 0, 200, 0])  # background black, class 1 red, class 2 green
+    img.save(tmp_path / "m.png")
+    mask = read_grey(tmp_path / "m.png", as_image=False)
+    assert np.array_equal(mask.values, labels) and mask_problem(mask) is None

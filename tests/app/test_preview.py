@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.preview import OUTLINE_RGB, outline, overlay
+from app.preview import CLASS_RGB, OUTLINE_RGB, outline, overlay
 
 
 def png(array: np.ndarray, mode: str = "L") -> bytes:
@@ -49,6 +49,17 @@ def test_overlay_draws_the_outline_on_the_grey_image() -> None:
     assert (out[edge] == OUTLINE_RGB).all()
     for channel in range(3):
         assert np.array_equal(out[..., channel][~edge], image[~edge].astype(np.uint8))
+
+
+def test_a_k_class_label_map_has_one_outline_colour_per_class() -> None:
+    image = np.full((24, 24), 90, np.uint8)
+    mask = np.zeros((24, 24), np.uint8)
+    mask[4:20, 2:10], mask[4:20, 12:22] = 1, 2  # K = 3: labels 1 and 2 as a K-class model stores them
+    out = rgb_of(overlay(png(image), png(mask)))
+    for label in (1, 2):
+        assert (out[outline(mask == label)] == CLASS_RGB[label - 1]).all()
+    assert CLASS_RGB[0] == OUTLINE_RGB and CLASS_RGB[1] != OUTLINE_RGB
+    assert (out[mask == 0] == 90).all()
 
 
 def test_overlay_takes_colour_images_and_masks_of_another_size() -> None:

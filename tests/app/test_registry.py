@@ -13,6 +13,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from app.bundles import model_public
 from app.core.config import Settings
 from app.registry import (
     LOCAL,
@@ -201,6 +202,9 @@ def test_models_lists_the_local_bundle_with_its_fields(client: TestClient, setti
     assert answer["default"] == settings.default_model == m["name"]
     assert {"resolution", "sampling_defaults", "eta_default", "metrics", "training", "data"} <= set(m)
     assert (m["status"], m["version"], m["versions"], m["source"]) == ("ready", "local", ["local"], "local")
+    assert m["num_classes"] == 2  # a binary bundle.json says none
+    k_class = {"name": "k", "version": 1, "meta": {"resolution": 16, "num_classes": 3}}
+    assert model_public(k_class).num_classes == 3
     assert client.get(f"/v1/models/{m['name']}").json()["version"] == "local"
     assert client.get(f"/v1/models/{m['name']}/local").json()["name"] == m["name"]
     assert client.get("/v1/models/nothing").status_code == 404

@@ -26,6 +26,7 @@ from diffuseexpand import (
 from diffuseexpand.client import pack_folder
 from diffuseexpand.errors import error_from_response, retry_after_s
 from diffuseexpand.sse import Decoder
+from diffuseexpand.types import Model, Pair
 from tests.client.scripted import job_json
 
 VALIDATION = {
@@ -101,6 +102,14 @@ def test_job_json_parses_and_ignores_unknown_fields() -> None:
     assert job.progress.pairs_per_second == 1.5 and job.progress.phase == "mask"
     assert job.created_at == datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
     assert job.raw["something_new"] == {"x": 1}
+
+
+def test_pairs_and_models_carry_the_number_of_classes() -> None:
+    binary = {"name": "s1-000001", "index": 1, "seed": 1, "dice_loss": 0.2, "class_dice_losses": None}
+    assert Pair.from_json(binary).class_dice_losses is None
+    assert Pair.from_json({**binary, "class_dice_losses": [0.1, 0.3]}).class_dice_losses == [0.1, 0.3]
+    assert Model.from_json({"name": "m", "resolution": 16}).num_classes == 2  # an older service says none
+    assert Model.from_json({"name": "m", "resolution": 16, "num_classes": 3}).num_classes == 3
 
 
 def test_kept_beyond_the_target_is_capped_for_display() -> None:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from app.exports import Entry, Labels, index_file, layout, mask_member
 from models.cli import app
-from tests.utils.tiny import make_shapes_dataset
+from tests.utils.tiny import make_multiclass_dataset, make_shapes_dataset
 
 runner = CliRunner()
 
@@ -68,6 +68,7 @@ def test_expand_as_nnunet_writes_a_raw_nnunet_dataset(tmp_path: Path, tiny_bundl
     rows = read_csv(out / "manifest.csv")
     kept = [r["name"] for r in rows if r["kept"] == "1"]
     assert len(kept) == 3 and all(r["synthetic"] == "1" for r in rows)
+    assert list(rows[0]) == ["name", "index", "seed", "dice_loss", "kept", "synthetic"]  # binary: as always
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == sorted(f"{n}_0000.png" for n in kept)
     for name in kept:
         image = np.asarray(Image.open(out / "imagesTr" / f"{name}_0000.png"))
@@ -82,6 +83,28 @@ def test_expand_as_nnunet_writes_a_raw_nnunet_dataset(tmp_path: Path, tiny_bundl
     assert prov["synthetic"] is True and prov["model"] == tiny_bundle.name and prov["seed"] == 4
     assert prov["params"]["steps"] == 2 and prov["eta"] == 1.0
     assert not (out / "images").exists() and not (out / "masks").exists()
+
+
+def test_a_k_class_bundle_expands_and_merges_as_label_maps_with_k_labels(
+    tmp_path: Path, tiny_multiclass_bundle: Path
+) -> None:
+    out = tmp_path / "nn"
+    expand(tiny_multiclass_bundle, out, "nnunet", count=2)
+    rows = read_csv(out / "manifest.csv")
+    assert list(rows[0]) == ["name", "index", "seed", "dice_loss", "dice_loss_1", "dice_loss_2", "kept", "synthetic"]  # fmt: skip
+    kept = [r for r in rows if r["kept"] == "1"]
+    for r in kept:  # dice_loss is the mean of the class losses; masks keep their labels 0..2
+        assert float(r["dice_loss"]) == pytest.approx((float(r["dice_loss_1"]) + float(r["dice_loss_2"])) / 2, abs=1e-5)  # fmt: skip
+        assert values(out / "labelsTr" / f"{r['name']}.png") <= {0, 1, 2}
+    labels = {"background": 0, "organ 1": 1, "organ 2": 2}  # bundle.json's names
+    assert json.loads((out / "dataset.json").read_text())["labels"] == labels
+    # merged with a real K = 3 set: its label maps stay label maps (resized nearest), the labels stay K
+    real = make_multiclass_dataset(tmp_path / "real", n=2, size=32)
+    merged = tmp_path / "merged"
+    res = runner.invoke(app, ["merge", str(real), str(out), "--out", str(merged), "--format", "nnunet"])
+    assert res.exit_code == 0, res.output
+    assert values(merged / "labelsTr" / "real_multi000.png") == {0, 1, 2}
+    assert json.loads((merged / "dataset.json").read_text())["labels"] == labels
 
 
 def test_expand_as_monai_is_read_by_monai(tmp_path: Path, tiny_bundle: Path) -> None:

@@ -70,15 +70,29 @@ def make_nonsquare_dataset(root: Path, n: int = 8, width: int = 32, height: int 
 
 def make_tiny_bundle(root: Path, size: int = 16, steps: int = 30) -> Path:
     """Train a throwaway bundle on shapes in a few seconds (all three stages, CPU)."""
+    return _train_tiny(make_shapes_dataset(root / "data", n=10, size=size), root / "bundle", size, steps)
+
+
+def make_tiny_multiclass_bundle(root: Path, size: int = 16, steps: int = 20, classes: int = 3) -> Path:
+    """``make_tiny_bundle`` on ``make_multiclass_dataset``: a K-class bundle (K = ``classes``) whose
+    bundle.json names its labels, in a few seconds."""
+    data_dir = make_multiclass_dataset(root / "data", n=10, size=size, classes=classes)
+    names = {"0": "background", **{str(k): f"organ {k}" for k in range(1, classes)}}
+    return _train_tiny(data_dir, root / "bundle", size, steps, labels=names)
+
+
+def _train_tiny(
+    data_dir: Path, bundle: Path, size: int, steps: int, labels: dict[str, str] | None = None
+) -> Path:
     from models.bundle import new_meta, write_meta
     from models.data import load_folder, make_split
     from models.training import TrainConfig, train_dpm, train_filter, train_segmenter
 
-    data_dir = make_shapes_dataset(root / "data", n=10, size=size)
-    bundle = root / "bundle"
     data = load_folder(data_dir, size)
     split = make_split(data.names, test_fraction=0.2, seed=0)
-    meta = new_meta(size)
+    meta = new_meta(size, data.num_classes)
+    if labels is not None:
+        meta["labels"] = labels
     meta["split"] = split.to_dict()
     meta["data"] = {
         "folder": str(data_dir),

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,23 @@ def objects(h: Harness, job_id: str) -> dict[str, bytes]:
     }
 
 
+def test_a_k_class_jobs_pairs_carry_their_class_losses_into_the_manifest(
+    settings_factory: Callable[..., Settings], tiny_multiclass_bundle: Path
+) -> None:
+    settings = settings_factory(bundles_dir=tiny_multiclass_bundle.parent, default_model=tiny_multiclass_bundle.name)  # fmt: skip
+    h = Harness(settings, Bundle.load(tiny_multiclass_bundle))
+    job_id = h.submit(count=2, eta=1.0, seed=3, steps=2)
+    h.drain()
+    assert h.store.get(job_id)["status"] == "succeeded"
+    stored = h.store.kept_pairs(job_id)
+    assert stored and all(len(p["class_losses"]) == 2 for p in stored)
+    rows = manifest(h, job_id)
+    for r in rows:
+        assert float(r["dice_loss"]) == pytest.approx((float(r["dice_loss_1"]) + float(r["dice_loss_2"])) / 2)
+        mask = np.asarray(Image.open(io.BytesIO(h.store.storage.get(f"jobs/{job_id}/masks/{r['name']}.png"))))
+        assert set(np.unique(mask).tolist()) <= {0, 1, 2}
+
+
 def test_job_keeps_exactly_count_lowest_kept_indices(harness: Harness) -> None:
     job_id = harness.submit(count=5, eta=ETA, seed=11)
     outcomes = harness.drain()
@@ -48,6 +66,7 @@ def test_job_keeps_exactly_count_lowest_kept_indices(harness: Harness) -> None:
     rows = manifest(harness, job_id)
     assert [int(r["index"]) for r in rows] == [pair.index for pair in want]
     assert all(float(r["dice_loss"]) <= ETA for r in rows)
+    assert "dice_loss_1" not in rows[0]  # binary: no per-class columns
     # every pair of every shard that ran counts, and every pair Stage IV kept (stored, even if unused)
     done = [json.loads(v) for v in harness.store.r.hvals(harness.store._k(job_id, "done"))]
     generated = sum(d["generated"] for d in done)

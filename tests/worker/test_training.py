@@ -313,6 +313,9 @@ def test_cancel_stops_a_running_training_and_frees_its_dataset(api: TestClient) 
         ({"name": ""}, "name"),
         ({"dataset": "nope"}, "dataset"),
         ({"epochs": 3}, "epochs"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"num_classes": 17}, "num_classes"),
+        ({"num_classes": "x"}, "num_classes"),
     ],
 )
 def test_a_bad_body_is_422_naming_the_field(api: TestClient, change: dict[str, Any], field: str) -> None:

@@ -10,7 +10,7 @@ from app.bundles import resolve_params
 from app.core.config import Settings
 from app.errors import ErrorResponses
 from app.exports import ExportFormat, Labels
-from app.layout import zip_key
+from app.layout import rows_num_classes, zip_key
 from app.schemas import JobCreate, JobCreated, JobPublic, JobsPublic, job_public
 from app.store import JobConflict
 from app.webhooks import Unresolvable, WebhookError, new_secret, resolve_target
@@ -196,7 +196,10 @@ def download_zip(
         )
     # nnunet / monai are streamed on demand, not cached: only masks are re-encoded (a few kB each), and a
     # cached copy per format would double the job's storage for what the same bytes rebuild.
-    labels = Labels.from_bundle(model_meta(request, rec["params"]))
+    meta = model_meta(request, rec["params"])
+    if meta is None:  # the model is gone: its pairs' class losses still say K
+        meta = {"num_classes": rows_num_classes(rows)}
+    labels = Labels.from_bundle(meta)
     return StreamingResponse(
         job_zip(store.storage, rec, rows, final=final, fmt=fmt, labels=labels),
         media_type="application/zip",

@@ -79,11 +79,12 @@ def pair_image(request: Request, store: StoreDep, rec: OwnedJob, name: PairName)
 
 @router.get("/{job_id}/pairs/{name}/mask.png", response_class=Response, responses=PNG_RESPONSES)
 def pair_mask(request: Request, store: StoreDep, rec: OwnedJob, name: PairName) -> Response:
-    """The pair's mask (PNG, 0 background, 255 foreground)."""
+    """The pair's mask (PNG): 0 background, 255 foreground; a K-class model's (K > 2): label values 0..K-1."""
     return _png(request, store, rec, name, "mask.png")
 
 
 @router.get("/{job_id}/pairs/{name}/preview.png", response_class=Response, responses=PNG_RESPONSES)
 def pair_preview(request: Request, store: StoreDep, rec: OwnedJob, name: PairName) -> Response:
-    """The image in grey with the mask's outline in red (RGB PNG), made once and kept with the job."""
+    """The image in grey with the mask's outline in red (K classes: one colour per class; RGB PNG), made
+    once and kept with the job."""
     return _png(request, store, rec, name, "preview.png")
