@@ -1,6 +1,9 @@
 """The README's picture: 16 kept synthetic pairs beside 16 real ones, and the Stage IV yield.
 
     python bench/demo_grid.py --bundle models/bundles/cxr-lung-64 --out docs/demo-grid.png
+    python bench/demo_grid.py --bundle models/bundles/cxr-lungs3-64 --data DATA3 --out docs/demo-grid-3label.png
+
+(DATA3: the 3-label set that ``python -m examples.lung_labels`` makes from the same chest X-rays.)
 
 Real pairs are taken from the bundle's *train* split and, when the bundle carries the data's
 pairs.csv, only among images under a licence that allows showing them (CC BY, Apache, public
@@ -19,6 +22,7 @@ import torch
 from models.bundle import Bundle
 from models.data import load_folder, to_uint8
 from models.expand import expand
+from models.labels import mask_to_uint8
 from models.plots import sample_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +52,11 @@ def main() -> None:
     bundle = Bundle.load(args.bundle)
     data_dir = args.data or (ROOT / bundle.meta["data"]["folder"])
     names = showable_names(bundle)[:16]
-    real = load_folder(data_dir, bundle.resolution, names=names)
-    real_pairs = [(to_uint8(real.images[i, 0]), to_uint8(real.masks[i, 0])) for i in range(len(real))]
+    real = load_folder(data_dir, bundle.resolution, names=names, num_classes=bundle.num_classes)
+    labels = real.labels[:, 0].numpy()
+    real_pairs = [
+        (to_uint8(real.images[i, 0]), mask_to_uint8(labels[i], bundle.num_classes)) for i in range(len(real))
+    ]
 
     t0 = time.perf_counter()
     pairs = list(expand(bundle, 16, seed=args.seed, batch_size=16))
