@@ -65,10 +65,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     title = f"generated, kept at eta={bundle.default_eta} ({len(kept)} of {len(pairs)})"
     sample_grid(args.out, kept, real_pairs, title)
-    real_rate = bundle.meta.get("metrics", {}).get("filter_test", {}).get("real_pass_rate")
+    real = bundle.meta.get("metrics", {}).get("filter_test", {})
+    real_rate, real_eta = real.get("real_pass_rate"), real.get("eta")
     print(f"wrote {args.out}")
     print(f"Stage IV yield at eta={bundle.default_eta}: {len(kept)}/{len(pairs)} = {len(kept) / len(pairs):.1%} "
-          f"(real held-out pairs passing: {real_rate:.1%}); {dt:.0f} s, {torch.get_num_threads()} threads")  # fmt: skip
+          f"(real held-out pairs passing at eta={real_eta}: {real_rate:.1%}); {dt:.0f} s, {torch.get_num_threads()} threads")  # fmt: skip
 
 
 if __name__ == "__main__":
