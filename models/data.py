@@ -279,6 +279,29 @@ def find_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
     return [(name, images[name], masks[name]) for name, _, _ in matched]
 
 
+UNLABELLED_DIR = "unlabelled"
+
+
+def find_unlabelled(root: str | Path) -> list[tuple[str, Path]]:
+    """``(name, path)`` of the images in ``root/unlabelled/`` (none when the folder is absent).
+
+    Unlabelled images are explicit: they live in their own folder, so an image in ``images/``
+    without its mask stays an error (``find_pairs``) rather than silently becoming unlabelled."""
+    folder = Path(root) / UNLABELLED_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(_by_stem(folder).items())
+
+
+def load_unlabelled(root: str | Path, resolution: int) -> tuple[list[str], torch.Tensor]:
+    """The names and images ``[U, 1, R, R]`` in [-1, 1] of ``root/unlabelled/`` (read like ``images/``)."""
+    found = find_unlabelled(root)
+    if not found:
+        return [], torch.zeros(0, 1, resolution, resolution)
+    arrays = [load_image(path, resolution) for _name, path in found]
+    return [name for name, _ in found], torch.from_numpy(np.stack(arrays))[:, None]
+
+
 def _by_stem(folder: Path) -> dict[str, Path]:
     """Files of a supported format by NAME (files of other formats are not the dataset's)."""
     found: dict[str, Path] = {}

@@ -47,6 +47,7 @@ from models.downstream import DownstreamConfig, steps_per_epoch
 from models.fewshot import FewshotContext, FewshotSettings, run_fewshot
 from models.report import write_results
 from models.retrain import RetrainRecipe
+from models.training import DEFAULT_UNLABELLED_SHARE
 from models.synthetic import (
     Progress,
 )
@@ -87,6 +88,8 @@ class EvalConfig:
     retrain_segmenter_steps: int = 800
     retrain_filter_steps: int = 800
     retrain_augment: bool = True  # geometric augmentation while retraining Stage I
+    retrain_unlabelled_share: float = DEFAULT_UNLABELLED_SHARE  # Stage I rows from the unlabelled pool
+    unlabelled: str = "none"  # few-shot: "rest" gives Stage I the train split's other images, unlabelled
     synthetic_sets: int = 2
     synthetic_multiple: float = 1.0  # few-shot N = multiple x the fraction's real pairs
     max_synthetic: int | None = None  # cap on the few-shot N (bounds generation at large fractions)
@@ -139,7 +142,8 @@ class EvalConfig:
 
     def retrain_recipe(self) -> RetrainRecipe:
         return RetrainRecipe(dpm_steps=self.retrain_steps, segmenter_steps=self.retrain_segmenter_steps,
-                             filter_steps=self.retrain_filter_steps, augment_dpm=self.retrain_augment)  # fmt: skip
+                             filter_steps=self.retrain_filter_steps, augment_dpm=self.retrain_augment,
+                             unlabelled_share=self.retrain_unlabelled_share)  # fmt: skip
 
 
 # The "cpu" preset: Table 1 on ~340 train / ~85 test 64x64 chest X-rays in about 15-40 minutes on
@@ -315,6 +319,7 @@ def run_evaluation(
             synthetic_ratio=cfg.synthetic_ratio, augment=recipe, steps=cfg.fewshot_steps, epochs=cfg.epochs,
             seeds=tuple(cfg.seeds), gen_seed=cfg.gen_seed, gen_batch_size=cfg.gen_batch_size,
             max_attempts_factor=cfg.max_attempts_factor, max_synthetic=cfg.max_synthetic,
+            unlabelled=cfg.unlabelled,
         )  # fmt: skip
         data_meta = {"folder": str(data_dir), "fingerprint": data_full.fingerprint}
         fs = run_fewshot(

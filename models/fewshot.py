@@ -79,6 +79,7 @@ class FewshotSettings:
     gen_batch_size: int
     max_attempts_factor: float
     max_synthetic: int | None = None
+    unlabelled: str = "none"  # "rest": the train split's images outside the subset, masks withheld
 
     def n_for(self, multiple: float, n_real: int) -> int:
         n = max(1, round(multiple * n_real))
@@ -131,6 +132,25 @@ def fewshot_subset(train: PairDataset, fraction: float, seed: int) -> PairDatase
     order = torch.randperm(len(train), generator=g).tolist()
     n = max(1, round(fraction * len(train)))
     return train.subset([train.names[i] for i in sorted(order[:n])])
+
+
+UNLABELLED_MODES = ("none", "rest")
+
+
+def unlabelled_pool(train: PairDataset, sub: PairDataset, mode: str) -> tuple[list[str], torch.Tensor] | None:
+    """The images a fraction's Stage I may learn appearance from, without their masks.
+
+    ``rest``: every train-split image outside the labelled subset (test images never: they are not
+    in ``train``); ``none``: no pool."""
+    if mode not in UNLABELLED_MODES:
+        raise ValueError(f"unlabelled must be one of {', '.join(UNLABELLED_MODES)}, got {mode!r}")
+    if mode == "none":
+        return None
+    taken = set(sub.names)
+    names = [n for n in train.names if n not in taken]
+    if not names:
+        return None
+    return names, train.subset(names).images
 
 
 def sweep_multiples(s: FewshotSettings, fraction: float) -> list[float]:
@@ -224,6 +244,8 @@ def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
     n_main = s.n_for(s.multiple, n_real)
     n_max = max(s.n_for(m, n_real) for m in multiples)
     steps = s.steps or s.epochs * steps_per_epoch(n_real + n_main, downstream.batch_size)
+    pool = unlabelled_pool(train, sub, s.unlabelled)
+    n_unlabelled = 0 if pool is None else len(pool[0])
 
     # ---- the bundle that generates this fraction's pairs
     if fraction == 1.0 and ctx.bundle_fits_split:
@@ -242,7 +264,8 @@ def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
 
         fb = retrain_bundle(sub, test, split, fraction_dir(out, fraction), s.recipe, fraction=fraction,
                             data_meta=ctx.data_meta, sampling_defaults=bundle.meta.get("sampling_defaults", {}),
-                            eta_default=bundle.default_eta, device=downstream.device, callback=cb)  # fmt: skip
+                            eta_default=bundle.default_eta, unlabelled=pool, device=downstream.device,
+                            callback=cb)  # fmt: skip
         retrained, source = True, str(fraction_dir(out, fraction))
     else:
         fb, retrained, source = bundle, False, "given bundle, trained on the whole train split (upper bound)"

@@ -21,7 +21,7 @@ import torch
 from models.augment import AugmentRecipe
 from models.bundle import Bundle, missing_stages, new_meta, read_meta, write_meta
 from models.data import PairDataset, Split
-from models.training import TrainConfig, train_dpm, train_filter, train_segmenter
+from models.training import DEFAULT_UNLABELLED_SHARE, TrainConfig, train_dpm, train_filter, train_segmenter
 
 
 class RetrainMismatch(ValueError):
@@ -42,6 +42,7 @@ class RetrainRecipe:
     dpm_channels: tuple[int, ...] = (16, 32, 64, 128)
     augment_dpm: bool = True  # geometric augmentation of Stage I's pairs (see models.augment)
     seed: int = 0
+    unlabelled_share: float = DEFAULT_UNLABELLED_SHARE  # Stage I rows from the unlabelled pool, when given
 
     def __post_init__(self) -> None:
         for name in ("dpm_steps", "segmenter_steps", "filter_steps", "batch_size"):
@@ -69,20 +70,29 @@ def retrain_bundle(
     data_meta: dict[str, Any],
     sampling_defaults: dict[str, Any],
     eta_default: float,
+    unlabelled: tuple[list[str], torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
     callback: Callable[[str, int, int], None] | None = None,
 ) -> Bundle:
     """Train (or resume, or load) Stages I, II and IV on ``subset`` into ``out``.
 
     ``split`` is the evaluation's split; the bundle records it with its train side narrowed to
-    the subset, so the bundle itself proves which pairs it saw. ``callback(stage, step, total)``.
+    the subset, so the bundle itself proves which pairs it saw. ``unlabelled`` (names, images) are
+    images whose masks Stage I never sees (the rest of the train split, never a test image); only
+    Stage I uses them, and the record names them. ``callback(stage, step, total)``.
     """
+    pool_names, pool_images = unlabelled if unlabelled is not None else ([], None)
+    leaked = set(pool_names) & set(test.names)
+    if leaked:
+        raise ValueError(f"unlabelled images include test images: {', '.join(sorted(leaked)[:5])}")
     record = {
         **split.to_dict(),
         "train": list(subset.names),
         "fraction": fraction,
         "train_split_size": len(split.train),
     }
+    if pool_names:  # recorded only when used, so earlier cached bundles still match
+        record["unlabelled"] = list(pool_names)
     if (out / "bundle.json").exists():
         meta = read_meta(out)
         if meta.get("retrain_recipe") != recipe.to_dict() or meta.get("split") != record:
@@ -96,7 +106,12 @@ def retrain_bundle(
         meta.update(
             {
                 "split": record,
-                "data": {**data_meta, "pairs": len(subset) + len(test), "fewshot_fraction": fraction},
+                "data": {
+                    **data_meta,
+                    "pairs": len(subset) + len(test),
+                    "fewshot_fraction": fraction,
+                    "unlabelled": len(pool_names),
+                },
                 "sampling_defaults": dict(sampling_defaults),
                 "eta_default": eta_default,
                 "retrain_recipe": recipe.to_dict(),
@@ -114,6 +129,8 @@ def retrain_bundle(
         TrainConfig(steps=r.dpm_steps, batch_size=r.batch_size, lr=r.dpm_lr, seed=r.seed),
         block_out_channels=r.dpm_channels,
         augment=AugmentRecipe(intensity=False) if r.augment_dpm else None,
+        unlabelled=pool_images,
+        unlabelled_share=r.unlabelled_share,
         device=device,
         callback=cb("dpm"),
     )

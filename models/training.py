@@ -39,6 +39,10 @@ from models.schedule import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
 
 ProgressCallback = Callable[[int, int, float], None]  # (step, total, loss)
 
+# The share of Stage I batch rows drawn from the unlabelled images, when a dataset has them
+# (docs/results.md, "unlabelled share", gives the measurement behind it).
+DEFAULT_UNLABELLED_SHARE = 0.5
+
 
 @dataclass
 class TrainConfig:
@@ -192,6 +196,8 @@ def train_dpm(
     pretrained: str | Path | None = None,
     block_out_channels: tuple[int, ...] | None = None,
     augment: AugmentRecipe | None = None,
+    unlabelled: torch.Tensor | None = None,
+    unlabelled_share: float = DEFAULT_UNLABELLED_SHARE,
     device: torch.device | str = "cpu",
     callback: ProgressCallback | None = None,
 ) -> dict[str, Any]:
@@ -201,9 +207,17 @@ def train_dpm(
     random initial weights) to ``bundle_dir/dpm``. ``block_out_channels`` sizes the UNet (default:
     ``build_dpm``'s); ``augment`` applies the augmentation recipe to each batch's pairs (geometry to
     image and mask together), for few-pair training sets the DPM would otherwise memorise.
+
+    ``unlabelled`` images ``[U, 1, R, R]`` (images without masks) teach the image phase appearance:
+    each batch row is, with probability ``unlabelled_share``, one of them, trained as an image with
+    the mask condition dropped (the classifier-free null condition, ``Condition.IMAGE_UNCOND``).
+    The labelled pairs keep training the mask phase and the mask-conditioned image phase.
     """
     if not 0.0 <= cf_dropout < 1.0:
         raise ValueError(f"cf_dropout must be in [0, 1), got {cf_dropout}")
+    if not 0.0 <= unlabelled_share < 1.0:
+        raise ValueError(f"unlabelled_share must be in [0, 1), got {unlabelled_share}")
+    pool = unlabelled if unlabelled is not None and len(unlabelled) and unlabelled_share > 0 else None
     bundle_dir = Path(bundle_dir)
     dev = torch.device(device)
     channels = tuple(block_out_channels) if block_out_channels else DEFAULT_DPM_CHANNELS
@@ -226,9 +240,13 @@ def train_dpm(
         config["num_classes"] = data.num_classes
     if augment is not None:
         config["augment"] = augment.to_dict()
+    if pool is not None:  # recorded only when used, so earlier checkpoints still resume
+        config["unlabelled"] = len(pool)
+        config["unlabelled_share"] = unlabelled_share
     augmenter = Augmenter(augment, data.resolution) if augment is not None else None
     acp = alphas_cumprod().to(dev)
     images, masks = data.images.to(dev), data.masks.to(dev)
+    pool_images = pool.to(dev) if pool is not None else None
     b, r = cfg.batch_size, data.resolution
 
     def loss_at(g: torch.Generator) -> torch.Tensor:
@@ -238,6 +256,11 @@ def train_dpm(
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=g).to(dev)
         noise = torch.randn((b, c, r, r), generator=g).to(dev)
         img, msk = images[rows], masks[rows]
+        if pool_images is not None:  # drawn after the labelled draws: without a pool, runs are unchanged
+            from_pool = (torch.rand(b, generator=g) < unlabelled_share).to(dev)
+            pool_rows = torch.randint(0, len(pool_images), (b,), generator=g).to(dev)
+            img = torch.where(from_pool.view(-1, 1, 1, 1), pool_images[pool_rows], img)
+            is_image, dropped = is_image | from_pool, dropped | from_pool
         if augmenter is not None:
             aug_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
             img, msk = augmenter.batch(img, msk, aug_seed)

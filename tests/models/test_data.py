@@ -263,3 +263,20 @@ def test_loads_dicom_images_with_nifti_label_map_masks(tmp_path: Path) -> None:
     assert three.labels.unique().tolist() == [0, 1, 2]
     assert (three.labels[0, 0] > 0).numpy().tolist() == (np.asarray(full) > 0).tolist()
     assert float(ds.images.min()) == -1.0 and float(ds.images.max()) == 1.0  # the window clips both ends
+
+
+def test_unlabelled_folder_is_read_beside_the_pairs(tmp_path: Path) -> None:
+    from models.data import find_unlabelled, load_unlabelled
+    from tests.utils.tiny import make_shapes_dataset, make_unlabelled_images
+
+    make_shapes_dataset(tmp_path, n=4, size=32)
+    assert find_unlabelled(tmp_path) == [] and load_unlabelled(tmp_path, 16)[1].shape == (0, 1, 16, 16)
+    make_unlabelled_images(tmp_path, n=3, size=32)
+    names, images = load_unlabelled(tmp_path, 16)
+    assert names == ["extra000", "extra001", "extra002"]
+    assert images.shape == (3, 1, 16, 16) and images.min() >= -1 and images.max() <= 1
+    assert len(load_folder(tmp_path, 16)) == 4  # the pairs are unchanged by the extra folder
+    # an image in images/ without its mask stays an error: unlabelled images are explicit
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "images" / "alone.png")
+    with pytest.raises(DatasetError, match="missing mask"):
+        load_folder(tmp_path, 16)

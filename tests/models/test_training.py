@@ -159,3 +159,67 @@ def test_retrained_bundle_is_cached_and_a_changed_recipe_is_refused(
         retrain_bundle(sub, test, split, out, RetrainRecipe(dpm_steps=3, batch_size=2), **kw)  # type: ignore[arg-type]
     with pytest.raises(RetrainMismatch):
         retrain_bundle(data.subset(split.train[:3]), test, split, out, recipe, **kw)  # type: ignore[arg-type]
+
+
+def _spy_dpm(monkeypatch: pytest.MonkeyPatch, seen: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Record (class labels, condition channel) of every Stage I forward pass."""
+    import models.training as training
+
+    real_build = training.build_dpm
+
+    def build(*args: object, **kwargs: object) -> torch.nn.Module:
+        model = real_build(*args, **kwargs)  # type: ignore[arg-type]
+        forward = model.forward
+
+        def spy(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> object:
+            seen.append((class_labels.clone(), x[:, 1:].clone()))
+            return forward(x, t, class_labels=class_labels)
+
+        model.forward = spy  # type: ignore[method-assign]
+        return model
+
+    monkeypatch.setattr(training, "build_dpm", build)
+
+
+def test_unlabelled_images_train_the_unconditional_image_phase(
+    tmp_path: Path, data: PairDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.networks import Condition
+
+    pool = torch.rand(5, 1, 16, 16) * 2 - 1
+    runs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"without": [], "with": []}
+    for key, unlabelled in (("without", None), ("with", pool)):
+        _spy_dpm(monkeypatch, runs[key])
+        summary = train_dpm(
+            data, fresh_bundle(tmp_path / key), TrainConfig(steps=12, batch_size=8), unlabelled=unlabelled,
+            unlabelled_share=0.6,
+        )  # fmt: skip
+        monkeypatch.undo()
+    labels = {k: torch.cat([lab for lab, _ in v]) for k, v in runs.items()}
+    uncond = {k: float((v == int(Condition.IMAGE_UNCOND)).float().mean()) for k, v in labels.items()}
+    # without a pool only the classifier-free dropout (0.2 of image rows) is unconditional
+    assert uncond["without"] < 0.25
+    assert uncond["with"] > 0.45
+    # an unconditional row never sees a mask in its condition channel
+    for lab, cond in runs["with"]:
+        rows = lab == int(Condition.IMAGE_UNCOND)
+        assert torch.all(cond[rows] == 0)
+    assert summary["unlabelled"] == 5 and summary["unlabelled_share"] == 0.6
+    assert "unlabelled" not in read_meta(tmp_path / "without")["training"]["dpm"]
+
+
+def test_unlabelled_training_resumes_exactly(tmp_path: Path, data: PairDataset) -> None:
+    pool = torch.rand(5, 1, 16, 16) * 2 - 1
+    straight = fresh_bundle(tmp_path / "straight")
+    train_dpm(data, straight, TrainConfig(steps=4, batch_size=2, checkpoint_every=2), unlabelled=pool)
+    resumed = fresh_bundle(tmp_path / "resumed")
+    train_dpm(data, resumed, TrainConfig(steps=2, batch_size=2, checkpoint_every=2), unlabelled=pool)
+    summary = train_dpm(data, resumed, TrainConfig(steps=4, batch_size=2, checkpoint_every=2), unlabelled=pool)
+    assert summary["resumed_from"] == 2
+    a, b = weights(straight / "dpm"), weights(resumed / "dpm")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unlabelled_share_out_of_range_is_refused(tmp_path: Path, data: PairDataset) -> None:
+    with pytest.raises(ValueError, match="unlabelled_share"):
+        train_dpm(data, fresh_bundle(tmp_path / "b"), TrainConfig(steps=1), unlabelled_share=1.0)

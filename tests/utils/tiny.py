@@ -111,3 +111,17 @@ def _train_tiny(
         train, bundle, TrainConfig(steps=max(1, steps // 2), batch_size=4), test_data=test, device="cpu"
     )
     return bundle
+
+
+def make_unlabelled_images(root: Path, n: int = 6, size: int = 32, seed: int = 100) -> Path:
+    """``n`` images without masks in ``root/unlabelled/`` (drawn like ``make_shapes_dataset``'s images)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "unlabelled"
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        cx, cy = rng.uniform(size * 0.3, size * 0.7, 2)
+        inside = ((xx - cx) / (size * 0.2)) ** 2 + ((yy - cy) / (size * 0.2)) ** 2 < 1
+        img = (rng.normal(70, 12, (size, size)) + inside * 110).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"extra{i:03d}.png")
+    return root
