@@ -47,11 +47,11 @@ from models.downstream import DownstreamConfig, steps_per_epoch
 from models.fewshot import FewshotContext, FewshotSettings, run_fewshot
 from models.report import write_results
 from models.retrain import RetrainRecipe
-from models.training import DEFAULT_UNLABELLED_SHARE
 from models.synthetic import (
     Progress,
 )
 from models.table1 import run_table
+from models.training import DEFAULT_UNLABELLED_SHARE
 from models.variants import VARIANTS, select_variants
 
 

@@ -245,7 +245,7 @@ def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
     n_max = max(s.n_for(m, n_real) for m in multiples)
     steps = s.steps or s.epochs * steps_per_epoch(n_real + n_main, downstream.batch_size)
     pool = unlabelled_pool(train, sub, s.unlabelled)
-    n_unlabelled = 0 if pool is None else len(pool[0])
+    n_unlabelled = 0 if pool is None else len(pool[0])  # reported in the entry
 
     # ---- the bundle that generates this fraction's pairs
     if fraction == 1.0 and ctx.bundle_fits_split:
@@ -372,6 +372,7 @@ def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
         "bundle": source,
         "bundle_filter_test": fb.meta.get("metrics", {}).get("filter_test"),
         "n_real": n_real,
+        "n_unlabelled": n_unlabelled,
         "n_synthetic": n_main,
         "steps": steps,
         "synthetic_ratio": s.synthetic_ratio,
