@@ -197,6 +197,43 @@ class SamplingSettings(BaseModel):
     )
 
 
+class MaskSource(StrEnum):
+    """Where a pair's mask comes from (``models.mask_source``): Stage III's mask phase, a real training
+    mask deformed by a seeded random transform, or a per-pair mix of the two."""
+
+    GENERATED = "generated"
+    REAL = "real"
+    MIXED = "mixed"
+
+
+DEFAULT_REAL_SHARE = 0.5
+RealShare = Annotated[
+    Float,
+    Field(ge=0.0, le=1.0, description="with mask_source mixed: the share of pairs on real masks, 0 to 1"),
+]
+
+
+class MaskSettings(BaseModel):
+    """Where masks come from and whether generated ones are cleaned (``models.mask_cleanup``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    source: MaskSource = Field(
+        default=MaskSource.GENERATED,
+        description="generated (the paper's mask phase), real (a deformed training mask) or mixed",
+    )
+    real_share: RealShare = DEFAULT_REAL_SHARE
+    clean: bool = Field(
+        default=False,
+        description="drop specks far smaller than the training masks' components and fill holes in "
+        "generated masks, before the image phase",
+    )
+
+    @property
+    def needs_training_masks(self) -> bool:
+        return self.source != MaskSource.GENERATED or self.clean
+
+
 class JobParams(BaseModel):
     """The values a job runs with: the request merged over the bundle's defaults (``merge_job_params``)."""
 
@@ -214,6 +251,8 @@ class JobParams(BaseModel):
     batch_size: int = Field(ge=1)
     shard_size: int = Field(ge=1)
     size: Size | None = None  # output shape; None (and in jobs created before it): the square output
+    # where masks come from; jobs created before it: generated, not cleaned
+    masks: MaskSettings = Field(default_factory=MaskSettings)
 
 
 def draw_seed() -> int:

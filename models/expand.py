@@ -11,17 +11,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from app.params import default_max_attempts
-from models.bundle import Bundle
+from app.params import MaskSettings, default_max_attempts
+from models.bundle import Bundle, BundleError
 from models.data import to_uint8
 from models.early_rejection import EarlyRule, filter_score
 from models.filtering import empty_masks, keep, score_pairs_by_class
-from models.labels import decode, mask_to_uint8
+from models.labels import decode, encode, mask_to_uint8
+from models.mask_cleanup import class_floors, clean_labels
+from models.mask_source import TrainingMasks, load_training_masks, real_masks_for, takes_real_mask
 from models.sampling import SamplingParams, pair_noise, sample_images_pooled, sample_masks, slot_batches
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -41,6 +44,8 @@ class GeneratedPair:
     kept: bool
     rejected_at: int | None = None  # image step after which early rejection dropped it (0: before any)
     class_losses: list[float] | None = None  # Stage IV's Dice loss per foreground class 1..K-1
+    mask_source: str = "generated"  # or "real:NAME": the training mask it was deformed from
+    cleaned: bool = False  # whether the generated mask went through models.mask_cleanup
 
     @property
     def name(self) -> str:
@@ -84,8 +89,12 @@ def generate_pairs(
     batch_size: int = 8,
     callback: ProgressCallback | None = None,
     rule: EarlyRule | None | Literal["bundle"] = "bundle",
+    masks: MaskSettings | None = None,
 ) -> Iterator[GeneratedPair]:
     """Generate and score exactly the pairs ``indices`` of request ``seed``, ``batch_size`` at a time.
+
+    ``masks`` says where masks come from (``models.mask_source``; default: the mask phase) and whether
+    generated masks are cleaned (``models.mask_cleanup``) before the image phase.
 
     Every network call sees exactly ``batch_size`` rows (padded), so a pair's bits never depend on
     how indices were grouped. With ``params.early_reject``, pairs whose mask is empty (Stage IV
@@ -97,6 +106,8 @@ def generate_pairs(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     keep(torch.zeros(1), eta)  # validates eta before any work
+    masks = masks or MaskSettings()
+    training_masks = bundle_training_masks(bundle) if masks.needs_training_masks else None
     for net in (bundle.dpm, bundle.segmenter, bundle.filter):
         net.eval()  # original defect 1: sampling in training mode dropped the condition at random
     if rule == "bundle":
@@ -114,7 +125,26 @@ def generate_pairs(
         else [[i for i in b if i is not None] for b in slot_batches(pool, batch_size)]
     )
     for group_no, group in enumerate(groups):
-        yield from _generate_group(bundle, group, group_no, seed, params, eta, batch_size, callback, rule)
+        yield from _generate_group(
+            bundle, group, group_no, seed, params, eta, batch_size, callback, rule, masks, training_masks
+        )
+
+
+def bundle_training_masks(bundle: Bundle) -> TrainingMasks:
+    """The bundle's training masks, for real mask sources and the clean-up; a clear error without them."""
+    found = load_training_masks(bundle.path)
+    if found is None or not len(found):
+        raise BundleError(
+            f"{bundle.path}: this bundle carries no training masks (masks.npz), which mask_source real/mixed "
+            "and clean_masks need; retrain its Stage I (`diffuseexpand train-dpm`) to add them"
+        )
+    return found
+
+
+@lru_cache(maxsize=8)
+def _floors(masks: TrainingMasks, num_classes: int) -> tuple[float, ...]:
+    """The clean-up floors of a bundle's training masks (loaded once per file: ``load_training_masks``)."""
+    return tuple(class_floors(masks.labels, num_classes))
 
 
 def _generate_group(
@@ -127,6 +157,8 @@ def _generate_group(
     batch_size: int,
     callback: ProgressCallback | None,
     rule: EarlyRule | None,
+    mask_settings: MaskSettings,
+    training_masks: TrainingMasks | None,
 ) -> Iterator[GeneratedPair]:
     """``generate_pairs`` for one group of pairs sampled together (one batch, or a pool with a rule)."""
     r, dev, c = bundle.resolution, bundle.device, bundle.mask_channels
@@ -134,8 +166,20 @@ def _generate_group(
     at = {index: k for k, index in enumerate(pool)}
     masks = torch.zeros(len(pool), c, r, r, device=dev)
     noise = torch.zeros(len(pool), c, r, r, device=dev)
+    sources = ["generated"] * len(pool)
+    real = [i for i in pool if takes_real_mask(mask_settings.source, mask_settings.real_share, seed, i)]
+    if real:
+        assert training_masks is not None
+        labels, names = real_masks_for(training_masks, seed, real)
+        encoded = encode(torch.from_numpy(labels).long()[:, None], bundle.num_classes).to(dev)
+        for k, index in enumerate(real):
+            masks[at[index]] = encoded[k]
+            noise[at[index]] = pair_noise(seed, index, r, c)[1].to(dev)
+            sources[at[index]] = f"real:{names[k]}"
+    generated = [i for i in pool if sources[at[i]] == "generated"]
+    # the mask phase runs for generated masks only; a pair keeps its batch row (slot_batches) either way
     batches = slot_batches(pool, batch_size)
-    for batch_no, batch in enumerate(batches):
+    for batch_no, batch in enumerate(slot_batches(generated, batch_size)):
         noise_m, noise_i = batch_noise(seed, batch, r, batch_size, c)
         n = sum(i is not None for i in batch)
 
@@ -147,6 +191,14 @@ def _generate_group(
         for row, index in enumerate(batch):
             if index is not None:
                 masks[at[index]], noise[at[index]] = batch_masks[row], noise_i[row].to(dev)
+    cleaned = mask_settings.clean and bool(generated)
+    if cleaned:
+        assert training_masks is not None
+        floors = list(_floors(training_masks, bundle.num_classes))
+        rows = torch.tensor([at[i] for i in generated])
+        labels_g = decode(masks[rows], bundle.num_classes)[:, 0].cpu().numpy().astype(np.uint8)
+        fixed = np.stack([clean_labels(lab, floors) for lab in labels_g])
+        masks[rows] = encode(torch.from_numpy(fixed).long()[:, None], bundle.num_classes).to(dev)
     empty = empty_masks(masks).cpu()
     skip = empty if params.early_reject and not bundle.allows_empty_masks else None
 
@@ -189,6 +241,8 @@ def _generate_group(
             kept=bool(kept[row]),
             rejected_at=None if finished[row] else (0 if skip is not None and skip[row] else check_step),
             class_losses=[float(v) for v in by_class[row]] if finished[row] else None,
+            mask_source=sources[row],
+            cleaned=cleaned and sources[row] == "generated",
         )
 
 
@@ -204,6 +258,7 @@ def expand(
     start_index: int = 0,
     callback: ProgressCallback | None = None,
     pool_batches: int = 4,
+    masks: MaskSettings | None = None,
 ) -> Iterator[GeneratedPair]:
     """Yield generated pairs (kept or not) in index order until ``count`` are kept or ``max_attempts`` generated.
 
@@ -245,7 +300,14 @@ def expand(
 
         in_batch = 0
         for pair in generate_pairs(
-            bundle, indices, seed=seed, params=params, eta=eta, batch_size=batch_size, callback=on_step
+            bundle,
+            indices,
+            seed=seed,
+            params=params,
+            eta=eta,
+            batch_size=batch_size,
+            callback=on_step,
+            masks=masks,
         ):
             if kept >= count:
                 break

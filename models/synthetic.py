@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from app.params import MaskSettings
 from models.bundle import Bundle
 from models.expand import GeneratedPair, generate_pairs
 from models.labels import encode, mask_channels
@@ -58,8 +59,9 @@ class PairCache:
     """
 
     def __init__(self, bundle: Bundle, seed: int, batch_size: int, progress: Progress, planned: int,
-                 disk: Path | None = None) -> None:  # fmt: skip
+                 disk: Path | None = None, masks: MaskSettings | None = None) -> None:  # fmt: skip
         self.bundle, self.seed, self.batch_size = bundle, seed, batch_size
+        self.masks = masks or MaskSettings()
         self.progress, self.planned = progress, planned  # indices below ``planned`` are in the bar's total
         self.store: dict[str, dict[int, GeneratedPair]] = {}
         self.seconds = 0.0
@@ -70,7 +72,10 @@ class PairCache:
     def _folder(self, params: SamplingParams) -> Path | None:
         if self.disk is None:
             return None
-        key = json.dumps([self._bundle_id, params.to_dict(), self.seed, self.batch_size], sort_keys=True)
+        parts: list[Any] = [self._bundle_id, params.to_dict(), self.seed, self.batch_size]
+        if self.masks != MaskSettings():  # the paper's masks keep the folders they always had
+            parts.append(self.masks.model_dump(mode="json"))
+        key = json.dumps(parts, sort_keys=True)
         return self.disk / hashlib.sha256(key.encode()).hexdigest()[:20]
 
     def get(self, params: SamplingParams, indices: range) -> list[GeneratedPair]:
@@ -86,7 +91,13 @@ class PairCache:
         self.progress.add_total(weight * sum(i >= self.planned for i in todo))
         t0 = time.perf_counter()
         for pair in generate_pairs(
-            self.bundle, todo, seed=self.seed, params=params, eta=1.0, batch_size=self.batch_size
+            self.bundle,
+            todo,
+            seed=self.seed,
+            params=params,
+            eta=1.0,
+            batch_size=self.batch_size,
+            masks=self.masks,
         ):
             have[pair.index] = pair
             self.generated_now += 1
@@ -104,6 +115,8 @@ def _write_pair(path: Path, pair: GeneratedPair) -> None:
                               "dice_loss": pair.dice_loss}  # fmt: skip
     if pair.class_losses is not None and len(pair.class_losses) > 1:  # K classes: Stage IV per class
         arrays["class_losses"] = np.asarray(pair.class_losses)
+    if pair.mask_source != "generated" or pair.cleaned:
+        arrays["mask_source"], arrays["cleaned"] = np.asarray(pair.mask_source), pair.cleaned
     np.savez(tmp, **arrays)
     tmp.replace(path)
 
@@ -112,8 +125,11 @@ def _read_pair(path: Path, seed: int) -> GeneratedPair:
     """A cached pair; its mask as written (0/255 binary, label values 0..K-1 for K classes)."""
     with np.load(path) as z:
         by_class = [float(v) for v in z["class_losses"]] if "class_losses" in z.files else None
+        source = str(z["mask_source"]) if "mask_source" in z.files else "generated"
+        cleaned = bool(z["cleaned"]) if "cleaned" in z.files else False
         return GeneratedPair(index=int(z["index"]), seed=seed, image=z["image"], mask=z["mask"],
-                             dice_loss=float(z["dice_loss"]), kept=True, class_losses=by_class)  # fmt: skip
+                             dice_loss=float(z["dice_loss"]), kept=True, class_losses=by_class,
+                             mask_source=source, cleaned=cleaned)  # fmt: skip
 
 
 @dataclass

@@ -25,6 +25,7 @@ from models.bundle import read_meta, write_meta
 from models.data import PairDataset
 from models.filtering import DEFAULT_ETA, score_pairs_by_class
 from models.labels import mask_channels, one_hot01
+from models.mask_source import save_training_masks
 from models.networks import (
     DEFAULT_DPM_CHANNELS,
     Condition,
@@ -282,6 +283,8 @@ def train_dpm(
     ema_model.load_state_dict(model.state_dict())
     ema.copy_to(ema_model.parameters())
     ema_model.save_pretrained(bundle_dir / "dpm", safe_serialization=True)
+    # the masks Stage I learned from travel with it: real mask sources and the clean-up use them
+    save_training_masks(bundle_dir, list(data.names), data.labels)
     summary = {
         **config,
         "resumed_from": start,

@@ -214,7 +214,9 @@ def test_unlabelled_training_resumes_exactly(tmp_path: Path, data: PairDataset) 
     train_dpm(data, straight, TrainConfig(steps=4, batch_size=2, checkpoint_every=2), unlabelled=pool)
     resumed = fresh_bundle(tmp_path / "resumed")
     train_dpm(data, resumed, TrainConfig(steps=2, batch_size=2, checkpoint_every=2), unlabelled=pool)
-    summary = train_dpm(data, resumed, TrainConfig(steps=4, batch_size=2, checkpoint_every=2), unlabelled=pool)
+    summary = train_dpm(
+        data, resumed, TrainConfig(steps=4, batch_size=2, checkpoint_every=2), unlabelled=pool
+    )
     assert summary["resumed_from"] == 2
     a, b = weights(straight / "dpm"), weights(resumed / "dpm")
     assert all(torch.equal(a[k], b[k]) for k in a)
