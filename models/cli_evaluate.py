@@ -148,6 +148,35 @@ def evaluate_cmd(
     inception_fid: Annotated[bool, typer.Option(help="Compute the Inception FID (offline weights).")] = True,
     gen_seed: Annotated[int | None, typer.Option(help="Request seed of the synthetic pairs.")] = None,
     gen_batch_size: Annotated[int | None, typer.Option(help="Pairs per sampling batch.")] = None,
+    unlabelled: Annotated[
+        str | None,
+        typer.Option(
+            help="Few-shot unlabelled pool: 'rest' gives Stage I (and the pseudo-label row) the train "
+            "split's images outside the fraction, without masks (test images never); 'none'."
+        ),
+    ] = None,
+    mask_source: Annotated[
+        str | None, typer.Option(help="Masks of the few-shot synthetic pairs: generated, real or mixed.")
+    ] = None,
+    real_share: Annotated[
+        float | None, typer.Option(help="With --mask-source mixed: the share of pairs on real masks.")
+    ] = None,
+    clean_masks: Annotated[
+        bool | None, typer.Option(help="Clean generated masks (specks, holes) before the image phase.")
+    ] = None,
+    oracle: Annotated[
+        bool | None, typer.Option(help="The oracle rows: origin + N real train pairs (+ augmentation).")
+    ] = None,
+    pseudo: Annotated[
+        bool | None, typer.Option(help="The pseudo-label row (needs --unlabelled rest).")
+    ] = None,
+    budgets: Annotated[
+        str | None,
+        typer.Option(
+            help="Run only the step-budget study at these downstream step counts, e.g. 300,1000,3000: "
+            "augmentation vs origin + every other train pair + augmentation, per fraction."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Measure what expansion buys: downstream Dice of origin vs origin + synthetic pairs, at equal steps.
@@ -196,6 +225,13 @@ def evaluate_cmd(
         "fewshot_steps": fewshot_steps,
         "gen_seed": gen_seed,
         "gen_batch_size": gen_batch_size,
+        "unlabelled": unlabelled,
+        "mask_source": mask_source,
+        "real_share": real_share,
+        "clean_masks": clean_masks,
+        "oracle": oracle,
+        "pseudo": pseudo,
+        "budgets": tuple(int(b) for b in _floats(budgets, "--budgets") or ()) if budgets is not None else None,
     }
     settings.update({k: v for k, v in given.items() if v is not None})
     settings.update({"retrain": retrain, "flip": flip, "inception_fid": inception_fid, "device": str(dev)})

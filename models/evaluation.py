@@ -39,12 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
+from app.params import DEFAULT_REAL_SHARE, MaskSettings, MaskSource
 from models.augment import AugmentRecipe
 from models.bundle import Bundle, read_meta
 from models.data import PairDataset, Split, load_folder, make_split, pair_groups
 from models.downstream import DownstreamConfig, steps_per_epoch
-from models.fewshot import FewshotContext, FewshotSettings, run_fewshot
+from models.fewshot import UNLABELLED_MODES, FewshotContext, FewshotSettings, run_budget_study, run_fewshot
 from models.report import write_results
 from models.retrain import RetrainRecipe
 from models.synthetic import (
@@ -90,6 +92,12 @@ class EvalConfig:
     retrain_augment: bool = True  # geometric augmentation while retraining Stage I
     retrain_unlabelled_share: float = DEFAULT_UNLABELLED_SHARE  # Stage I rows from the unlabelled pool
     unlabelled: str = "none"  # few-shot: "rest" gives Stage I the train split's other images, unlabelled
+    mask_source: str = "generated"  # few-shot synthetic masks: generated | real | mixed (models.mask_source)
+    real_share: float = DEFAULT_REAL_SHARE  # with mask_source mixed
+    clean_masks: bool = False  # clean generated masks before the image phase (models.mask_cleanup)
+    oracle: bool = True  # few-shot: "origin + N real pairs" rows (the ceiling)
+    pseudo: bool = True  # few-shot: the pseudo-label row (with an unlabelled pool)
+    budgets: tuple[int, ...] = ()  # when given: only the step-budget study (augmentation vs the full oracle)
     synthetic_sets: int = 2
     synthetic_multiple: float = 1.0  # few-shot N = multiple x the fraction's real pairs
     max_synthetic: int | None = None  # cap on the few-shot N (bounds generation at large fractions)
@@ -131,6 +139,13 @@ class EvalConfig:
             raise ValueError(f"max_synthetic must be >= 1, got {self.max_synthetic}")
         if self.synthetic_ratio is not None and not 0 < self.synthetic_ratio < 1:
             raise ValueError(f"synthetic_ratio must be in (0, 1), got {self.synthetic_ratio}")
+        if self.unlabelled not in UNLABELLED_MODES:
+            raise ValueError(
+                f"unlabelled must be one of {', '.join(UNLABELLED_MODES)}, got {self.unlabelled!r}"
+            )
+        self.mask_settings()  # validates mask_source, real_share
+        if any(b < 1 for b in self.budgets):
+            raise ValueError(f"budgets must be >= 1 steps, got {list(self.budgets)}")
         if self.group_by and self.group_column:
             raise ValueError("give either group_by (a regex) or group_column, not both")
         select_variants(self.variants)
@@ -139,6 +154,15 @@ class EvalConfig:
         return DownstreamConfig(batch_size=self.batch_size, lr=self.lr, model=self.model,
                                 channels=tuple(self.channels), num_res_units=self.num_res_units,
                                 device=self.device)  # fmt: skip
+
+    def mask_settings(self) -> MaskSettings:
+        try:
+            return MaskSettings(source=self.mask_source, real_share=self.real_share, clean=self.clean_masks)
+        except ValidationError as exc:
+            raise ValueError(
+                f"mask settings: mask_source must be one of {', '.join(m.value for m in MaskSource)} and "
+                f"real_share in [0, 1]; got {self.mask_source!r}, {self.real_share!r}"
+            ) from exc
 
     def retrain_recipe(self) -> RetrainRecipe:
         return RetrainRecipe(dpm_steps=self.retrain_steps, segmenter_steps=self.retrain_segmenter_steps,
@@ -319,13 +343,17 @@ def run_evaluation(
             synthetic_ratio=cfg.synthetic_ratio, augment=recipe, steps=cfg.fewshot_steps, epochs=cfg.epochs,
             seeds=tuple(cfg.seeds), gen_seed=cfg.gen_seed, gen_batch_size=cfg.gen_batch_size,
             max_attempts_factor=cfg.max_attempts_factor, max_synthetic=cfg.max_synthetic,
-            unlabelled=cfg.unlabelled,
+            unlabelled=cfg.unlabelled, masks=cfg.mask_settings(), oracle=cfg.oracle, pseudo=cfg.pseudo,
         )  # fmt: skip
         data_meta = {"folder": str(data_dir), "fingerprint": data_full.fingerprint}
-        fs = run_fewshot(
-            FewshotContext(settings, cfg.downstream(), bundle, bundle_fits, train, test, split, data_meta, fv,
-                           base, eta, out, progress, log)  # fmt: skip
-        )  # fmt: skip
+        fctx = FewshotContext(settings, cfg.downstream(), bundle, bundle_fits, train, test, split, data_meta, fv,
+                              base, eta, out, progress, log)  # fmt: skip
+        if cfg.budgets:
+            results["budget_study"] = run_budget_study(fctx, cfg.budgets)
+            results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+            write_results(out, results)
+            return results
+        fs = run_fewshot(fctx)
         results["fewshot"] = fs["fewshot"]
         results["memorisation"] = fs["memorisation"]
         results["fewshot_variant"] = cfg.fewshot_variant

@@ -33,11 +33,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.params import MaskSettings
 from models.augment import Augmenter, AugmentRecipe
 from models.bundle import Bundle
 from models.data import PairDataset, Split
-from models.downstream import DownstreamConfig, steps_per_epoch, test_dice_by_class, train_downstream
+from models.downstream import (
+    DownstreamConfig,
+    init_downstream,
+    steps_per_epoch,
+    test_dice_by_class,
+    train_downstream,
+)
 from models.memorisation import memorisation_report
+from models.pseudo_labels import PSEUDO_MIN_CONFIDENCE, predict_labels, select_confident
 from models.retrain import RetrainRecipe, fraction_dir, retrain_bundle
 from models.sampling import SamplingParams
 from models.statistics import paired_difference, summarise, summarise_by_class
@@ -52,13 +60,23 @@ from models.synthetic import (
 )
 from models.variants import Variant
 
-ROWS = ("origin", "augment", "synthetic", "synthetic_augment", "duplicates")
+ROWS = (
+    "origin",
+    "augment",
+    "synthetic",
+    "synthetic_augment",
+    "duplicates",
+    "oracle_augment",
+    "pseudo_augment",
+)
 ROW_LABELS = {
     "origin": "origin",
     "augment": "origin + augmentation",
     "synthetic": "origin + N synthetic",
     "synthetic_augment": "origin + N synthetic + augmentation",
     "duplicates": "origin + N duplicates",
+    "oracle_augment": "origin + N real (oracle) + augmentation",
+    "pseudo_augment": "origin + N pseudo-labelled + augmentation",
 }
 
 
@@ -80,6 +98,9 @@ class FewshotSettings:
     max_attempts_factor: float
     max_synthetic: int | None = None
     unlabelled: str = "none"  # "rest": the train split's images outside the subset, masks withheld
+    masks: MaskSettings = MaskSettings()  # where the synthetic pairs' masks come from
+    oracle: bool = True  # "origin + N real pairs" rows: the ceiling any N pairs can reach
+    pseudo: bool = True  # the pseudo-label row (needs an unlabelled pool)
 
     def n_for(self, multiple: float, n_real: int) -> int:
         n = max(1, round(multiple * n_real))
@@ -153,6 +174,106 @@ def unlabelled_pool(train: PairDataset, sub: PairDataset, mode: str) -> tuple[li
     return names, train.subset(names).images
 
 
+def oracle_order(train: PairDataset, sub: PairDataset, seed: int) -> list[str]:
+    """The train-split pairs outside the subset in one seeded order: the oracle rows take the first N
+    (nested across N), with their real masks. Test pairs are never among them."""
+    taken = set(sub.names)
+    rest = sorted(n for n in train.names if n not in taken)
+    order = np.random.default_rng(seed).permutation(len(rest))
+    return [rest[i] for i in order]
+
+
+def equivalence(synthetic_gain: dict[str, Any] | None, oracle_gain: dict[str, Any] | None) -> float | None:
+    """Real-pair equivalence: (synthetic row - augmentation) / (oracle row - augmentation), from the two
+    paired mean differences; None when either is missing or the oracle gains nothing (no ceiling to
+    measure against)."""
+    if synthetic_gain is None or oracle_gain is None or oracle_gain["mean"] <= 0:
+        return None
+    return float(synthetic_gain["mean"] / oracle_gain["mean"])
+
+
+class RowRunner:
+    """One fraction's downstream runs: each trained once, or read back from the run cache.
+
+    A run's key holds everything that fixes its result, so rows that do not depend on the bundle
+    (origin, augmentation, oracle, duplicates, pseudo-labels) are shared by every Stage I length and
+    mask source evaluated into the same output folder.
+    """
+
+    def __init__(self, ctx: FewshotContext, fraction: float, sub: PairDataset, steps: int) -> None:
+        self.ctx, self.fraction, self.sub, self.steps = ctx, fraction, sub, steps
+        s = ctx.settings
+        self.augmenter = Augmenter(s.augment, ctx.test.resolution) if s.augment is not None else None
+        self.cache = RunCache(ctx.out / "cache" / "runs")
+        self.models = ctx.out / "cache" / "models"
+        self.counts = {"runs_trained": 0, "runs_from_cache": 0}
+
+    def key(self, row: str, n_extra: int, augmented: bool, seed: int, extra_key: dict[str, Any],
+            mixed: bool) -> dict[str, Any]:  # fmt: skip
+        s, test = self.ctx.settings, self.ctx.test
+        key = {
+            "fraction": self.fraction, "row": row, "seed": seed, "steps": self.steps,
+            "downstream": asdict(self.ctx.downstream),
+            "augment": s.augment.to_dict() if augmented and s.augment else None,
+            "ratio": s.synthetic_ratio if mixed else None, "n_real": len(self.sub),
+            "train": _digest(self.sub.names), "test": _digest(test.names), "n_extra": n_extra,
+            "synthetic": None, "duplicates": None, **extra_key,
+        }  # fmt: skip
+        if test.num_classes != 2:  # binary keys stay as they were, so their cached runs still count
+            key["num_classes"] = test.num_classes
+        return key
+
+    def _train(self, row: str, x: torch.Tensor, y: torch.Tensor, augmented: bool, seed: int,
+               mixed: bool) -> torch.nn.Module:  # fmt: skip
+        s = self.ctx.settings
+        model, _taken = train_downstream(
+            x, y, self.steps, self.ctx.downstream, seed, f"fewshot{self.fraction:g}:{row}", self.ctx.progress.step,
+            augmenter=self.augmenter if augmented else None, n_real=len(self.sub),
+            synthetic_ratio=s.synthetic_ratio if mixed else None,
+        )  # fmt: skip
+        return model
+
+    def run(self, row: str, x: torch.Tensor, y: torch.Tensor, augmented: bool, seed: int,
+            extra_key: dict[str, Any], *, mixed: bool) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Per-image Dice ``[N]`` and per class ``[N, K-1]`` of one run."""
+        key = self.key(row, len(x) - len(self.sub), augmented, seed, extra_key, mixed)
+        by_class = self.cache.get(key)
+        if by_class is None:
+            model = self._train(row, x, y, augmented, seed, mixed)
+            by_class = test_dice_by_class(model, self.ctx.test)
+            self.cache.put(key, by_class)
+            self._save_model(key, model)
+            self.counts["runs_trained"] += 1
+        else:
+            self.counts["runs_from_cache"] += 1
+            self.ctx.progress.step(self.steps)
+        return by_class.mean(axis=1), by_class  # binary: the one column, exactly
+
+    def model(self, row: str, x: torch.Tensor, y: torch.Tensor, augmented: bool, seed: int,
+              extra_key: dict[str, Any]) -> tuple[torch.nn.Module, str]:  # fmt: skip
+        """The trained model of a run (saved weights, else trained again: runs are deterministic) and its digest."""
+        key = self.key(row, len(x) - len(self.sub), augmented, seed, extra_key, False)
+        digest = _digest([json.dumps(key, sort_keys=True, default=str)])
+        path = self.models / f"{digest}.pt"
+        if path.is_file():
+            model = init_downstream(self.ctx.downstream, seed, y.shape[1])
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.to(self.ctx.downstream.device).eval(), digest
+        model = self._train(row, x, y, augmented, seed, False)
+        self._save_model(key, model, force=True)
+        return model, digest
+
+    def _save_model(self, key: dict[str, Any], model: torch.nn.Module, force: bool = False) -> None:
+        # only the augmentation row's models are needed again (they label the pseudo-label pool)
+        if not force and not (key["row"] == "augment" and self.ctx.settings.pseudo):
+            return
+        path = self.models / f"{_digest([json.dumps(key, sort_keys=True, default=str)])}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+
+
 def sweep_multiples(s: FewshotSettings, fraction: float) -> list[float]:
     """The N multiples trained at ``fraction``: the main one, plus the sweep at the smallest fraction below 100 %."""
     smallest = min(s.fractions)
@@ -209,6 +330,53 @@ class FewshotContext:
     log: Callable[[str], None]
 
 
+def run_budget_study(ctx: FewshotContext, budgets: Sequence[int]) -> list[dict[str, Any]]:
+    """Where can data matter? At every fraction and step budget: augmentation alone against the
+    oracle with *every* other train-split pair (+ augmentation). A budget where augmentation has
+    plateaued and the oracle separates from it is one where better pairs can show; it is picked
+    from this table before the reported run. No bundle is trained and no pair generated."""
+    s, train = ctx.settings, ctx.train
+    if s.augment is None:
+        raise ValueError("the step-budget study compares rows with augmentation: augmentation must be on")
+    out = []
+    for fraction in sorted(s.fractions):
+        sub = fewshot_subset(train, fraction, ctx.split.seed)
+        rest = train.subset(oracle_order(train, sub, s.gen_seed))
+        x_all, y_all = torch.cat([sub.images, rest.images]), torch.cat([sub.masks, rest.masks])
+        for steps in budgets:
+            runner = RowRunner(ctx, fraction, sub, steps)
+            ctx.progress.add_total(2 * len(s.seeds) * steps)
+            rows: dict[str, RowRuns] = {"augment": RowRuns([], []), "oracle_all_augment": RowRuns([], [])}
+            for seed in s.seeds:
+                ctx.progress.phase(f"budget {steps} {fraction:.0%} seed {seed}")
+                for key, x, y, extra in (
+                    ("augment", sub.images, sub.masks, {}),
+                    ("oracle_all_augment", x_all, y_all, {"oracle": _digest(rest.names)}),
+                ):
+                    per_image, _ = runner.run("oracle_augment" if extra else key, x, y, True, seed, extra,
+                                              mixed=bool(extra))  # fmt: skip
+                    rows[key].runs.append({"seed": seed, "dice": float(per_image.mean())})
+                    rows[key].per_image.append(per_image)
+            ctx.log(f"budget {steps} at {fraction:g}: trained {runner.counts['runs_trained']}, "
+                    f"cached {runner.counts['runs_from_cache']}")  # fmt: skip
+            out.append(
+                {
+                    "fraction": fraction,
+                    "steps": steps,
+                    "n_real": len(sub),
+                    "n_oracle_extra": len(rest),
+                    "rows": {
+                        "augment": rows["augment"].summary(steps, len(sub)),
+                        "oracle_all_augment": rows["oracle_all_augment"].summary(steps, len(x_all)),
+                    },
+                    "oracle_vs_augment": paired_difference(
+                        rows["oracle_all_augment"].matrix(), rows["augment"].matrix()
+                    ),
+                }
+            )
+    return out
+
+
 def run_fewshot(ctx: FewshotContext) -> dict[str, Any]:
     """Run the protocol at every fraction; returns ``{"fewshot": [...], "memorisation": {...}}``."""
     entries = [_one_fraction(ctx, fraction) for fraction in sorted(ctx.settings.fractions)]
@@ -217,12 +385,15 @@ def run_fewshot(ctx: FewshotContext) -> dict[str, Any]:
     for e in entries:
         if e.get("memorisation"):
             m = e["memorisation"]
+            syn, real = m["synthetic_image_ssim"]["mean"], m["real_image_ssim"]["mean"]
             headline = {
                 "fraction": e["fraction"],
                 "synthetic_share_over_0.95": m["synthetic_share_over_0.95"],
                 "real_share_over_0.95": m["real_share_over_0.95"],
                 "n_synthetic": m["n_synthetic"],
                 "n_real": m["n_real"],
+                # synthetic images' nearest-train SSIM over that of real test images (goal: >= 0.8)
+                "ssim_ratio": syn / real if syn is not None and real else None,
             }
             break
     return {"fewshot": entries, "memorisation": headline}
@@ -275,7 +446,8 @@ def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
     progress.add_total(s.synthetic_sets * n_max * base.steps)
     for k in range(s.synthetic_sets):
         progress.phase(f"generate {fraction:.0%} set {k}")
-        cache = PairCache(fb, s.gen_seed + k, s.gen_batch_size, progress, n_max, disk=out / "cache" / "pairs")
+        cache = PairCache(fb, s.gen_seed + k, s.gen_batch_size, progress, n_max, disk=out / "cache" / "pairs",
+                          masks=s.masks)  # fmt: skip
         max_attempts = max(n_max, int(round(s.max_attempts_factor * n_max)))
         st = make_synthetic(cache, variant, base, n_max, eta, max_attempts)
         st.extra["seconds"] = round(cache.seconds, 1)
@@ -287,92 +459,108 @@ def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
         sets.append(st)
 
     # ---- downstream rows
-    augmenter = Augmenter(s.augment, test.resolution) if s.augment is not None else None
-    res = test.resolution
-    syn_tensors = [pairs_to_tensors(st.pairs, res, test.num_classes) for st in sets]
+    runner = RowRunner(ctx, fraction, sub, steps)
+    order = oracle_order(train, sub, s.gen_seed)
+    syn_tensors = [pairs_to_tensors(st.pairs, test.resolution, test.num_classes) for st in sets]
     dup = duplicate_rows(n_real, n_main, s.gen_seed)
-    plans: list[tuple[str, bool, int | None]] = [("origin", False, None), ("duplicates", False, None)]
-    if augmenter is not None:
-        plans.insert(1, ("augment", True, None))
-    plans.append(("synthetic", False, n_main))
-    if augmenter is not None:
-        plans.append(("synthetic_augment", True, n_main))
-        for m in multiples:
-            n_m = s.n_for(m, n_real)
+    sweep_n = {m: s.n_for(m, n_real) for m in multiples}
+    plans: list[tuple[str, str, bool, int | None]] = [("origin", "origin", False, None)]
+    if s.augment is not None:
+        plans.append(("augment", "origin", True, None))
+    plans += [("duplicates", "duplicates", False, n_main), ("synthetic", "synthetic", False, n_main)]
+    if s.augment is not None:
+        plans.append(("synthetic_augment", "synthetic", True, n_main))
+        if s.oracle and order:  # at 100 % no train pair is left to add
+            plans.append(("oracle_augment", "oracle", True, n_main))
+        if s.pseudo and pool is not None:
+            plans.append(("pseudo_augment", "pseudo", True, n_main))
+        for m, n_m in sweep_n.items():
             if n_m != n_main:
-                plans.append((f"synthetic_augment_x{m:g}", True, n_m))
-    runs_total = sum(len(s.seeds) * (len(sets) if n is not None else 1) for _k, _a, n in plans)
+                plans.append((f"synthetic_augment_x{m:g}", "synthetic", True, n_m))
+                if s.oracle and order:
+                    plans.append((f"oracle_augment_x{m:g}", "oracle", True, n_m))
+    runs_total = sum(len(s.seeds) * (len(sets) if kind == "synthetic" else 1) for _k, kind, _a, _n in plans)
     progress.add_total(runs_total * steps)
 
-    runs_cache = RunCache(out / "cache" / "runs")
-    counts = {"runs_trained": 0, "runs_from_cache": 0}
-    bundle_key = bundle_identity(fb)
     rows: dict[str, RowRuns] = {}
     sizes: dict[str, int] = {}
-    kept_used: dict[str, list[int]] = {}
-    for key, augmented, n_syn in plans:
+    used: dict[str, list[int]] = {}
+    bundle_key = bundle_identity(fb)
+    for key, kind, augmented, n_extra in plans:
         rr = RowRuns([], [])
-        set_ids: list[int | None] = list(range(len(sets))) if n_syn is not None else [None]
-        for set_id in set_ids:
-            if key == "duplicates":
-                x = torch.cat([sub.images, sub.images[dup]])
-                y = torch.cat([sub.masks, sub.masks[dup]])
-            elif n_syn is not None:
-                assert set_id is not None
-                si, sm = syn_tensors[set_id]
-                x, y = torch.cat([sub.images, si[:n_syn]]), torch.cat([sub.masks, sm[:n_syn]])
-                kept_used.setdefault(key, []).append(min(n_syn, len(si)))
-            else:
-                x, y = sub.images, sub.masks
+        for set_id in range(len(sets)) if kind == "synthetic" else [None]:
             for seed in s.seeds:
-                progress.phase(f"{fraction:.0%} {key} seed {seed}")
-                run_key = {
-                    "fraction": fraction, "row": key, "seed": seed, "steps": steps,
-                    "downstream": asdict(downstream), "augment": s.augment.to_dict() if augmented and s.augment else None,
-                    "ratio": s.synthetic_ratio if n_syn is not None else None, "n_real": n_real,
-                    "train": _digest(sub.names), "test": _digest(test.names), "n_extra": len(x) - n_real,
-                    "synthetic": None if set_id is None else
-                    [sets[set_id].extra["seed"], [p.name for p in sets[set_id].pairs[: n_syn]], bundle_key],
-                    "duplicates": dup.tolist() if key == "duplicates" else None,
-                }  # fmt: skip
-                if test.num_classes != 2:  # binary keys stay as they were, so their cached runs still count
-                    run_key["num_classes"] = test.num_classes
-                by_class = runs_cache.get(run_key)
-                if by_class is None:
-                    model, _taken = train_downstream(
-                        x, y, steps, downstream, seed, f"fewshot{fraction:g}:{key}", progress.step,
-                        augmenter=augmenter if augmented else None, n_real=n_real,
-                        synthetic_ratio=s.synthetic_ratio if n_syn is not None else None,
-                    )  # fmt: skip
-                    by_class = test_dice_by_class(model, test)
-                    runs_cache.put(run_key, by_class)
-                    counts["runs_trained"] += 1
-                else:
-                    counts["runs_from_cache"] += 1
-                    progress.step(steps)
-                per_image = by_class.mean(axis=1)  # binary: the one column, exactly
+                extra_key: dict[str, Any] = {}
+                if kind == "origin":
+                    x, y = sub.images, sub.masks
+                elif kind == "duplicates":
+                    x, y = torch.cat([sub.images, sub.images[dup]]), torch.cat([sub.masks, sub.masks[dup]])
+                    extra_key["duplicates"] = dup.tolist()
+                elif kind == "synthetic":
+                    assert set_id is not None and n_extra is not None
+                    si, sm = syn_tensors[set_id]
+                    x, y = torch.cat([sub.images, si[:n_extra]]), torch.cat([sub.masks, sm[:n_extra]])
+                    extra_key["synthetic"] = [sets[set_id].extra["seed"],
+                                              [p.name for p in sets[set_id].pairs[:n_extra]], bundle_key]  # fmt: skip
+                    if s.masks != MaskSettings():
+                        extra_key["masks"] = s.masks.model_dump(mode="json")
+                elif kind == "oracle":
+                    extra = train.subset(order[:n_extra])
+                    x, y = torch.cat([sub.images, extra.images]), torch.cat([sub.masks, extra.masks])
+                    extra_key["oracle"] = _digest(extra.names)
+                else:  # pseudo: the augment row's segmenter of this seed labels the unlabelled pool
+                    assert pool is not None and n_extra is not None
+                    teacher, teacher_key = runner.model("augment", sub.images, sub.masks, True, seed, {})
+                    labels, confidence = predict_labels(teacher, pool[1], test.num_classes)
+                    chosen = select_confident(confidence, n_extra)
+                    x = torch.cat([sub.images, pool[1][chosen]])
+                    y = torch.cat([sub.masks, labels[chosen]])
+                    extra_key["pseudo"] = [
+                        teacher_key,
+                        _digest([pool[0][i] for i in chosen]),
+                        PSEUDO_MIN_CONFIDENCE,
+                    ]
+                if kind in ("synthetic", "oracle", "pseudo") and seed == s.seeds[0]:
+                    used.setdefault(key, []).append(len(x) - n_real)
+                per_image, by_class = runner.run(key, x, y, augmented, seed, extra_key,
+                                                 mixed=kind in ("synthetic", "oracle", "pseudo"))  # fmt: skip
                 run: dict[str, Any] = {"set": set_id, "seed": seed, "dice": float(per_image.mean())}
+                if kind == "pseudo":
+                    run["pseudo_pairs"] = len(x) - n_real
                 if by_class.shape[1] > 1:
                     run["dice_by_class"] = [float(v) for v in by_class.mean(axis=0)]
                 rr.runs.append(run)
                 rr.per_image.append(per_image)
-            sizes[key] = len(x)
+                sizes[key] = len(x)
         rows[key] = rr
 
     def paired(key: str) -> dict[str, Any]:
         out_: dict[str, Any] = {"vs_origin": paired_difference(rows[key].matrix(), rows["origin"].matrix())}
-        if "augment" in rows and key != "augment":
-            out_["vs_augment"] = paired_difference(rows[key].matrix(), rows["augment"].matrix())
+        for ref in ("augment", "pseudo_augment"):
+            if ref in rows and key != ref:
+                out_[f"vs_{ref}"] = paired_difference(rows[key].matrix(), rows[ref].matrix())
         return out_
 
+    def oracle_paired(oracle_key: str) -> dict[str, Any] | None:
+        if oracle_key not in rows or "augment" not in rows:
+            return None
+        return paired_difference(rows[oracle_key].matrix(), rows["augment"].matrix())
+
     headline = "synthetic_augment" if "synthetic_augment" in rows else "synthetic"
+    main_paired = paired(headline)
+    oracle_main = oracle_paired("oracle_augment")
+    if oracle_main is not None:
+        main_paired["oracle_vs_augment"] = oracle_main
     entry: dict[str, Any] = {
         "fraction": fraction,
         "retrained": retrained,
         "bundle": source,
         "bundle_filter_test": fb.meta.get("metrics", {}).get("filter_test"),
+        "bundle_dpm_steps": fb.meta.get("training", {}).get("dpm", {}).get("steps"),
         "n_real": n_real,
         "n_unlabelled": n_unlabelled,
+        "mask_source": s.masks.source.value,
+        "masks": s.masks.model_dump(mode="json"),
         "n_synthetic": n_main,
         "steps": steps,
         "synthetic_ratio": s.synthetic_ratio,
@@ -384,37 +572,51 @@ def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
                 "yield": st.kept / max(1, st.generated),
                 "dice_loss_mean": float(np.mean(st.losses)) if st.losses else None,
                 "seconds": st.extra["seconds"],
+                "real_masks": sum(p.mask_source != "generated" for p in st.pairs),
             }
             for st in sets
         ],
         "rows": {k: rows[k].summary(steps, sizes[k]) for k in ROWS if k in rows},
-        "this_process": {**counts, "pairs_generated": sum(st.extra["generated_now"] for st in sets)},
+        "this_process": {**runner.counts, "pairs_generated": sum(st.extra["generated_now"] for st in sets)},
         "bundle_training_seconds": {
             stage: rec.get("seconds_this_run") for stage, rec in fb.meta.get("training", {}).items()
         },
         "paired_row": headline,
-        "paired": paired(headline),
+        "paired": main_paired,
         "paired_all": {k: paired(k) for k in rows if k != "origin"},
+        "equivalence": equivalence(main_paired.get("vs_augment"), oracle_main),
         "sweep": [],
     }
-    for row_name, used in kept_used.items():
+    for row_name, counts in used.items():
         if row_name in entry["rows"]:
-            entry["rows"][row_name]["synthetic_used_per_set"] = used
-    for m in multiples:
-        n_m = s.n_for(m, n_real)
-        row_key = "synthetic_augment" if n_m == n_main else f"synthetic_augment_x{m:g}"
+            entry["rows"][row_name]["extra_used"] = counts
+    if any(min(v) < n_main for k, v in used.items() if k == "synthetic_augment"):
+        entry["shortfall"] = "a synthetic set kept fewer pairs than N within the attempt cap (see extra_used)"
+    for m, n_m in sweep_n.items():
+        suffix = "" if n_m == n_main else f"_x{m:g}"
+        row_key, oracle_key = f"synthetic_augment{suffix}", f"oracle_augment{suffix}"
         if row_key in rows:
+            p = paired(row_key)
+            o = oracle_paired(oracle_key)
+            if o is not None:
+                p["oracle_vs_augment"] = o
             entry["sweep"].append(
                 {
                     "multiple": m,
+                    "n": n_m,
                     "n_synthetic": n_m,
-                    "synthetic_used_per_set": kept_used.get(row_key),
+                    "synthetic_used_per_set": used.get(row_key),
+                    "oracle_used": (used.get(oracle_key) or [None])[0],
                     **{
                         kk: v
                         for kk, v in rows[row_key].summary(steps, sizes[row_key]).items()
                         if kk != "runs"
                     },
-                    "paired": paired(row_key),
+                    "oracle": rows[oracle_key].summary(steps, sizes[oracle_key])
+                    if oracle_key in rows
+                    else None,
+                    "paired": p,
+                    "equivalence": equivalence(p.get("vs_augment"), o),
                 }
             )
 

@@ -179,15 +179,37 @@ def fewshot_markdown(r: dict[str, Any]) -> list[str]:
             lines += table if i == 0 else table[2:]  # one header for every fraction
     lines += [
         "",
-        "| fraction | row | vs origin (paired, 95 % CI) | vs origin + augmentation (paired, 95 % CI) |",
-        "|---|---|---|---|",
+        "| fraction | row | vs origin (paired, 95 % CI) | vs origin + augmentation (paired, 95 % CI) "
+        "| vs pseudo-labels + augmentation (paired, 95 % CI) |",
+        "|---|---|---|---|---|",
     ]
     for e in entries:
         for k in ROWS:
             p = e.get("paired_all", {}).get(k)
             if p:
                 lines.append(
-                    f"| {e['fraction']:.0%} | {ROW_LABELS[k]} | {_ci(p.get('vs_origin'))} | {_ci(p.get('vs_augment'))} |"
+                    f"| {e['fraction']:.0%} | {ROW_LABELS[k]} | {_ci(p.get('vs_origin'))} | {_ci(p.get('vs_augment'))} "
+                    f"| {_ci(p.get('vs_pseudo_augment'))} |"
+                )
+    if any("equivalence" in e for e in entries):
+        lines += [
+            "",
+            "Real-pair equivalence: (synthetic + augmentation − augmentation) ÷ (N real + augmentation − "
+            "augmentation); 1 means the synthetic pairs are worth as many real ones.",
+            "",
+            "| fraction | N | mask source | unlabelled images | synthetic − augmentation | oracle − augmentation "
+            "| equivalence |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in entries:
+            sweep = e.get("sweep") or [{"n": e["n_synthetic"], "paired": e.get("paired", {}),
+                                        "equivalence": e.get("equivalence")}]  # fmt: skip
+            for sw in sweep:
+                p = sw.get("paired", {})
+                lines.append(
+                    f"| {e['fraction']:.0%} | {sw.get('n', sw.get('n_synthetic'))} | {e.get('mask_source', 'generated')} "
+                    f"| {e.get('n_unlabelled', 0)} | {_ci(p.get('vs_augment'))} | {_ci(p.get('oracle_vs_augment'))} "
+                    f"| {_fmt(sw.get('equivalence'), 2)} |"
                 )
     lines += ["", "Synthetic sets (Stage IV at η; kept / generated; the fraction's bundle):", ""]
     lines += ["| fraction | set seed | kept / generated | yield | mean Dice loss | filter held-out Dice | seconds |",
@@ -242,8 +264,29 @@ def fewshot_markdown(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def budget_markdown(r: dict[str, Any]) -> list[str]:
+    """The step-budget study: augmentation against the oracle with every other train pair."""
+    study = r.get("budget_study") or []
+    if not study:
+        return []
+    lines = [
+        "## Step budget: where can data matter?",
+        "",
+        "| fraction | real pairs | steps | origin + augmentation | origin + all other train pairs + augmentation "
+        "| oracle − augmentation (paired, 95 % CI) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b in study:
+        lines.append(
+            f"| {b['fraction']:.0%} | {b['n_real']} | {b['steps']} | {_row_cell(b['rows']['augment'])} "
+            f"| {_row_cell(b['rows']['oracle_all_augment'])} | {_ci(b['oracle_vs_augment'])} |"
+        )
+    return [*lines, ""]
+
+
 def results_markdown(r: dict[str, Any]) -> str:
     lines = ["# DiffuseExpand evaluation", ""]
+    lines += budget_markdown(r)
     if r.get("variants"):
         lines += table_markdown(r)
     elif r.get("table_skipped"):

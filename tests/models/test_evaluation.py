@@ -207,7 +207,10 @@ def test_fewshot_protocol_end_to_end_with_groups_retraining_and_cache(
     fs = r["fewshot"]
     assert [e["fraction"] for e in fs] == [0.5, 1.0] and all(e["retrained"] for e in fs)
     for e in fs:
-        assert set(e["rows"]) == {"origin", "augment", "synthetic", "synthetic_augment", "duplicates"}
+        oracle = {"oracle_augment"} if e["fraction"] < 1 else set()  # at 100 % no pair is left to add
+        assert (
+            set(e["rows"]) == {"origin", "augment", "synthetic", "synthetic_augment", "duplicates"} | oracle
+        )
         assert (
             len(e["rows"]["origin"]["runs"]) == 2 and len(e["rows"]["synthetic"]["runs"]) == 4
         )  # sets x seeds
@@ -284,3 +287,81 @@ def test_augmented_downstream_training_is_repeatable() -> None:
     c, _ = train_downstream(x, y, 3, cfg, 0, "k")
     pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+def test_fewshot_with_unlabelled_images_real_masks_oracle_and_pseudo_labels(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """Issue 19's protocol at tiny scale: the unlabelled pool trains Stage I, the synthetic pairs use real
+    masks, and the oracle and pseudo-label rows are there with the real-pair equivalence."""
+    data_dir = read_meta(tiny_bundle)["data"]["folder"]
+    out = tmp_path / "fs"
+    args = ["evaluate", str(tiny_bundle), data_dir, "--out", str(out), "--no-table", "--seeds", "0",
+            "--batch-size", "4", "--sample-steps", "2", "--fewshot", "0.5", "--retrain-steps", "3",
+            "--retrain-segmenter-steps", "2", "--retrain-filter-steps", "2", "--synthetic-sets", "1",
+            "--sweep", "1,2", "--fewshot-steps", "3", "--eta", "1", "--max-attempts-factor", "2",
+            "--unlabelled", "rest", "--mask-source", "real", "--no-inception-fid", "--device", "cpu"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "results.json").read_text())
+    e = r["fewshot"][0]
+    assert e["n_real"] == 4 and e["n_unlabelled"] == 4 and e["mask_source"] == "real"
+    meta = read_meta(e["bundle"])
+    assert meta["training"]["dpm"]["unlabelled"] == 4  # Stage I saw the pool ...
+    assert len(meta["split"]["unlabelled"]) == 4
+    assert set(meta["split"]["unlabelled"]).isdisjoint(r["split"]["test"])  # ... never a test image
+    assert set(meta["split"]["unlabelled"]).isdisjoint(meta["split"]["train"])
+    assert e["synthetic_sets"][0]["real_masks"] == e["synthetic_sets"][0]["kept"]
+    for row in ("origin", "augment", "oracle_augment", "pseudo_augment", "synthetic_augment", "duplicates"):
+        assert {"mean", "std"} <= set(e["rows"][row]), row
+    assert e["rows"]["oracle_augment"]["extra_used"] == [4]  # N = 4 real pairs from the other train pairs
+    assert 0 <= e["rows"]["pseudo_augment"]["runs"][0]["pseudo_pairs"] <= 4
+    for key in ("vs_augment", "vs_pseudo_augment", "oracle_vs_augment"):
+        p = e["paired"][key]
+        assert p["ci_low"] <= p["mean"] <= p["ci_high"]
+    eq = e["equivalence"]
+    o = e["paired"]["oracle_vs_augment"]["mean"]
+    assert eq is None if o <= 0 else eq == pytest.approx(e["paired"]["vs_augment"]["mean"] / o)
+    # the sweep: N = 2x asks for 8 oracle pairs, but only 4 are left: the row says how many it used
+    assert [sw["n"] for sw in e["sweep"]] == [4, 8]
+    assert e["sweep"][1]["oracle_used"] == 4 and "equivalence" in e["sweep"][1]
+    assert "ssim_ratio" in r["memorisation"]
+    md = (out / "results.md").read_text()
+    assert "Real-pair equivalence" in md and "pseudo-labelled" in md
+
+
+def test_step_budget_study_trains_only_augmentation_and_the_full_oracle(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    data_dir = read_meta(tiny_bundle)["data"]["folder"]
+    out = tmp_path / "budget"
+    res = runner.invoke(app, ["evaluate", str(tiny_bundle), data_dir, "--out", str(out), "--no-table",
+                              "--seeds", "0", "--batch-size", "4", "--fewshot", "0.5", "--budgets", "2,3",
+                              "--no-inception-fid", "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "results.json").read_text())
+    assert r["fewshot"] == [] and not (out / "bundles").exists()  # nothing retrained or generated
+    study = r["budget_study"]
+    assert [(b["fraction"], b["steps"]) for b in study] == [(0.5, 2), (0.5, 3)]
+    for b in study:
+        assert b["n_real"] == 4 and b["n_oracle_extra"] == 4
+        assert b["rows"]["augment"]["steps"] == b["steps"]
+        p = b["oracle_vs_augment"]
+        assert p["ci_low"] <= p["mean"] <= p["ci_high"]
+    assert "Step budget" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mask-source", "painted"], "mask_source"),
+        (["--mask-source", "mixed", "--real-share", "1.5"], "real_share"),
+        (["--unlabelled", "some"], "unlabelled"),
+        (["--budgets", "0"], "budgets"),
+    ],
+)
+def test_bad_protocol_settings_name_the_value(
+    tmp_path: Path, tiny_bundle: Path, args: list[str], message: str
+) -> None:
+    res = runner.invoke(app, ["evaluate", str(tiny_bundle), "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2 and message in res.output, res.output
