@@ -21,7 +21,8 @@ PRESET_HELP = (
     "about 15 min on two CPU cores for ~340 train / ~85 test 64x64 pairs: N=100, 3 seeds, 12 epochs, "
     "lr 3e-3, UNet (16,32,64,128) with 1 residual unit, 10 solver steps. 'fewshot-cpu': the "
     "few-shot protocol only at 10 % and 100 %, 300 steps per row, bundles retrained per fraction "
-    "(docs/results.md gives its wall time)."
+    "(docs/results.md gives its wall time). 'fewshot-ceiling': 5 % and 10 % with the rest of the train "
+    "split unlabelled, real masks, oracle and pseudo-label rows (give --fewshot-steps)."
 )
 
 
@@ -170,6 +171,9 @@ def evaluate_cmd(
     pseudo: Annotated[
         bool | None, typer.Option(help="The pseudo-label row (needs --unlabelled rest).")
     ] = None,
+    sweep_fraction: Annotated[
+        float | None, typer.Option(help="The fraction where the N sweep runs (default: the smallest).")
+    ] = None,
     budgets: Annotated[
         str | None,
         typer.Option(
@@ -231,7 +235,10 @@ def evaluate_cmd(
         "clean_masks": clean_masks,
         "oracle": oracle,
         "pseudo": pseudo,
-        "budgets": tuple(int(b) for b in _floats(budgets, "--budgets") or ()) if budgets is not None else None,
+        "sweep_fraction": sweep_fraction,
+        "budgets": tuple(int(b) for b in _floats(budgets, "--budgets") or ())
+        if budgets is not None
+        else None,
     }
     settings.update({k: v for k, v in given.items() if v is not None})
     settings.update({"retrain": retrain, "flip": flip, "inception_fid": inception_fid, "device": str(dev)})

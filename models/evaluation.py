@@ -97,6 +97,7 @@ class EvalConfig:
     clean_masks: bool = False  # clean generated masks before the image phase (models.mask_cleanup)
     oracle: bool = True  # few-shot: "origin + N real pairs" rows (the ceiling)
     pseudo: bool = True  # few-shot: the pseudo-label row (with an unlabelled pool)
+    sweep_fraction: float | None = None  # the fraction of the N sweep (default: the smallest)
     budgets: tuple[int, ...] = ()  # when given: only the step-budget study (augmentation vs the full oracle)
     synthetic_sets: int = 2
     synthetic_multiple: float = 1.0  # few-shot N = multiple x the fraction's real pairs
@@ -144,6 +145,10 @@ class EvalConfig:
                 f"unlabelled must be one of {', '.join(UNLABELLED_MODES)}, got {self.unlabelled!r}"
             )
         self.mask_settings()  # validates mask_source, real_share
+        if self.sweep_fraction is not None and self.sweep_fraction not in self.fewshot:
+            raise ValueError(
+                f"sweep_fraction {self.sweep_fraction} is not one of the fractions {list(self.fewshot)}"
+            )
         if any(b < 1 for b in self.budgets):
             raise ValueError(f"budgets must be >= 1 steps, got {list(self.budgets)}")
         if self.group_by and self.group_column:
@@ -199,6 +204,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_synthetic": 170,
         "sweep": (1.0, 3.0, 10.0),
         "max_attempts_factor": 2.5,
+    },
+    # Issue 19's protocol (docs/results.md, pre-registered): the rest of the train split unlabelled,
+    # synthetic pairs on deformed real masks, oracle and pseudo-label rows, the N sweep at 10 %.
+    # The downstream step budget comes from the step-budget study (--budgets) and is given with
+    # --fewshot-steps.
+    "fewshot-ceiling": {
+        "table": False,
+        "seeds": (0, 1),
+        "lr": 3e-3,
+        "num_res_units": 1,
+        "fewshot": (0.05, 0.1),
+        "eta": 0.15,
+        "synthetic_sets": 2,
+        "synthetic_multiple": 1.0,
+        "sweep": (1.0, 3.0, 10.0),
+        "sweep_fraction": 0.1,
+        "max_attempts_factor": 4.0,
+        "unlabelled": "rest",
+        "mask_source": "real",
     },
 }
 
@@ -344,6 +368,7 @@ def run_evaluation(
             seeds=tuple(cfg.seeds), gen_seed=cfg.gen_seed, gen_batch_size=cfg.gen_batch_size,
             max_attempts_factor=cfg.max_attempts_factor, max_synthetic=cfg.max_synthetic,
             unlabelled=cfg.unlabelled, masks=cfg.mask_settings(), oracle=cfg.oracle, pseudo=cfg.pseudo,
+            sweep_fraction=cfg.sweep_fraction,
         )  # fmt: skip
         data_meta = {"folder": str(data_dir), "fingerprint": data_full.fingerprint}
         fctx = FewshotContext(settings, cfg.downstream(), bundle, bundle_fits, train, test, split, data_meta, fv,

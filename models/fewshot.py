@@ -13,7 +13,8 @@ For each train fraction (nested subsets of the train split, one seeded permutati
   pairs once per (synthetic set, seed);
 * every run keeps its per-test-image Dice, so rows are compared image by image
   (``models.statistics.paired_difference``);
-* at the smallest fraction the "synthetic + augmentation" row is repeated for each N of the sweep;
+* at the smallest fraction (or ``sweep_fraction``) the "synthetic + augmentation" and oracle rows are
+  repeated for each N of the sweep;
 * memorisation: each kept synthetic pair's nearest training mask (Dice) and image (SSIM) among
   the subset the bundle saw, beside the same figures for the real test pairs.
 
@@ -101,6 +102,7 @@ class FewshotSettings:
     masks: MaskSettings = MaskSettings()  # where the synthetic pairs' masks come from
     oracle: bool = True  # "origin + N real pairs" rows: the ceiling any N pairs can reach
     pseudo: bool = True  # the pseudo-label row (needs an unlabelled pool)
+    sweep_fraction: float | None = None  # where the N sweep runs (default: the smallest fraction)
 
     def n_for(self, multiple: float, n_real: int) -> int:
         n = max(1, round(multiple * n_real))
@@ -275,9 +277,10 @@ class RowRunner:
 
 
 def sweep_multiples(s: FewshotSettings, fraction: float) -> list[float]:
-    """The N multiples trained at ``fraction``: the main one, plus the sweep at the smallest fraction below 100 %."""
-    smallest = min(s.fractions)
-    if fraction == smallest and fraction < 1.0 and s.sweep:
+    """The N multiples trained at ``fraction``: the main one, plus the sweep at ``sweep_fraction`` (default:
+    the smallest fraction) below 100 %."""
+    at = s.sweep_fraction if s.sweep_fraction is not None else min(s.fractions)
+    if fraction == at and fraction < 1.0 and s.sweep:
         return sorted({s.multiple, *s.sweep})
     return [s.multiple]
 
