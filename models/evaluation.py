@@ -162,8 +162,10 @@ class EvalConfig:
 
     def mask_settings(self) -> MaskSettings:
         try:
-            return MaskSettings(source=self.mask_source, real_share=self.real_share, clean=self.clean_masks)
-        except ValidationError as exc:
+            return MaskSettings(
+                source=MaskSource(self.mask_source), real_share=self.real_share, clean=self.clean_masks
+            )
+        except (ValidationError, ValueError) as exc:
             raise ValueError(
                 f"mask settings: mask_source must be one of {', '.join(m.value for m in MaskSource)} and "
                 f"real_share in [0, 1]; got {self.mask_source!r}, {self.real_share!r}"

@@ -609,7 +609,7 @@ def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
                     "n": n_m,
                     "n_synthetic": n_m,
                     "synthetic_used_per_set": used.get(row_key),
-                    "oracle_used": (used.get(oracle_key) or [None])[0],
+                    "oracle_used": used[oracle_key][0] if oracle_key in used else None,
                     **{
                         kk: v
                         for kk, v in rows[row_key].summary(steps, sizes[row_key]).items()

@@ -16,6 +16,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def pick_real_mask(masks: TrainingMasks, seed: int, index: int) -> int:
 
 
 @lru_cache(maxsize=8)
-def _deformation(resolution: int):  # type: ignore[no-untyped-def]
+def _deformation(resolution: int) -> Any:
     """MONAI's affine (±10°, ±10 % scale, ±6 % shift) then elastic transform, nearest neighbour,
     background outside the frame: label values survive exactly."""
     from monai.transforms import Compose, Rand2DElastic, RandAffine
