@@ -424,7 +424,7 @@ BAD_UPLOADS: list[tuple[str, Builder, dict[str, Any], int, str | None, str | Non
         "not_2d",
         "images/s00.nii",
     ),
-    ("too-few-pairs", lambda t: zip_bytes(folder_members(CXR)), {}, 422, "too_few_pairs", None),
+    ("too-few-pairs", lambda t: zip_bytes(shapes_members(5)), {}, 422, "too_few_pairs", None),
     ("no-pairs-at-all", lambda t: zip_bytes({"notes.txt": b"hello"}), {}, 422, "too_few_pairs", None),
     (
         "unexpected-member",
