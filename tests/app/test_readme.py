@@ -113,3 +113,10 @@ def test_your_own_data_uploads_the_shipped_example_and_trains_on_it(
     assert train["path"] == "/v1/models"
     resp = replay(client, train, DS=resp.json()["id"])
     assert resp.status_code in (201, 202), resp.text
+
+
+def test_the_readme_says_where_the_command_line_is_before_calling_it_bare() -> None:
+    """``make serve`` installs ``diffuseexpand`` into .venv/bin, which is not on PATH."""
+    first_bare = re.search(r"^diffuseexpand ", README, flags=re.M)
+    assert first_bare is not None
+    assert ". .venv/bin/activate" in README[: first_bare.start()]
