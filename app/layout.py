@@ -6,7 +6,7 @@ Storage (the durable side): ``jobs/ID/job.json`` (the record, rewritten at every
 made on first request: ``app.pairs``).
 
 Redis (the live side; ``P`` = settings.redis_prefix, ``J`` = ``P:job:ID``):
-    J               the record (JSON)          J:prog      shard -> "generated,kept,phase,position"
+    J               the record (JSON)          J:prog      shard -> "generated,kept,phase,position,at"
     J:ver           the job's version: incremented by every state change and progress report
                     (the ids of its event stream, app.events)
     J:pairs         index -> kept pair (JSON)  J:done      shard -> {"generated", "kept": [indices]}

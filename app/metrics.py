@@ -27,6 +27,7 @@ from redis.retry import Retry
 
 from app import counters
 from app.core.config import Settings
+from app.heartbeats import live_beats
 from app.layout import RedisKeys, as_str
 from app.schemas import JobStatus
 
@@ -90,12 +91,8 @@ def read_snapshot(r: redis.Redis, keys: RedisKeys, default_queue: str) -> Snapsh
         if isinstance(rec, dict) and rec.get("status") in LIVE_STATUSES:
             snap.jobs[rec["status"]] += 1
             queues.add(str(rec.get("queue") or default_queue))
-    beats = list(r.scan_iter(match=keys.workers_pattern(), count=1000))
-    for raw in _mget(r, [as_str(k) for k in beats]):
-        if raw is None:
-            continue  # expired between SCAN and MGET
+    for beat in live_beats(r, keys.workers_pattern()):
         snap.workers += 1
-        beat = _json(raw)
         served = beat.get("queues") if isinstance(beat, dict) else None
         for q in served if isinstance(served, list) else [default_queue]:
             snap.queue_workers[str(q)] += 1

@@ -50,6 +50,22 @@ def _problem_content(doc: dict[str, Any]) -> None:
             del schemas[unused]
 
 
+def _parameters_never_null(doc: dict[str, Any]) -> None:
+    """A query parameter or header is a string or absent, never JSON ``null``: an optional one
+    (``int | None``) is documented as its non-null branch and ``required: false``, so that
+    ``Last-Event-ID: null`` reads as what it gets, a malformed value (422)."""
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            for param in operation.get("parameters", []):
+                schema = param.get("schema", {})
+                options = [o for o in schema.get("anyOf", []) if o.get("type") != "null"]
+                if "anyOf" in schema and len(options) == 1 and len(options) < len(schema["anyOf"]):
+                    rest = {k: v for k, v in schema.items() if k != "anyOf"}
+                    if rest.get("default", 0) is None:
+                        del rest["default"]
+                    param["schema"] = {**options[0], **rest}
+
+
 def _branch(prop: dict[str, Any], kind: str) -> dict[str, Any]:
     """The ``kind`` branch of an optional property (``anyOf: [{type: kind}, {type: null}]``)."""
     for option in prop.get("anyOf", []):
@@ -77,6 +93,7 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         if not base:
             doc = copy.deepcopy(FastAPI.openapi(app))
             _problem_content(doc)
+            _parameters_never_null(doc)
             _settings_bounds(doc, settings)
             base.update(doc)
         doc = copy.deepcopy(base)

@@ -29,6 +29,7 @@ from typing import Any
 import redis
 
 from app import counters
+from app.heartbeats import live_beats
 from app.layout import as_str, record_key
 from app.schemas import JobStatus
 from app.store import DECIDED, JobStore, now_iso
@@ -49,15 +50,10 @@ class Sweep:
 def worker_queues(store: JobStore) -> set[str]:
     """Queues served by workers whose heartbeat is alive (``worker.celery_app`` writes them)."""
     queues: set[str] = set()
-    for key in store.r.scan_iter(store.keys.workers_pattern()):
-        raw = store.r.get(key)
-        try:
-            value = json.loads(raw) if raw else None
-        except ValueError:
-            value = None
+    for value in live_beats(store.r, store.keys.workers_pattern()):
         if isinstance(value, dict) and isinstance(value.get("queues"), list):
             queues.update(str(q) for q in value["queues"])
-        elif raw is not None:
+        else:
             queues.add(store.settings.celery_queue)  # an old heartbeat without its queues
     return queues
 

@@ -95,6 +95,9 @@ class DigestMismatch(ValueError):
     """The files fetched are not the ones published (corrupted or tampered with)."""
 
 
+GRID_FILE = "sample-grid.png"  # drawn by a training at publication (worker/training.py)
+
+
 def valid_name(name: str) -> bool:
     return bool(_NAME.match(name))
 

@@ -238,6 +238,9 @@ class ModelPublic(BaseModel):
     created_at: datetime | None = None
     source: Literal["registry", "local"] = "registry"
     extra: dict[str, Any] = Field(default={}, description="what the publisher recorded (training id...)")
+    links: dict[str, str] = Field(
+        default={}, description="sample_grid: the PNG of generated pairs a training drew (image/png)"
+    )
 
 
 class ModelsPublic(BaseModel):

@@ -84,18 +84,27 @@ _HINCR_IF_LIVE = """
 if redis.call('exists', KEYS[1]) == 0 then return -1 end
 return redis.call('hincrby', KEYS[2], ARGV[1], ARGV[2])
 """
-# A shard's progress report "generated,kept,phase,position" (app.progress), while the job's record
+# A shard's progress report "generated,kept,phase,position,at" (app.progress), while the job's record
 # exists; the counts never go back (a shard run again after a crash regenerates the same pairs), the
-# phase and position are the current run's. Increments the job's version; returns it (-1: no record).
+# phase and position are the current run's, ``at`` is Redis's clock when the counts last rose (the
+# ETA counts down from there). Increments the job's version; returns it (-1: no record).
 _SHARD_PROGRESS = """
 if redis.call('exists', KEYS[1]) == 0 then return -1 end
 local g, k = tonumber(ARGV[2]), tonumber(ARGV[3])
+local og, ok, at = 0, 0, ''
 local old = redis.call('hget', KEYS[2], ARGV[1])
 if old then
-  local og, ok = string.match(old, '^(%d+),(%d+)')
-  if og and tonumber(og) > g then g, k = tonumber(og), tonumber(ok) end
+  local a, b = string.match(old, '^(%d+),(%d+)')
+  if a then og, ok = tonumber(a), tonumber(b) end
+  at = string.match(old, '^%d+,%d+,[^,]*,[^,]*,([%d.]*)$') or ''
 end
-redis.call('hset', KEYS[2], ARGV[1], string.format('%d,%d,%s', g, k, ARGV[4]))
+if og > g then
+  g, k = og, ok
+elseif g > og or k > ok then
+  local t = redis.call('time')
+  at = string.format('%d.%06d', tonumber(t[1]), tonumber(t[2]))
+end
+redis.call('hset', KEYS[2], ARGV[1], string.format('%d,%d,%s,%s', g, k, ARGV[4], at))
 return redis.call('incr', KEYS[3])
 """
 # A shard's result: its final progress report (as _SHARD_PROGRESS, no phase) and its entry in the job's

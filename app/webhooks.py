@@ -86,10 +86,41 @@ def backoff_s(attempt: int) -> float:
     return float(min(5 * 2 ** (attempt - 1), 600))
 
 
+#: IPv6 ranges whose low 32 bits are an IPv4 address that a gateway or host may reach on the
+#: literal's behalf: IPv4-compatible (::/96, deprecated), IPv4-mapped, IPv4-translated (SIIT)
+#: and the well-known NAT64 prefix (RFC 6052).
+_LOW32_PREFIXES = tuple(
+    ipaddress.IPv6Network(n) for n in ("::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96")
+)
+#: The local-use NAT64 prefix (RFC 8215): an operator picks where the IPv4 address sits inside it,
+#: so no embedded address can be checked; never a public destination, so always refused.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 literal carries (mapped, compatible, NAT64, 6to4, Teredo)."""
+    out: list[ipaddress.IPv4Address] = []
+    if any(ip in net for net in _LOW32_PREFIXES):
+        out.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.sixtofour is not None:
+        out.append(ip.sixtofour)
+    if ip in _TEREDO:
+        server, client = ip.teredo or (None, None)
+        out += [a for a in (server, client) if a is not None]
+    return out
+
+
 def is_public_address(address: str) -> bool:
+    """Whether a webhook may be sent to ``address``: a global unicast address, and so is every
+    IPv4 address it embeds (``[64:ff9b::7f00:1]`` is 127.0.0.1 through a NAT64 gateway)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64 or ip in _TEREDO:
+            return False
+        inner = embedded_ipv4(ip)
+        if inner:
+            return all(a.is_global and not a.is_multicast for a in inner)
     return ip.is_global and not ip.is_multicast
 
 

@@ -198,9 +198,10 @@ def download(
     ] = True,
     progress: Progress = True,
 ) -> None:
-    """Download the job's pairs into OUT (unpacked, or as ID.zip with --zip)."""
+    """Download the job's pairs into OUT (unpacked, or with --zip as OUT/ID.zip; ID-FORMAT.zip for
+    another --format than plain)."""
     with remote_errors(), _client(url, api_key) as client:
-        out.mkdir(parents=True, exist_ok=True)  # OUT is a folder: with --zip, ID.zip goes in it
+        out.mkdir(parents=True, exist_ok=True)  # OUT is a folder: with --zip, ID[-FORMAT].zip goes in it
         path = client.download(
             job_id, out, format=format.value, unpack=unpack, partial=partial, progress=progress
         )

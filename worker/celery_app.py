@@ -6,7 +6,6 @@ that runs the tasks, i.e. after any fork, because CUDA is not fork-safe.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading
@@ -17,6 +16,7 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from app.core.config import get_settings
+from app.heartbeats import beat
 from app.layout import RedisKeys
 from app.queue import make_celery
 
@@ -37,12 +37,11 @@ def _heartbeat(hostname: str, queues: list[str]) -> None:
 
     r = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     key = RedisKeys(settings.redis_prefix).worker(hostname)
-    value = json.dumps({"queues": queues})
     reconciler = Reconciler(get_store(), trainings=get_trainings())
     last_sweep = 0.0
     while not _stop.is_set():
         try:
-            r.set(key, value, ex=int(HEARTBEAT_S * 3))
+            r.set(key, beat(queues, r), ex=int(HEARTBEAT_S * 3))
             now = time.monotonic()
             if reconciler.interval > 0 and now - last_sweep >= reconciler.interval:
                 last_sweep = now

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.registry import InvalidBundle, NameTaken, Registry
+from app.registry import GRID_FILE, InvalidBundle, NameTaken, Registry
 from app.schemas import JobStatus
 from app.trainings import STAGES, TrainingStore, eta_seconds, now_iso
 from models.bundle import Bundle, new_meta, read_meta, write_meta
@@ -37,7 +37,6 @@ from worker.shard import is_outage
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 1.0  # progress reports and cancel checks, at most this often
-GRID_FILE = "sample-grid.png"
 
 
 class TrainOutcome(StrEnum):

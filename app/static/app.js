@@ -228,6 +228,16 @@ function fmtSeconds(s) {
   return `${(s / 3600).toFixed(1)} h`;
 }
 
+// The progress bar: kept of target pairs. While a running job has kept nothing yet (its first batch
+// is being sampled: masks, images, then the filter) it has no value, which a browser draws as a busy,
+// indeterminate bar instead of one stuck at 0.
+function barState(job) {
+  const p = job.progress;
+  const max = Math.max(1, p.target);
+  if (job.status === "running" && p.kept === 0) return { max, value: null };
+  return { max, value: Math.min(p.kept, p.target) };
+}
+
 function progressText(job) {
   const p = job.progress;
   // kept counts every pair any shard kept, which may pass the target: the result holds the target
@@ -307,8 +317,10 @@ function renderJob(job, first = false, position = null) {
   const params = job.params;
   li.querySelector(".job-what").textContent = `${params.model} · ${params.count} pairs · η ${params.eta}`;
   const bar = li.querySelector("progress");
-  bar.max = Math.max(1, job.progress.target);
-  bar.value = Math.min(job.progress.kept, job.progress.target);
+  const state = barState(job);
+  bar.max = state.max;
+  if (state.value === null) bar.removeAttribute("value");
+  else bar.value = state.value;
   li.querySelector(".counts").textContent = progressText(job);
   const error = li.querySelector(".job-error");
   error.textContent = job.error ? `Error: ${job.error}` : "";

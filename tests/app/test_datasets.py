@@ -424,7 +424,7 @@ BAD_UPLOADS: list[tuple[str, Builder, dict[str, Any], int, str | None, str | Non
         "not_2d",
         "images/s00.nii",
     ),
-    ("too-few-pairs", lambda t: zip_bytes(folder_members(CXR)), {}, 422, "too_few_pairs", None),
+    ("too-few-pairs", lambda t: zip_bytes(shapes_members(5)), {}, 422, "too_few_pairs", None),
     ("no-pairs-at-all", lambda t: zip_bytes({"notes.txt": b"hello"}), {}, 422, "too_few_pairs", None),
     (
         "unexpected-member",
@@ -508,7 +508,10 @@ def test_a_bad_upload_is_a_4xx_naming_the_problem_and_stores_nothing(
     assert temp_dirs() <= before  # the unpacked files are gone too
 
 
-def test_every_problem_of_an_upload_is_listed_at_once(client: TestClient, settings: Settings) -> None:
+def test_every_problem_of_an_upload_is_listed_at_once(
+    make_client: Callable[..., tuple[TestClient, Settings]],
+) -> None:
+    client, settings = make_client(min_dataset_pairs=8)
     members = good()
     del members["masks/s01.png"], members["images/s02.png"]
     members["masks/s03.png"] = png(np.zeros((40, 40), np.uint8))

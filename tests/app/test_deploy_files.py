@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from app.core.config import Settings
@@ -136,3 +139,20 @@ def test_the_monitoring_profile_scrapes_the_api_every_worker_and_flower() -> Non
     assert f"--broker={compose()['x-settings']['DIFFEXP_REDIS_URL']}" in flower["command"]
     (target,) = jobs["flower"]["static_configs"][0]["targets"]
     assert target == "flower:5555" and "--port=5555" in flower["command"]
+
+
+def _make_dry_run(target: str, tmp: Path) -> list[str]:
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    out = subprocess.run(
+        ["make", "-n", target, f"VENV={tmp / 'venv'}"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return [line for line in out.stdout.splitlines() if "pip install" in line]
+
+
+def test_make_serve_installs_only_what_serving_needs(tmp_path: Path) -> None:
+    """A fresh clone's `make serve` installs the package, not the test and dev extras (schemathesis,
+    selenium, SeaweedFS, mypy...); `make test` adds them."""
+    serve = _make_dry_run("serve", tmp_path)
+    assert serve and not [line for line in serve if "[" in line], serve
+    assert any("'.[test,dev]'" in line for line in _make_dry_run("test", tmp_path))

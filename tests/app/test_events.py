@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.events import next_event
 from app.main import create_app
-from app.schemas import JobStatus
+from app.schemas import JobPublic, JobStatus
 from app.store import JobStore
 from tests.app.conftest import Enqueued
 from tests.conftest import ADMIN_HEADERS
@@ -154,9 +154,41 @@ def test_a_stream_lasts_events_max_s_then_the_client_resumes(
             assert [(e["event"], e["id"]) for e in read_events(resp.iter_lines())] == [("progress", 2)]
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "9007199254740992", "1.5"])
+@pytest.mark.parametrize("value", ["abc", "-1", "9007199254740992", "1.5", "null"])
 def test_a_malformed_last_event_id_is_a_422(client: TestClient, value: str) -> None:
     job_id = client.post("/v1/jobs", json={"count": 1}).json()["id"]
     resp = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": value})
     assert resp.status_code == 422 and resp.headers["content-type"] == "application/problem+json"
     assert resp.json()["errors"][0]["header"] == "Last-Event-ID"
+
+
+def test_the_openapi_document_says_what_the_stream_sends(sse_client: TestClient) -> None:
+    """Each event's ``data`` is a JobPublic object (as one line of JSON), its ``event`` one of four
+    names; ``Last-Event-ID`` is an integer or absent, never ``null`` (``null`` is a 422 above)."""
+    doc = sse_client.get("/openapi.json").json()
+    for path, model in (
+        ("/v1/jobs/{job_id}/events", "JobPublic"),
+        ("/v1/trainings/{training_id}/events", "TrainingPublic"),
+    ):
+        op = doc["paths"][path]["get"]
+        content = op["responses"]["200"]["content"]["text/event-stream"]
+        item = content["x-itemSchema"]["properties"]
+        assert item["data"]["contentMediaType"] == "application/json"
+        assert item["data"]["contentSchema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert model in doc["components"]["schemas"]
+        (header,) = [p for p in op["parameters"] if p["in"] == "header" and p["name"] == "Last-Event-ID"]
+        assert header["schema"]["type"] == "integer" and "anyOf" not in header["schema"]
+        assert not header.get("required", False)
+    for ops in doc["paths"].values():  # no parameter anywhere is documented as nullable
+        for op in ops.values():
+            assert all("null" not in str(p["schema"]) for p in op.get("parameters", []))
+    # and the stream sends that: each event's data validates as a JobPublic
+    job_id = sse_client.post("/v1/jobs", json={"count": 4}).json()["id"]
+    store_of(sse_client).cancel(job_id)
+    events = stream(sse_client, job_id)
+    assert [e["event"] for e in events] == ["canceled"]
+    names = doc["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"][
+        "text/event-stream"
+    ]
+    assert events[0]["event"] in names["x-itemSchema"]["properties"]["event"]["enum"]
+    JobPublic.model_validate(events[0]["data"])

@@ -230,5 +230,10 @@ def test_list_pages_by_cursor_without_repeats_or_gaps_while_jobs_come_and_go(cli
 
 
 @pytest.mark.parametrize("cursor", ["garbage", "bmFuOng", "aW5mOng", "x" * 200])
-def test_a_cursor_the_service_did_not_issue_is_a_400(client: TestClient, cursor: str) -> None:
-    assert client.get("/v1/jobs", params={"cursor": cursor}).status_code == 400
+def test_a_cursor_the_service_did_not_issue_is_a_422_naming_it(client: TestClient, cursor: str) -> None:
+    """Like every other bad parameter (a malformed limit, offset or id): 422 with ``errors``."""
+    resp = client.get("/v1/jobs", params={"cursor": cursor})
+    assert resp.status_code == 422 and resp.headers["content-type"] == "application/problem+json"
+    (error,) = resp.json()["errors"]
+    assert error["parameter"] == "cursor" and error["detail"] == "not a cursor this service issued"
+    assert "400" not in client.get("/openapi.json").json()["paths"]["/v1/jobs"]["get"]["responses"]

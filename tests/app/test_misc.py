@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -9,6 +10,7 @@ from pydantic import ValidationError
 from app.core.config import Settings
 from app.schemas import JobStatus
 from app.store import JobStore
+from tests.integration.servers import RedisServer
 
 
 def test_models_lists_every_bundle_with_its_metadata(client: TestClient, settings: Settings) -> None:
@@ -92,3 +94,34 @@ def test_api_docs_load_nothing_from_outside(client: TestClient, page: str, asset
     assert f"/static/docs/{asset}" in html
     resp = client.get(f"/static/docs/{asset}")
     assert resp.status_code == 200 and len(resp.content) > 100_000
+
+
+def test_readyz_ignores_a_dead_workers_heartbeat_that_redis_restored_from_its_file(
+    settings_factory: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """``make serve`` restarted: Redis reloads its append-only file, and with it the heartbeat (and its
+    TTL) of the worker that died; no worker is up yet, so the service is not ready."""
+    from app.main import create_app
+    from worker.celery_app import beat
+
+    server = RedisServer(tmp_path / "redis", persistent=True)
+    try:
+        settings = settings_factory(redis_url=f"{server.url}/0")
+        with TestClient(create_app(settings, enqueue=lambda *a: None)) as c:
+            store: JobStore = c.app.state.store  # type: ignore[attr-defined]
+            key = store.keys.worker("w1@host")
+            store.r.set(key, beat([settings.celery_queue], store.r), ex=60)  # the worker's heartbeat
+            assert c.get("/readyz").status_code == 200
+            server.stop()  # the whole stack stops; the worker dies with it
+            server.start()
+            assert store.r.ttl(key) > 0  # restored, still within its TTL
+            resp = c.get("/readyz")
+            assert (
+                resp.status_code == 503
+                and resp.json()["checks"]["workers"]["detail"] == "no worker heartbeat"
+            )
+            assert c.get("/metrics").text.count("diffexp_workers 0.0") == 1
+            store.r.set(key, beat([settings.celery_queue], store.r), ex=60)  # the new worker's first beat
+            assert c.get("/readyz").status_code == 200
+    finally:
+        server.stop()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 
@@ -233,3 +235,44 @@ def test_a_deleted_job_leaves_no_progress_or_version_behind(store: JobStore, set
     assert left == [f"{settings.redis_prefix}:job:{job_id}:stop"]  # tells the worker to stop; expires
     with pytest.raises(JobNotFound):
         store.get(job_id)
+
+
+# ---- the ETA counts down between batches (the counts move a batch at a time)
+@pytest.mark.parametrize(
+    ("elapsed", "counted", "pps", "eta"),
+    [
+        (14.0, 14.0, 0.571, 14.0),  # just counted: 8 kept in 14 s, 8 more to keep
+        (20.0, 14.0, 0.571, 8.0),  # 6 s later, nothing new: 6 s less (it was 20 s, growing)
+        (40.0, 14.0, 0.571, 0.0),  # the batch runs late: 0, never negative
+        (20.0, None, 0.4, 20.0),  # an entry from before ``at`` was recorded: as before
+    ],
+)
+def test_estimate_counts_down_from_the_last_count(
+    elapsed: float, counted: float | None, pps: float, eta: float
+) -> None:
+    got = estimate(generated=8, kept=8, target=16, elapsed_s=elapsed, status=RUNNING, counted_s=counted)
+    assert (got.pairs_per_second, got.eta_seconds) == (pps, eta)
+
+
+def test_the_eta_of_a_running_job_never_grows_while_nothing_changes(store: JobStore) -> None:
+    """The page said "14 s left", then "37 s left" during the next batch: ETA = pairs to keep at the
+    rate so far, with the running time growing and the kept count standing still."""
+    job_id = create(store, count=16, shard_size=16, batch_size=8)
+    store.mark_running(job_id)
+    store.shard_progress(job_id, 0, 0, 0, "mask", 0)
+    store.shard_progress(job_id, 0, 8, 4, "mask", 8)  # the first batch: 4 kept
+    rec = store.r.get(store._k(job_id))
+    values = store.r.hvals(store._k(job_id, "prog"))
+    (at,) = [parse_report(v).at for v in values]
+    assert at is not None
+    record = json.loads(rec)  # it started 14 s before the first batch was counted
+    record["started_at"] = datetime.fromtimestamp(at - 14.0, UTC).isoformat()
+    etas = [job_progress(record, values, now=at + dt).eta_seconds for dt in (0.0, 5.0, 10.0, 60.0)]
+    assert etas == sorted(etas, reverse=True) and etas[-1] == 0.0, etas
+    assert etas[0] == 42.0 and etas[1] == 37.0  # 12 more to keep at 4 per 14 s, then 5 s less
+    # the second batch's phases (the counts do not rise) keep the time of the last count
+    store.shard_progress(job_id, 0, 8, 4, "image", 8)
+    assert [parse_report(v).at for v in store.r.hvals(store._k(job_id, "prog"))] == [at]
+    store.shard_progress(job_id, 0, 16, 9, "filter", 16)  # counted again: a new time
+    (later,) = [parse_report(v).at for v in store.r.hvals(store._k(job_id, "prog"))]
+    assert later is not None and later >= at

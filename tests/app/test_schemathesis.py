@@ -105,7 +105,7 @@ def test_api_conforms_to_its_schema(case: Any) -> None:
         # says a secret needs a URL (dependentRequired), which the generator does not honour
         body["callback_url"] = "https://hooks.example.com/diffuseexpand"
     if positive and isinstance(case.query, dict) and "cursor" in case.query:
-        # a cursor is opaque: only one the service issued is valid data (others are a 400, see test_jobs)
+        # a cursor is opaque: only one the service issued is valid data (others are a 422, see test_jobs)
         case.query["cursor"] = encode_cursor(1.0, "0" * 32)
     if (
         positive

@@ -96,6 +96,17 @@ def test_backoff_doubles_and_is_capped() -> None:
         ("http://169.254.169.254/latest/meta-data/", "private"),  # cloud metadata
         ("http://[::1]/", "private"),
         ("http://[::ffff:127.0.0.1]/", "private"),
+        # IPv6 literals carrying an internal IPv4 address (is_global calls some of them global)
+        ("http://[::127.0.0.1]/", "private"),  # IPv4-compatible
+        ("http://[::ffff:0:7f00:1]/", "private"),  # IPv4-translated (SIIT)
+        ("http://[64:ff9b::7f00:1]/", "private"),  # NAT64 of 127.0.0.1
+        ("http://[64:ff9b::a9fe:a9fe]/", "private"),  # NAT64 of the metadata address
+        ("http://[64:ff9b:1::7f00:1]/", "private"),  # local-use NAT64 prefix
+        ("http://[64:ff9b:1:abcd::808:808]/", "private"),
+        ("http://[2002:7f00:1::]/", "private"),  # 6to4 of 127.0.0.1
+        ("http://[2002:a9fe:a9fe::1]/", "private"),  # 6to4 of the metadata address
+        ("http://[2001:0:7f00:1:0:0:f5ff:fffe]/", "private"),  # Teredo, client 10.0.0.1
+        ("http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/", "private"),  # Teredo, public server
         ("http://0.0.0.0/", "private"),
         ("http://" + "a" * 2100 + ".com/", "longer than"),
     ],
@@ -108,6 +119,24 @@ def test_urls_that_are_refused(url: str, why: str) -> None:
 def test_private_addresses_are_allowed_only_when_configured() -> None:
     assert check_url("http://127.0.0.1:9000/h", allow_private=True) == ("http", "127.0.0.1", 9000)
     assert check_url("https://example.com/h", allow_private=False) == ("https", "example.com", 443)
+
+
+@pytest.mark.parametrize(
+    "address", ["8.8.8.8", "2a00:1450:4001:81c::200e", "64:ff9b::808:808", "2002:808:808::1"]
+)
+def test_public_addresses_and_public_embedded_ipv4_are_accepted(address: str) -> None:
+    host = f"[{address}]" if ":" in address else address
+    assert check_url(f"http://{host}/h", allow_private=False)[1] == address
+
+
+@pytest.mark.parametrize(
+    "address", ["::127.0.0.1", "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "2001:0:7f00:1::1"]
+)
+def test_a_host_name_resolving_to_an_ipv6_form_of_an_internal_ipv4_is_refused_at_delivery(
+    address: str,
+) -> None:
+    with pytest.raises(WebhookError, match="private"):
+        resolve_target("https://hooks.example.com/x", allow_private=False, resolver=lambda h, p: [address])
 
 
 def test_a_host_name_is_refused_when_any_address_it_resolves_to_is_private() -> None:

@@ -14,19 +14,42 @@ from app.events import MAX_EVENT_ID, job_events
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-EVENTS_200: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "a stream of `progress` events, then one `succeeded`, `failed` or `canceled` "
-        "event; each `id:` an increasing integer, each `data:` the job (JobPublic JSON)",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+
+def events_200(model: str) -> dict[int | str, dict[str, Any]]:
+    """The 200 of an event stream. The body is text; each event in it is described by
+    ``x-itemSchema`` (OpenAPI 3.2's ``itemSchema``, which a 3.1 document cannot name): its ``data``
+    is one line of JSON, an object of schema ``model``, not a free string."""
+    event = {
+        "type": "object",
+        "required": ["event", "id", "data"],
+        "properties": {
+            "event": {"type": "string", "enum": ["progress", "succeeded", "failed", "canceled"]},
+            "id": {"type": "string", "pattern": "^[0-9]+$", "description": "an increasing integer"},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": f"#/components/schemas/{model}"},
+            },
+        },
     }
-}
+    return {
+        200: {
+            "description": "a stream of `progress` events, then one `succeeded`, `failed` or `canceled` "
+            f"event; each `id:` an increasing integer, each `data:` a {model} object as one line of JSON",
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string", "description": "Server-Sent Events"},
+                    "x-itemSchema": event,
+                }
+            },
+        }
+    }
 
 
 @router.get(
     "/{job_id}/events",
     response_class=EventSourceResponse,
-    responses={**EVENTS_200, **ErrorResponses.JOB_QUERY},
+    responses={**events_200("JobPublic"), **ErrorResponses.JOB_QUERY},
 )
 async def job_event_stream(
     request: Request,

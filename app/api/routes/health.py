@@ -4,6 +4,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.api.deps import SettingsDep, StoreDep
+from app.heartbeats import live_beats
 from app.schemas import Check, Readiness
 
 router = APIRouter(tags=["health"])
@@ -39,7 +40,7 @@ def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
         log.warning("readyz: storage unreachable", exc_info=True)
         checks["storage"] = Check(ok=False, detail=UNREACHABLE)
     try:
-        n = sum(1 for _ in store.r.scan_iter(f"{settings.redis_prefix}:worker:*"))
+        n = len(live_beats(store.r, store.keys.workers_pattern()))
         # a count, not the workers' names: those are host names, and this probe is open
         checks["workers"] = Check(
             ok=n > 0, detail=f"{n} worker{'s' if n != 1 else ''}" if n else "no worker heartbeat"

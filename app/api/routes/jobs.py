@@ -108,7 +108,7 @@ def create_job(
     return job
 
 
-@router.get("", response_model=JobsPublic, responses={**ErrorResponses.LIST, **ErrorResponses.CURSOR})
+@router.get("", response_model=JobsPublic, responses=ErrorResponses.LIST)
 def list_jobs(
     request: Request,
     store: StoreDep,
@@ -124,8 +124,9 @@ def list_jobs(
     index = None if who.admin else store.keys.owner_jobs(who.name)
     try:
         recs, total, next_cursor = store.list_jobs(limit=limit, offset=offset, cursor=cursor, index=index)
-    except ValueError:
-        raise HTTPException(status_code=400, detail="cursor is not one this service issued") from None
+    except ValueError:  # a bad parameter like any other: 422 naming it
+        error = {"type": "value_error", "loc": ("query", "cursor"), "msg": "not a cursor this service issued"}
+        raise RequestValidationError([{**error, "input": cursor}]) from None
     return JobsPublic(
         data=[public(request, r) for r in recs],
         count=total,

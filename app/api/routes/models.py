@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from starlette.convertors import Convertor, register_url_convertor
@@ -19,12 +19,21 @@ from starlette.datastructures import UploadFile
 from app.api.deps import MultipartBody, PrincipalDep, SettingsDep
 from app.archive import Limits, extract
 from app.auth import Principal
-from app.bundles import model_public
+from app.bundles import links_of, model_public
 from app.dataset_check import common_folder
 from app.errors import ErrorResponses
 from app.openapi import upload_body
-from app.registry import NAME_PATTERN, VERSION_PATTERN, ModelNotFound, Registry
+from app.registry import (
+    GRID_FILE,
+    NAME_PATTERN,
+    VERSION_PATTERN,
+    ModelNotFound,
+    Registry,
+    format_ref,
+    version_prefix,
+)
 from app.schemas import ModelPublic, ModelsPublic
+from app.storage import ObjectNotFound
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -115,6 +124,34 @@ def read_model_version(
     name: NameParam, version: VersionParam, registry: RegistryDep, who: PrincipalDep
 ) -> ModelPublic:
     return model_public(registry.get(name, version, viewer(who)))
+
+
+@router.get(
+    "/{name}/{version:model_version}/" + GRID_FILE,
+    response_class=Response,
+    responses={
+        200: {
+            "description": "the version's sample grid: generated pairs, image over mask",
+            "content": {"image/png": {}},
+        },
+        **ErrorResponses.MODEL_READ,
+    },
+)
+def read_sample_grid(
+    name: NameParam, version: VersionParam, registry: RegistryDep, who: PrincipalDep
+) -> Response:
+    """The PNG a training drew when it published the version (``links.sample_grid`` of the model);
+    404 for a version without one (pushed, or local)."""
+    rec = registry.get(name, version, viewer(who))
+    none = HTTPException(status_code=404, detail=f"model {format_ref(name, version)!r} has no sample grid")
+    if not links_of(rec):
+        raise none
+    try:
+        data = registry.storage.get(version_prefix(name, str(rec["version"])) + GRID_FILE)
+    except ObjectNotFound:
+        raise none from None
+    # a version never changes: its grid may be cached (privately: it may be a key's own model)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
 
 
 @router.delete("/{name}", status_code=204, responses=ErrorResponses.MODEL_DELETE)

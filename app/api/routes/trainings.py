@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse
 
 from app.api.deps import DatasetsDep, JsonBody, PrincipalDep, SettingsDep, too_many
-from app.api.routes.events import EVENTS_200
+from app.api.routes.events import events_200
 from app.auth import QuotaExceeded
 from app.errors import ErrorResponses
 from app.events import MAX_EVENT_ID, job_events
@@ -202,7 +202,7 @@ def cancel_training(request: Request, trainings: TrainingsDep, rec: OwnedTrainin
 @router.get(
     "/trainings/{training_id}/events",
     response_class=EventSourceResponse,
-    responses={**EVENTS_200, **ErrorResponses.TRAINING_QUERY},
+    responses={**events_200("TrainingPublic"), **ErrorResponses.TRAINING_QUERY},
 )
 async def training_event_stream(
     request: Request,
