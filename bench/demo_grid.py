@@ -1,4 +1,4 @@
-"""The README's picture: 16 kept synthetic pairs beside 16 real ones, and the Stage IV yield.
+"""The picture in README.md and docs/bundles.md: 16 kept synthetic pairs beside 16 real ones, and the Stage IV yield.
 
     python bench/demo_grid.py --bundle models/bundles/cxr-lung-64 --out docs/demo-grid.png
     python bench/demo_grid.py --bundle models/bundles/cxr-lungs3-64 --data DATA3 --out docs/demo-grid-3label.png

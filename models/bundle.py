@@ -114,7 +114,7 @@ class Bundle:
         one pair of every phase, so no job pays for compiling; returns the seconds it took.
 
         Worth it where a process keeps its bundle for long (a worker): on the 2-core CPU here the DPM
-        runs ~1.3x faster and compiling costs a few minutes (README, bench/expand.py). Compiled
+        runs ~1.3x faster and compiling costs a few minutes (docs/speed.md, bench/expand.py). Compiled
         kernels round differently from eager ones: a job's pairs are bit-reproducible for a fixed
         batch size, device and compile setting.
         """

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     bundle_cache_dir: Path = Path("var/bundle-cache")
     max_loaded_bundles: int = Field(default=2, ge=1)
     # torch.compile a bundle's networks when a worker loads it (minutes on a CPU, then ~1.3x faster
-    # sampling there; see README). Pairs are bit-reproducible per batch size, device and this setting.
+    # sampling there; see docs/speed.md). Pairs are bit-reproducible per batch size, device and this setting.
     compile: bool = False
 
     # Storage backend.

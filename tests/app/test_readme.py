@@ -20,11 +20,12 @@ from tests.conftest import ADMIN_HEADERS
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
+TRAINING = (ROOT / "docs" / "training.md").read_text()  # the README's "your own data" journey lives here
 
 
-def sh_block(heading: str) -> str:
+def sh_block(heading: str, text: str = README) -> str:
     """The first ```sh block after ``heading``."""
-    after = README[README.index(heading) :]
+    after = text[text.index(heading) :]
     return after.split("```sh\n", 1)[1].split("```", 1)[0]
 
 
@@ -99,7 +100,7 @@ def test_your_own_data_uploads_the_shipped_example_and_trains_on_it(
     client: TestClient, tmp_path: Path
 ) -> None:
     """examples/cxr-mini (6 pairs) is accepted by a default service, as the README's journey says."""
-    block = sh_block("### Your own data: upload, train, expand")
+    block = sh_block("## From a folder to a model: the cxr-mini example", TRAINING)
     (zip_line,) = [line for line in block.splitlines() if line.startswith("(cd examples/cxr-mini && zip")]
     archive = tmp_path / "cxr-mini.zip"
     subprocess.run(["sh", "-c", zip_line.replace("/tmp/cxr-mini.zip", str(archive))], cwd=ROOT, check=True)
@@ -115,8 +116,10 @@ def test_your_own_data_uploads_the_shipped_example_and_trains_on_it(
     assert resp.status_code in (201, 202), resp.text
 
 
-def test_the_readme_says_where_the_command_line_is_before_calling_it_bare() -> None:
+@pytest.mark.parametrize("doc", ["README.md", "docs/cli.md", "docs/training.md"])
+def test_the_docs_say_where_the_command_line_is_before_calling_it_bare(doc: str) -> None:
     """``make serve`` installs ``diffuseexpand`` into .venv/bin, which is not on PATH."""
-    first_bare = re.search(r"^diffuseexpand ", README, flags=re.M)
-    assert first_bare is not None
-    assert ". .venv/bin/activate" in README[: first_bare.start()]
+    text = (ROOT / doc).read_text()
+    first_bare = re.search(r"^diffuseexpand ", text, flags=re.M)
+    if first_bare is not None:
+        assert ". .venv/bin/activate" in text[: first_bare.start()]

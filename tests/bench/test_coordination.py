@@ -1,5 +1,5 @@
 """bench/coordination.py runs end to end (real API, Redis, storage, a Celery worker with the stand-in
-sampler) and ends with the line the README quotes."""
+sampler) and ends with its summary line (figures: docs/coordination.md)."""
 
 from __future__ import annotations
 

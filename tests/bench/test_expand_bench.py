@@ -1,4 +1,4 @@
-"""bench/expand.py --compare-reference runs end to end and ends with the line the README quotes."""
+"""bench/expand.py --compare-reference runs end to end and ends with the line docs/speed.md quotes."""
 
 from __future__ import annotations
 
