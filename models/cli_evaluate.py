@@ -168,6 +168,9 @@ def evaluate_cmd(
     oracle: Annotated[
         bool | None, typer.Option(help="The oracle rows: origin + N real train pairs (+ augmentation).")
     ] = None,
+    plain_synthetic: Annotated[
+        bool | None, typer.Option(help="The 'origin + N synthetic' row without augmentation.")
+    ] = None,
     pseudo: Annotated[
         bool | None, typer.Option(help="The pseudo-label row (needs --unlabelled rest).")
     ] = None,
@@ -235,6 +238,7 @@ def evaluate_cmd(
         "clean_masks": clean_masks,
         "oracle": oracle,
         "pseudo": pseudo,
+        "plain_synthetic": plain_synthetic,
         "sweep_fraction": sweep_fraction,
         "budgets": tuple(int(b) for b in _floats(budgets, "--budgets") or ())
         if budgets is not None

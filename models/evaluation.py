@@ -96,6 +96,7 @@ class EvalConfig:
     real_share: float = DEFAULT_REAL_SHARE  # with mask_source mixed
     clean_masks: bool = False  # clean generated masks before the image phase (models.mask_cleanup)
     oracle: bool = True  # few-shot: "origin + N real pairs" rows (the ceiling)
+    plain_synthetic: bool = True  # few-shot: the "origin + N synthetic" row without augmentation
     pseudo: bool = True  # few-shot: the pseudo-label row (with an unlabelled pool)
     sweep_fraction: float | None = None  # the fraction of the N sweep (default: the smallest)
     budgets: tuple[int, ...] = ()  # when given: only the step-budget study (augmentation vs the full oracle)
@@ -145,10 +146,8 @@ class EvalConfig:
                 f"unlabelled must be one of {', '.join(UNLABELLED_MODES)}, got {self.unlabelled!r}"
             )
         self.mask_settings()  # validates mask_source, real_share
-        if self.sweep_fraction is not None and self.sweep_fraction not in self.fewshot:
-            raise ValueError(
-                f"sweep_fraction {self.sweep_fraction} is not one of the fractions {list(self.fewshot)}"
-            )
+        if self.sweep_fraction is not None and not 0 < self.sweep_fraction < 1:
+            raise ValueError(f"sweep_fraction must be in (0, 1), got {self.sweep_fraction}")
         if any(b < 1 for b in self.budgets):
             raise ValueError(f"budgets must be >= 1 steps, got {list(self.budgets)}")
         if self.group_by and self.group_column:
@@ -370,6 +369,7 @@ def run_evaluation(
             seeds=tuple(cfg.seeds), gen_seed=cfg.gen_seed, gen_batch_size=cfg.gen_batch_size,
             max_attempts_factor=cfg.max_attempts_factor, max_synthetic=cfg.max_synthetic,
             unlabelled=cfg.unlabelled, masks=cfg.mask_settings(), oracle=cfg.oracle, pseudo=cfg.pseudo,
+            plain_synthetic=cfg.plain_synthetic,
             sweep_fraction=cfg.sweep_fraction,
         )  # fmt: skip
         data_meta = {"folder": str(data_dir), "fingerprint": data_full.fingerprint}

@@ -103,6 +103,7 @@ class FewshotSettings:
     oracle: bool = True  # "origin + N real pairs" rows: the ceiling any N pairs can reach
     pseudo: bool = True  # the pseudo-label row (needs an unlabelled pool)
     sweep_fraction: float | None = None  # where the N sweep runs (default: the smallest fraction)
+    plain_synthetic: bool = True  # the "origin + N synthetic" row without augmentation
 
     def n_for(self, multiple: float, n_real: int) -> int:
         n = max(1, round(multiple * n_real))
@@ -470,7 +471,9 @@ def _one_fraction(ctx: FewshotContext, fraction: float) -> dict[str, Any]:
     plans: list[tuple[str, str, bool, int | None]] = [("origin", "origin", False, None)]
     if s.augment is not None:
         plans.append(("augment", "origin", True, None))
-    plans += [("duplicates", "duplicates", False, n_main), ("synthetic", "synthetic", False, n_main)]
+    plans.append(("duplicates", "duplicates", False, n_main))
+    if s.plain_synthetic or s.augment is None:
+        plans.append(("synthetic", "synthetic", False, n_main))
     if s.augment is not None:
         plans.append(("synthetic_augment", "synthetic", True, n_main))
         if s.oracle and order:  # at 100 % no train pair is left to add
