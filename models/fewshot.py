@@ -240,6 +240,7 @@ class RowRunner:
             extra_key: dict[str, Any], *, mixed: bool) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Per-image Dice ``[N]`` and per class ``[N, K-1]`` of one run."""
         key = self.key(row, len(x) - len(self.sub), augmented, seed, extra_key, mixed)
+        self.ctx.progress.phase(f"{self.fraction:.0%} {row} seed {seed}")
         by_class = self.cache.get(key)
         if by_class is None:
             model = self._train(row, x, y, augmented, seed, mixed)
