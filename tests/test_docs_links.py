@@ -132,3 +132,15 @@ def test_the_checker_sees_links_and_anchors(tmp_path: Path) -> None:
         "three-labels-left-and-right-lung-multi-class",
         "three-labels-left-and-right-lung-multi-class-1",
     }
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in (ROOT / "docs").glob("*.md")))
+def test_no_paragraph_is_said_twice_on_a_page(page: str) -> None:
+    """docs/results.md once repeated its 25 % paragraph and a table row, word for word."""
+    text = (ROOT / "docs" / page).read_text()
+    blocks = [b.strip() for b in text.split("\n\n") if len(b.strip()) > 120 and not b.strip().startswith("|")]
+    lines = [
+        ln for ln in text.splitlines() if ln.startswith("- **") or (ln.startswith("| (") and len(ln) > 40)
+    ]
+    assert len(blocks) == len(set(blocks)), [b[:80] for b in blocks if blocks.count(b) > 1][:1]
+    assert len(lines) == len(set(lines)), [ln for ln in lines if lines.count(ln) > 1][:1]
