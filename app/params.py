@@ -206,6 +206,9 @@ class MaskSource(StrEnum):
     MIXED = "mixed"
 
 
+# The share of Stage I batch rows drawn from a dataset's unlabelled images, when it has them
+# (models.training.train_dpm; docs/results.md, "unlabelled share", gives the measurement behind it).
+DEFAULT_UNLABELLED_SHARE = 0.5
 DEFAULT_REAL_SHARE = 0.5
 # The bundle file holding the training masks Stage I saw (models.mask_source): what real/mixed mask
 # sources and the clean-up need. The registry and the API tell from it whether a model has them.

@@ -345,9 +345,13 @@ class DatasetPublic(BaseModel):
     name: str | None = Field(default=None, description="the name given at upload, if any")
     owner: str = Field(description="name of the API key that uploaded it")
     pairs: int = Field(description="image/mask pairs")
+    unlabelled: int = Field(
+        default=0,
+        description="images without masks (unlabelled/): Stage I learns appearance from them; not in pairs",
+    )
     sizes: list[DatasetSize] = Field(description="image sizes (each mask has its image's), most common first")
     fingerprint: str = Field(description="sha256 over every pair's name and file bytes")
-    bytes: int = Field(description="bytes of the image and mask files stored")
+    bytes: int = Field(description="bytes of the image, mask and unlabelled files stored")
     groups: int | None = Field(
         default=None, description="distinct groups of pairs.csv's `group` column; null without one"
     )
