@@ -68,7 +68,16 @@ def test_expand_as_nnunet_writes_a_raw_nnunet_dataset(tmp_path: Path, tiny_bundl
     rows = read_csv(out / "manifest.csv")
     kept = [r["name"] for r in rows if r["kept"] == "1"]
     assert len(kept) == 3 and all(r["synthetic"] == "1" for r in rows)
-    assert list(rows[0]) == ["name", "index", "seed", "dice_loss", "kept", "synthetic"]  # binary: as always
+    assert list(rows[0]) == [
+        "name",
+        "index",
+        "seed",
+        "dice_loss",
+        "kept",
+        "mask_source",
+        "cleaned",
+        "synthetic",
+    ]
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == sorted(f"{n}_0000.png" for n in kept)
     for name in kept:
         image = np.asarray(Image.open(out / "imagesTr" / f"{name}_0000.png"))
@@ -91,7 +100,8 @@ def test_a_k_class_bundle_expands_and_merges_as_label_maps_with_k_labels(
     out = tmp_path / "nn"
     expand(tiny_multiclass_bundle, out, "nnunet", count=2)
     rows = read_csv(out / "manifest.csv")
-    assert list(rows[0]) == ["name", "index", "seed", "dice_loss", "dice_loss_1", "dice_loss_2", "kept", "synthetic"]  # fmt: skip
+    assert list(rows[0]) == ["name", "index", "seed", "dice_loss", "dice_loss_1", "dice_loss_2", "kept",
+                             "mask_source", "cleaned", "synthetic"]  # fmt: skip
     kept = [r for r in rows if r["kept"] == "1"]
     for r in kept:  # dice_loss is the mean of the class losses; masks keep their labels 0..2
         assert float(r["dice_loss"]) == pytest.approx((float(r["dice_loss_1"]) + float(r["dice_loss_2"])) / 2, abs=1e-5)  # fmt: skip
