@@ -54,7 +54,18 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         allow_inf_nan=False,
-        json_schema_extra={"dependentRequired": {"callback_secret": ["callback_url"]}},
+        json_schema_extra={
+            "dependentRequired": {"callback_secret": ["callback_url"]},
+            # real_share (a number) only with mask_source mixed: the service refuses it otherwise
+            "dependentSchemas": {
+                "real_share": {
+                    "anyOf": [
+                        {"properties": {"real_share": {"type": "null"}}},
+                        {"properties": {"mask_source": {"const": "mixed"}}, "required": ["mask_source"]},
+                    ]
+                }
+            },
+        },
     )
 
     model: str | None = Field(
