@@ -128,7 +128,13 @@ def _prepare_bundle(
         raise ValueError(
             f"{data_dir} is not the data this bundle was trained on (fingerprint differs); use a new --out folder"
         )
-    _, unlabelled = load_unlabelled(data_dir, int(meta["resolution"]))
+    unlabelled_names, unlabelled = load_unlabelled(data_dir, int(meta["resolution"]))
+    both = sorted(set(unlabelled_names) & set(data.names))
+    if both:  # as an upload is refused (app.dataset_check): an image is labelled or unlabelled
+        raise DatasetError(
+            f"{data_dir}: {len(both)} name(s) both in unlabelled/ and a labelled pair ({', '.join(both[:5])}); "
+            "an image is labelled or unlabelled"
+        )
     meta["data"] = {
         "folder": str(data_dir),
         "fingerprint": data.fingerprint,

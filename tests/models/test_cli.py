@@ -164,6 +164,14 @@ def test_train_dpm_with_unlabelled_images_counts_them_in_bundle_json_and_inspect
     res = runner.invoke(app, ["train-dpm", str(shapes_dir), "--out", str(tmp_path / "b2"),
                               "--unlabelled-share", "1"])  # fmt: skip
     assert res.exit_code == 2 and "--unlabelled-share" in res.output
+    # a labelled pair's image again in unlabelled/ is refused, naming it
+    (shapes_dir / "unlabelled" / "shape003.png").write_bytes(
+        (shapes_dir / "images" / "shape003.png").read_bytes()
+    )
+    res = runner.invoke(app, ["train-dpm", str(shapes_dir), "--out", str(tmp_path / "b4"),
+                              "--resolution", "16", "--train-steps", "1", "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 2 and "shape003" in res.output and "labelled or unlabelled" in res.output
+    (shapes_dir / "unlabelled" / "shape003.png").unlink()
     # an image in unlabelled/ that is no image is named
     (shapes_dir / "unlabelled" / "broken.png").write_bytes(b"not a png")
     res = runner.invoke(app, ["train-dpm", str(shapes_dir), "--out", str(tmp_path / "b3"),
