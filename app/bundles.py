@@ -13,7 +13,16 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
 from app.core.config import Settings
-from app.params import DEFAULT_ETA, Eta, SamplingSettings, merge_job_params
+from app.params import (
+    DEFAULT_ETA,
+    DEFAULT_REAL_SHARE,
+    TRAINING_MASKS_FILE,
+    Eta,
+    MaskSettings,
+    MaskSource,
+    SamplingSettings,
+    merge_job_params,
+)
 from app.schemas import JobCreate, JobParams, ModelPublic
 
 if TYPE_CHECKING:
@@ -90,6 +99,7 @@ def model_public(rec: dict[str, Any]) -> ModelPublic:
         source=rec.get("source", "registry"),
         extra=extra,
         links=links_of(rec),
+        training_masks=has_training_masks(rec),
     )
 
 
@@ -103,6 +113,38 @@ def links_of(rec: dict[str, Any]) -> dict[str, str]:
     ):
         return {"sample_grid": f"/v1/models/{rec['name']}/{rec['version']}/{GRID_FILE}"}
     return {}
+
+
+def has_training_masks(rec: dict[str, Any]) -> bool:
+    """Whether a registry record's bundle carries its training masks (``masks.npz``): a published
+    version's file list says it, a local folder's record carries ``training_masks``."""
+    if "training_masks" in rec:
+        return bool(rec["training_masks"])
+    return any(f.get("path") == TRAINING_MASKS_FILE for f in rec.get("files") or [])
+
+
+def _mask_settings(body: JobCreate, rec: dict[str, Any] | None, errors: list[dict[str, Any]]) -> MaskSettings:
+    """The job's mask settings; appends a 422 error naming the field when they do not fit the model."""
+    source = body.mask_source or MaskSource.GENERATED
+    if body.real_share is not None and source != MaskSource.MIXED:
+        errors.append(_error("real_share", "real_share applies to mask_source mixed only", body.real_share))
+    settings = MaskSettings(
+        source=source,
+        real_share=DEFAULT_REAL_SHARE if body.real_share is None else body.real_share,
+        clean=bool(body.clean_masks),
+    )
+    if rec is not None and settings.needs_training_masks and not has_training_masks(rec):
+        field = "mask_source" if source != MaskSource.GENERATED else "clean_masks"
+        value = source.value if field == "mask_source" else True
+        errors.append(
+            _error(
+                field,
+                f"model {rec['name']}@{rec['version']} carries no training masks (masks.npz), which "
+                f"mask_source real/mixed and clean_masks need; retrain its Stage I to add them",
+                value,
+            )
+        )
+    return settings
 
 
 def _error(field: str, msg: str, value: Any, kind: str = "value_error", **ctx: Any) -> dict[str, Any]:
@@ -162,13 +204,17 @@ def resolve_params(
         )
     registry = registry or _Registry.from_settings(settings)
     ref = body.model or settings.default_model
+    rec: dict[str, Any] | None
     try:
         name, version, rec = registry.resolve(ref, viewer)
     except ModelNotFound:
         known = ", ".join(m["name"] for m in registry.list_models(viewer)) or "none"
         errors.append(_error("model", f"Unknown model {ref!r}; available: {known}", ref))
+        rec = None
+    masks = _mask_settings(body, rec, errors)
     if errors:
         raise RequestValidationError(errors)
+    assert rec is not None  # no model: an error above
 
     meta = rec["meta"]
     return merge_job_params(
@@ -192,4 +238,5 @@ def resolve_params(
         karras=body.karras,
         early_reject=body.early_reject,
         size=body.size,
+        masks=masks,
     )

@@ -9,6 +9,8 @@ file, so one answer lists all that is wrong, not the first thing only.
 The layout: ``images/NAME.ext`` + ``masks/NAME.ext`` (NAME the same, the formats of ``app.pixels``,
 which may differ between an image and its mask), optionally ``pairs.csv`` (columns ``name`` and,
 for a group-aware split, ``group``) and the notes that travel with the data (``NOTE_FILES``).
+Images without masks are explicit: ``unlabelled/NAME.ext`` (checked like images; Stage I learns
+appearance from them). An image in ``images/`` without its mask stays an error.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from app.pixels import PixelsError, mask_problem, read_grey, split_suffix
 
 PAIRS_CSV = "pairs.csv"
+UNLABELLED = "unlabelled"  # images without masks (models.data.UNLABELLED_DIR)
 NOTE_FILES = ("SOURCE.md", "LICENSE", "LICENSE.md", "LICENSE.txt", "README.md", "README.txt")
 MAX_ISSUES = 100  # listed in one answer; the count says how many more there were
 
@@ -115,7 +118,7 @@ def common_folder(members: Sequence[str]) -> str:
     firsts = {m.split("/", 1)[0] for m in members}
     if len(firsts) == 1 and all("/" in m for m in members):
         (top,) = firsts
-        if top not in ("images", "masks"):
+        if top not in ("images", "masks", UNLABELLED):
             return top + "/"
     return ""
 
@@ -177,12 +180,14 @@ class Pair:
 
 @dataclass
 class CheckedDataset:
-    """A dataset that passed every check: its pairs, groups (from pairs.csv) and the notes beside it."""
+    """A dataset that passed every check: its pairs, groups (from pairs.csv), the notes beside it and
+    its unlabelled images (file names in ``unlabelled/``)."""
 
     pairs: list[Pair]
     fingerprint: str
     groups: dict[str, str] | None = None
     notes: list[str] = field(default_factory=list)  # pairs.csv and NOTE_FILES present at the top
+    unlabelled: list[str] = field(default_factory=list)
 
     def sizes(self) -> list[dict[str, int]]:
         """``[{width, height, pairs}]``, one entry per image size, most common first."""
@@ -198,7 +203,7 @@ def check_folder(root: Path, members: Sequence[str], *, max_pixels: int, min_pai
     every problem: files outside the layout, orphans, unreadable or oversized images, size
     mismatches, masks that are not label maps, a bad pairs.csv, too few pairs."""
     issues: list[Issue] = []
-    in_folder: dict[str, list[str]] = {"images": [], "masks": []}
+    in_folder: dict[str, list[str]] = {"images": [], "masks": [], UNLABELLED: []}
     notes = []
     for member in members:
         folder, _, filename = member.partition("/")
@@ -211,7 +216,7 @@ def check_folder(root: Path, members: Sequence[str], *, max_pixels: int, min_pai
                 Issue(
                     "unexpected_member",
                     member,
-                    "outside the layout: images/NAME.ext, masks/NAME.ext, pairs.csv, "
+                    "outside the layout: images/NAME.ext, masks/NAME.ext, unlabelled/NAME.ext, pairs.csv, "
                     + ", ".join(NOTE_FILES),
                 )
             )
@@ -221,6 +226,19 @@ def check_folder(root: Path, members: Sequence[str], *, max_pixels: int, min_pai
     issues += bad
     matched, bad = match_pairs(images, masks)
     issues += bad
+    unlabelled, bad = index_names(UNLABELLED, in_folder[UNLABELLED])
+    issues += bad
+    for name, filename in sorted(unlabelled.items()):
+        if name in images:
+            issues.append(
+                Issue(
+                    "duplicate_name",
+                    f"{UNLABELLED}/{filename}",
+                    f"also a labelled pair (images/{images[name]}); an image is labelled or unlabelled",
+                )
+            )
+            continue
+        issues += check_unlabelled(root, filename, max_pixels)
     pairs = []
     for name, image, mask in matched:
         pair, bad = check_pair(root, name, image, mask, max_pixels)
@@ -243,7 +261,23 @@ def check_folder(root: Path, members: Sequence[str], *, max_pixels: int, min_pai
     if issues:
         raise DatasetInvalid(issues, total=len(issues))
     files = [(p.name, root / "images" / p.image, root / "masks" / p.mask) for p in pairs]
-    return CheckedDataset(pairs=pairs, fingerprint=fingerprint(files), groups=groups, notes=sorted(notes))
+    return CheckedDataset(
+        pairs=pairs,
+        fingerprint=fingerprint(files),
+        groups=groups,
+        notes=sorted(notes),
+        unlabelled=[unlabelled[n] for n in sorted(unlabelled)],
+    )
+
+
+def check_unlabelled(root: Path, filename: str, max_pixels: int) -> list[Issue]:
+    """Decode one unlabelled image with the checks of a pair's image; its issues (none: usable)."""
+    member = f"{UNLABELLED}/{filename}"
+    try:
+        read_grey(root / UNLABELLED / filename, max_pixels=max_pixels, as_image=True)
+    except PixelsError as exc:
+        return [Issue({"unreadable": "unreadable_image"}.get(exc.kind, exc.kind), member, str(exc))]
+    return []
 
 
 def check_pair(

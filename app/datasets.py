@@ -1,11 +1,12 @@
 """Uploaded datasets: stored, listed per key, deleted unless a training uses them.
 
 Storage (the durable side), written in this order, ``dataset.json`` last so that it marks a complete
-dataset: ``datasets/ID/images/FILE`` and ``datasets/ID/masks/FILE`` (the files as uploaded: their
+dataset: ``datasets/ID/images/FILE``, ``datasets/ID/masks/FILE`` and ``datasets/ID/unlabelled/FILE``
+(images without masks, when the upload had an ``unlabelled/`` folder) (the files as uploaded: their
 bytes are what the fingerprint covers, and a 16-bit TIFF or a DICOM keeps its depth and window tags
 for the training's readers), ``datasets/ID/pairs.csv`` and the notes when present, then
-``datasets/ID/dataset.json`` (the record plus ``files`` — each pair's name, files and size — and the
-``groups`` from pairs.csv). Nothing is written before the whole upload passed ``app.dataset_check``.
+``datasets/ID/dataset.json`` (the record plus ``files`` — each pair's name, files and size — the
+``groups`` from pairs.csv and ``unlabelled_files``). Nothing is written before the whole upload passed ``app.dataset_check``.
 
 Redis (``P`` = settings.redis_prefix), written after storage, rebuilt from it when lost:
     P:dataset:ID          the record (JSON: what GET shows, without files and groups)
@@ -123,6 +124,10 @@ class DatasetStore:
                     path = root / folder / filename
                     nbytes += path.stat().st_size
                     self._put_file(f"{base}{folder}/{filename}", path)
+            for filename in checked.unlabelled:
+                path = root / "unlabelled" / filename
+                nbytes += path.stat().st_size
+                self._put_file(f"{base}unlabelled/{filename}", path)
             for note in checked.notes:
                 self._put_file(base + note, root / note)
             now = datetime.now(UTC)
@@ -131,6 +136,7 @@ class DatasetStore:
                 "name": name,
                 "owner": owner,
                 "pairs": len(checked.pairs),
+                "unlabelled": len(checked.unlabelled),
                 "sizes": checked.sizes(),
                 "fingerprint": checked.fingerprint,
                 "bytes": nbytes,
@@ -151,6 +157,7 @@ class DatasetStore:
                     for p in checked.pairs
                 ],
                 "group_by": checked.groups,
+                "unlabelled_files": [f"unlabelled/{f}" for f in checked.unlabelled],
             }
             self._put(record_key(dataset_id), json.dumps(manifest, sort_keys=True).encode())
             score = now.timestamp()
@@ -186,7 +193,7 @@ class DatasetStore:
 
     @staticmethod
     def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in manifest.items() if k not in ("files", "group_by")}
+        return {k: v for k, v in manifest.items() if k not in ("files", "group_by", "unlabelled_files")}
 
     def get(self, dataset_id: str) -> dict[str, Any]:
         """The record; from storage when Redis lost it. Raises ``DatasetNotFound``."""

@@ -38,6 +38,10 @@ SAMPLING_FIELDS = [
 OUTPUT_FIELDS = ["size"]  # the job's output WxH (app.params.Size), only when it asked for one
 # Every row is a generated pair: said in the row, so it stays said once rows are mixed with real ones.
 PROVENANCE_FIELDS = ["synthetic"]
+# Where the pair's mask came from (``generated`` or ``real:TRAINING_PAIR``, app.params.MaskSource) and
+# whether the generated mask was cleaned (0/1): in every manifest, the service's and the CLI's.
+MASK_FIELDS = ["mask_source", "cleaned"]
+DEFAULT_MASK_SOURCE = "generated"
 # Per-job Redis hashes/strings that DELETE removes (leases and the lock expire by themselves).
 VERSION = "ver"
 SUMMARY = "sum"  # running totals of "done" (app.scheduler.Summary), kept by JobStore.finish_shard
@@ -115,14 +119,31 @@ def class_loss_fields(num_classes: int) -> list[str]:
 
 
 def pair_meta(
-    name: str, index: int, seed: int, dice_loss: float, class_losses: list[float] | None = None
+    name: str,
+    index: int,
+    seed: int,
+    dice_loss: float,
+    class_losses: list[float] | None = None,
+    mask_source: str = DEFAULT_MASK_SOURCE,
+    cleaned: bool = False,
 ) -> dict[str, Any]:
     """A kept pair's entry (Redis ``J:pairs``); ``class_losses`` (one per foreground class) only for
-    K > 2: a binary pair's entry is byte for byte what it always was."""
+    K > 2, ``mask_source`` only when not generated and ``cleaned`` only when true: a binary pair of
+    the paper's pipeline has the entry it always had."""
     meta: dict[str, Any] = {"name": name, "index": index, "seed": seed, "dice_loss": dice_loss}
     if class_losses is not None and len(class_losses) > 1:
         meta["class_losses"] = [float(v) for v in class_losses]
+    if mask_source != DEFAULT_MASK_SOURCE:
+        meta["mask_source"] = mask_source
+    if cleaned:
+        meta["cleaned"] = True
     return meta
+
+
+def row_mask_source(row: dict[str, Any]) -> tuple[str, bool]:
+    """A pair's mask source and whether its mask was cleaned, from its Redis entry or manifest row."""
+    cleaned = row.get("cleaned")
+    return str(row.get("mask_source") or DEFAULT_MASK_SOURCE), cleaned in (True, 1, "1", "true", "True")
 
 
 def row_class_losses(row: dict[str, Any]) -> list[float] | None:
@@ -147,7 +168,7 @@ def rows_num_classes(rows: list[dict[str, Any]]) -> int:
 
 def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any], num_classes: int | None = None) -> bytes:
     """One row per pair: name, index, seed, dice_loss (then ``dice_loss_1``... for K > 2), the parameters
-    that produced it, ``synthetic`` (1). K is ``num_classes``, else what the rows say. A job with an
+    that produced it, ``mask_source`` and ``cleaned`` (MASK_FIELDS), ``synthetic`` (1). K is ``num_classes``, else what the rows say. A job with an
     output ``size`` has a ``size`` column after the sampling fields (a square job's manifest is as before)."""
     out = io.StringIO()
     size = params.get("size")
@@ -155,7 +176,7 @@ def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any], num_classes
     at = MANIFEST_FIELDS.index("dice_loss") + 1
     fields = (
         MANIFEST_FIELDS[:at] + per_class + MANIFEST_FIELDS[at:] + SAMPLING_FIELDS
-        + (OUTPUT_FIELDS if size else []) + PROVENANCE_FIELDS
+        + (OUTPUT_FIELDS if size else []) + MASK_FIELDS + PROVENANCE_FIELDS
     )  # fmt: skip
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
@@ -171,10 +192,16 @@ def manifest_csv(rows: list[dict[str, Any]], params: dict[str, Any], num_classes
                 "eta": params["eta"],
                 **{k: sampling.get(k) for k in SAMPLING_FIELDS},
                 **({"size": size} if size else {}),
+                **dict(zip(MASK_FIELDS, _mask_cells(row), strict=True)),
                 "synthetic": 1,
             }
         )
     return out.getvalue().encode()
+
+
+def _mask_cells(row: dict[str, Any]) -> tuple[str, int]:
+    source, cleaned = row_mask_source(row)
+    return source, int(cleaned)
 
 
 def read_manifest(data: bytes) -> list[dict[str, str]]:

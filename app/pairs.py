@@ -13,7 +13,15 @@ from typing import Any
 
 import redis
 
-from app.layout import image_key, job_prefix, mask_key, preview_key, record_key, row_class_losses
+from app.layout import (
+    image_key,
+    job_prefix,
+    mask_key,
+    preview_key,
+    record_key,
+    row_class_losses,
+    row_mask_source,
+)
 from app.preview import overlay
 from app.storage import ObjectNotFound
 from app.store import DELETED, JobNotFound, JobStore
@@ -40,6 +48,7 @@ def _row(raw: dict[str, Any]) -> dict[str, Any]:
         "seed": int(raw["seed"]),
         "dice_loss": float(raw["dice_loss"]),
         "class_dice_losses": row_class_losses(raw),
+        **dict(zip(("mask_source", "cleaned"), row_mask_source(raw), strict=True)),
     }
 
 

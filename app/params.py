@@ -206,7 +206,13 @@ class MaskSource(StrEnum):
     MIXED = "mixed"
 
 
+# The share of Stage I batch rows drawn from a dataset's unlabelled images, when it has them
+# (models.training.train_dpm; docs/results.md, "unlabelled share", gives the measurement behind it).
+DEFAULT_UNLABELLED_SHARE = 0.5
 DEFAULT_REAL_SHARE = 0.5
+# The bundle file holding the training masks Stage I saw (models.mask_source): what real/mixed mask
+# sources and the clean-up need. The registry and the API tell from it whether a model has them.
+TRAINING_MASKS_FILE = "masks.npz"
 RealShare = Annotated[
     Float,
     Field(ge=0.0, le=1.0, description="with mask_source mixed: the share of pairs on real masks, 0 to 1"),
@@ -292,6 +298,7 @@ def merge_job_params(
     eta: float | None = None,
     max_attempts: int | None = None,
     size: str | None = None,
+    masks: MaskSettings | None = None,
     **sampling_overrides: Any,
 ) -> JobParams:
     """A request's values over a bundle's defaults: what a job runs with (its seed drawn if not given)."""
@@ -306,4 +313,5 @@ def merge_job_params(
         batch_size=batch_size,
         shard_size=shard_size,
         size=size,
+        masks=masks or MaskSettings(),
     )

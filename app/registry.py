@@ -46,6 +46,7 @@ from app.auth import ADMIN
 from app.bundles import META_FILE, list_bundles, usable_meta
 from app.core.config import Settings
 from app.layout import RedisKeys, as_str
+from app.params import TRAINING_MASKS_FILE
 from app.storage import ObjectNotFound, Storage, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,11 @@ class Registry:
         out = {}
         for name, meta in list_bundles(self.settings).items():
             if valid_name(name):
-                out[name] = local_record(name, meta)
+                folder = Path(self.settings.bundles_dir) / name
+                out[name] = {
+                    **local_record(name, meta),
+                    "training_masks": (folder / TRAINING_MASKS_FILE).is_file(),
+                }
         return out
 
     # ---- reading

@@ -9,7 +9,21 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
-from app.params import Count, Eta, GuidanceMode, MaxAttempts, Seed, Size, Solver, Steps, Tau, WCf, WCg
+from app.params import (
+    Count,
+    Eta,
+    GuidanceMode,
+    MaskSource,
+    MaxAttempts,
+    RealShare,
+    Seed,
+    Size,
+    Solver,
+    Steps,
+    Tau,
+    WCf,
+    WCg,
+)
 from app.params import JobParams as JobParams  # re-exported: the store uses it from here
 from app.params import SamplingSettings as SamplingSettings
 
@@ -40,7 +54,18 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         allow_inf_nan=False,
-        json_schema_extra={"dependentRequired": {"callback_secret": ["callback_url"]}},
+        json_schema_extra={
+            "dependentRequired": {"callback_secret": ["callback_url"]},
+            # real_share (a number) only with mask_source mixed: the service refuses it otherwise
+            "dependentSchemas": {
+                "real_share": {
+                    "anyOf": [
+                        {"properties": {"real_share": {"type": "null"}}},
+                        {"properties": {"mask_source": {"const": "mixed"}}, "required": ["mask_source"]},
+                    ]
+                }
+            },
+        },
     )
 
     model: str | None = Field(
@@ -76,6 +101,21 @@ class JobCreate(BaseModel):
         "default: DIFFEXP_MAX_ATTEMPTS_FACTOR x count",
     )
     size: Size | None = None
+    mask_source: MaskSource | None = Field(
+        default=None,
+        description="where masks come from: generated (the mask phase; default), real (a training mask of "
+        "the model, deformed by a seeded affine + elastic transform) or mixed (real_share of the pairs "
+        "real); real and mixed need a model with training masks (GET /v1/models: training_masks)",
+    )
+    real_share: RealShare | None = Field(
+        default=None,
+        description="with mask_source mixed only: the share of pairs on real masks, 0 to 1; default 0.5",
+    )
+    clean_masks: StrictBool | None = Field(
+        default=None,
+        description="clean generated masks before the image phase (drop specks far smaller than the "
+        "training masks' components, fill holes); needs a model with training masks; default: false",
+    )
     callback_url: str | None = Field(
         default=None,
         min_length=1,
@@ -198,6 +238,12 @@ class PairPublic(BaseModel):
         description="a K-class model's (K > 2) Stage IV Dice loss per foreground class 1..K-1 (dice_loss is "
         "their mean; the manifest's dice_loss_1...); null for a binary model",
     )
+    mask_source: str = Field(
+        default="generated",
+        description="where the mask came from: generated (the mask phase) or real:NAME (the model's "
+        "training pair NAME's mask, deformed); the manifest's mask_source",
+    )
+    cleaned: bool = Field(default=False, description="whether the generated mask was cleaned (clean_masks)")
     links: PairLinks
 
 
@@ -240,6 +286,11 @@ class ModelPublic(BaseModel):
     extra: dict[str, Any] = Field(default={}, description="what the publisher recorded (training id...)")
     links: dict[str, str] = Field(
         default={}, description="sample_grid: the PNG of generated pairs a training drew (image/png)"
+    )
+    training_masks: bool = Field(
+        default=False,
+        description="whether the bundle carries the masks Stage I learned from (masks.npz): jobs with "
+        "mask_source real or mixed, or clean_masks, need them",
     )
 
 
@@ -308,9 +359,13 @@ class DatasetPublic(BaseModel):
     name: str | None = Field(default=None, description="the name given at upload, if any")
     owner: str = Field(description="name of the API key that uploaded it")
     pairs: int = Field(description="image/mask pairs")
+    unlabelled: int = Field(
+        default=0,
+        description="images without masks (unlabelled/): Stage I learns appearance from them; not in pairs",
+    )
     sizes: list[DatasetSize] = Field(description="image sizes (each mask has its image's), most common first")
     fingerprint: str = Field(description="sha256 over every pair's name and file bytes")
-    bytes: int = Field(description="bytes of the image and mask files stored")
+    bytes: int = Field(description="bytes of the image, mask and unlabelled files stored")
     groups: int | None = Field(
         default=None, description="distinct groups of pairs.csv's `group` column; null without one"
     )

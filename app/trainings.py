@@ -4,8 +4,9 @@ torch-free (the API imports it); the worker side is ``worker.training``.
 
 Redis (``P`` = settings.redis_prefix, ``T`` = ``P:training:ID``):
     T               the record (JSON): id, owner, name, dataset, params, status, times, error, model
-    T:progress      the worker's latest report (JSON: stage, step, steps, loss, eta_seconds), merged
-                    into the record on read; kept apart so a report never overwrites a cancel
+    T:progress      the worker's latest report (JSON: stage, step, steps, loss, eta_seconds, pairs,
+                    unlabelled), merged into the record on read; kept apart so a report never
+                    overwrites a cancel
     T:lease         token of the worker running it (TTL lease_ttl_s, refreshed by a thread)
     T:stop          set when it was canceled: the worker stops within about a second
     T:attempts      runs started (a SIGKILLed worker cannot count itself afterwards)
@@ -45,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from app.core.config import Settings
 from app.datasets import DatasetNotFound, DatasetStore
 from app.layout import as_str
+from app.params import DEFAULT_UNLABELLED_SHARE
 from app.schemas import JOB_ID_PATTERN, JobStatus
 from app.storage import Storage
 from app.store import JobNotFound
@@ -98,6 +100,13 @@ class TrainingCreate(BaseModel):
     lr: float = Field(default=2e-4, gt=0, le=0.01, description="Stage I learning rate")
     cf_dropout: float = Field(default=0.2, ge=0, le=0.9, description="classifier-free dropout")
     checkpoint_every: int = Field(default=250, ge=1, le=100_000, description="steps between checkpoints")
+    unlabelled_share: float = Field(
+        default=DEFAULT_UNLABELLED_SHARE,
+        ge=0,
+        lt=1,
+        description="share of Stage I batch rows drawn from the dataset's unlabelled images (trained with "
+        "the mask condition dropped), 0 to below 1; no effect on a dataset without them",
+    )
 
     @model_validator(mode="after")
     def _defaults(self) -> TrainingCreate:

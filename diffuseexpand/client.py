@@ -54,7 +54,7 @@ CHUNK = 1 << 20
 Format = Literal["plain", "nnunet", "monai"]
 SUBMIT_FIELDS = frozenset(
     "count model tau eta steps w_cf w_cg seed guidance solver karras early_reject max_attempts size callback_url "
-    "callback_secret".split()
+    "callback_secret mask_source real_share clean_masks".split()
 )
 
 # A request that surely never reached the service may always be sent again; one that may have
@@ -333,6 +333,9 @@ class Client(_Base):
         early_reject: bool | None = None,
         max_attempts: int | None = None,
         size: str | None = None,
+        mask_source: str | None = None,
+        real_share: float | None = None,
+        clean_masks: bool | None = None,
         callback_url: str | None = None,
         callback_secret: str | None = None,
         idempotency_key: str | None = None,
@@ -341,7 +344,10 @@ class Client(_Base):
         ``callback_url`` is POSTed the job when it ends, signed with ``callback_secret`` (drawn by the
         service unless given, and then only in this answer: ``Job.callback_secret``). Sending it
         twice with the same ``idempotency_key`` returns the first job. ``size`` (``"256x192"``)
-        crops and resizes each pair to that shape; default: the model's square output."""
+        crops and resizes each pair to that shape; default: the model's square output.
+        ``mask_source`` is ``generated`` (default), ``real`` (a training mask of the model, deformed)
+        or ``mixed`` (``real_share`` of the pairs real); ``clean_masks`` cleans generated masks. Each
+        pair says where its mask came from (``Pair.mask_source``, the manifest's ``mask_source``)."""
         body = {
             "count": count,
             "model": model,
@@ -357,6 +363,9 @@ class Client(_Base):
             "early_reject": early_reject,
             "max_attempts": max_attempts,
             "size": size,
+            "mask_source": mask_source,
+            "real_share": real_share,
+            "clean_masks": clean_masks,
             "callback_url": callback_url,
             "callback_secret": callback_secret,
         }
@@ -422,8 +431,8 @@ class Client(_Base):
     # ---- datasets and trainings ----
 
     def upload_dataset(self, source: str | os.PathLike[str], *, name: str | None = None) -> dict[str, Any]:
-        """Upload a dataset: a folder (``images/``, ``masks/``, optional ``pairs.csv`` and notes;
-        zipped here) or a ``.zip``/``.tar.gz``. Returns the dataset (``id``, ``pairs``, ...).
+        """Upload a dataset: a folder (``images/``, ``masks/``, optional ``unlabelled/``, ``pairs.csv``
+        and notes; zipped here) or a ``.zip``/``.tar.gz``. Returns the dataset (``id``, ``pairs``, ...).
         Sent once: a repeat after a lost answer would store a second copy."""
         path = Path(source)
         data = pack_folder(path) if path.is_dir() else path.read_bytes()
@@ -445,7 +454,7 @@ class Client(_Base):
     def train(self, dataset: str, name: str, **params: Any) -> dict[str, Any]:
         """Start a training of model ``name`` on dataset ``dataset`` (``POST /v1/models``); ``params``
         are the body's other fields (resolution, train_steps, segmenter_steps, filter_steps,
-        batch_size, seed, ...). Returns the training (``id``, ``status``, ``links``)."""
+        batch_size, seed, unlabelled_share, ...). Returns the training (``id``, ``status``, ``links``)."""
         body = {"dataset": dataset, "name": name, **{k: v for k, v in params.items() if v is not None}}
         answer: dict[str, Any] = self._json(_Call("POST", "/v1/models", body=body, idempotent=False))
         return answer
@@ -700,7 +709,7 @@ class AsyncClient(_Base):
     async def submit(self, count: int, *, idempotency_key: str | None = None, **params: Any) -> Job:
         """As ``Client.submit``: ``model``, ``tau``, ``eta``, ``steps``, ``w_cf``, ``w_cg``, ``seed``,
         ``guidance``, ``solver``, ``karras``, ``early_reject``, ``max_attempts``, ``size``,
-        ``callback_url``, ``callback_secret``."""
+        ``mask_source``, ``real_share``, ``clean_masks``, ``callback_url``, ``callback_secret``."""
         body = {"count": count, **params}
         return Job.from_json(await self._json(self._submit_call(body, idempotency_key)))
 
@@ -884,8 +893,8 @@ def pack_bundle(bundle_dir: Path, out: IO[bytes]) -> None:
 
 
 def pack_folder(root: Path) -> bytes:
-    """A dataset folder as a zip in memory: ``images/``, ``masks/`` and the notes beside them
-    (pairs.csv, SOURCE.md, LICENSE...), nothing else (no hidden files)."""
+    """A dataset folder as a zip in memory: ``images/``, ``masks/``, ``unlabelled/`` (images without
+    masks) and the notes beside them (pairs.csv, SOURCE.md, LICENSE...), nothing else (no hidden files)."""
     import io
     import zipfile
 
@@ -895,6 +904,6 @@ def pack_folder(root: Path) -> bytes:
             rel = path.relative_to(root)
             if not path.is_file() or any(part.startswith(".") for part in rel.parts):
                 continue
-            if rel.parts[0] in ("images", "masks") or len(rel.parts) == 1:
+            if rel.parts[0] in ("images", "masks", "unlabelled") or len(rel.parts) == 1:
                 zf.write(path, rel.as_posix())
     return buf.getvalue()

@@ -105,6 +105,7 @@ class Model:
     metrics: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     num_classes: int = 2  # mask classes K (background included); 2: binary masks 0/255
+    training_masks: bool = False  # it carries its training masks: mask_source real/mixed, clean_masks
 
     @classmethod
     def from_json(cls, data: dict[str, Any], default_name: str | None = None) -> Model:
@@ -112,6 +113,7 @@ class Model:
             name=str(data["name"]),
             resolution=int(data.get("resolution", 0)),
             num_classes=int(data.get("num_classes") or 2),
+            training_masks=bool(data.get("training_masks", False)),
             sampling_defaults=dict(data.get("sampling_defaults") or {}),
             eta_default=_float(data.get("eta_default")),
             default=data.get("name") == default_name,
@@ -131,6 +133,9 @@ class Pair:
     links: dict[str, str] = field(default_factory=dict)
     # Stage IV's Dice loss per foreground class 1..K-1 of a K-class model (K > 2); None when binary
     class_dice_losses: list[float] | None = None
+    # where its mask came from: "generated" or "real:NAME" (training pair NAME's mask, deformed)
+    mask_source: str = "generated"
+    cleaned: bool = False  # whether its generated mask was cleaned (clean_masks)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Pair:
@@ -143,6 +148,8 @@ class Pair:
             dice_loss=_float(data.get("dice_loss")),
             links=dict(data.get("links") or {}),
             class_dice_losses=[float(v) for v in per_class] if isinstance(per_class, list) else None,
+            mask_source=str(data.get("mask_source") or "generated"),
+            cleaned=bool(data.get("cleaned", False)),
         )
 
 

@@ -18,15 +18,25 @@ from PIL import Image
 from tqdm import tqdm
 
 from app.exports import GENERATOR, Entry, ExportFormat, Labels, describe, index_file, layout, mask_member
-from app.layout import class_loss_fields
-from app.params import Solver, default_max_attempts, draw_seed
+from app.layout import MASK_FIELDS, class_loss_fields
+from app.params import DEFAULT_REAL_SHARE, MaskSettings, MaskSource, Solver, default_max_attempts, draw_seed
 from models.bundle import Bundle, BundleError, new_meta, read_meta, resolve_device, write_meta
-from models.data import DatasetError, PairDataset, Split, find_pairs, load_folder, make_split, pair_groups
+from models.data import (
+    DatasetError,
+    PairDataset,
+    Split,
+    find_pairs,
+    load_folder,
+    load_unlabelled,
+    make_split,
+    pair_groups,
+)
 from models.expand import Cancelled, expand
 from models.guidance import GuidanceMode
+from models.mask_source import MASKS_FILE
 from models.merge import merge
 from models.shape import parse_size, restore_shape
-from models.training import TrainConfig, train_dpm, train_filter, train_segmenter
+from models.training import DEFAULT_UNLABELLED_SHARE, TrainConfig, train_dpm, train_filter, train_segmenter
 
 app = typer.Typer(
     name="diffuseexpand",
@@ -80,8 +90,11 @@ def _prepare_bundle(
     group_by: str | None = None,
     group_column: str | None = None,
     num_classes: int | None = None,
-) -> tuple[PairDataset, PairDataset, dict[str, Any]]:
+) -> tuple[PairDataset, PairDataset, dict[str, Any], Any]:
     """Create the bundle's bundle.json and split on first use; later stages must use the same data.
+
+    Returns the train and test pairs, the bundle's metadata and the images of the data's
+    ``unlabelled/`` folder (``[U, 1, R, R]``, U = 0 without one), which only Stage I uses.
 
     K (``num_classes``) is inferred from the masks on first use unless given, then kept in bundle.json.
 
@@ -115,10 +128,18 @@ def _prepare_bundle(
         raise ValueError(
             f"{data_dir} is not the data this bundle was trained on (fingerprint differs); use a new --out folder"
         )
+    unlabelled_names, unlabelled = load_unlabelled(data_dir, int(meta["resolution"]))
+    both = sorted(set(unlabelled_names) & set(data.names))
+    if both:  # as an upload is refused (app.dataset_check): an image is labelled or unlabelled
+        raise DatasetError(
+            f"{data_dir}: {len(both)} name(s) both in unlabelled/ and a labelled pair ({', '.join(both[:5])}); "
+            "an image is labelled or unlabelled"
+        )
     meta["data"] = {
         "folder": str(data_dir),
         "fingerprint": data.fingerprint,
         "pairs": len(data),
+        "unlabelled": len(unlabelled),  # images without masks (unlabelled/): Stage I's image phase only
         "empty_masks": data.empty_masks,  # 0: Stage IV never keeps a synthetic pair with an empty mask
         "shapes": data.shapes(),  # the commonest original sizes, "WxH": pairs (padded to squares)
         "licence_files": [],
@@ -130,7 +151,7 @@ def _prepare_bundle(
             shutil.copyfile(data_dir / note, out / f"data-{note}")
             meta["data"]["licence_files"].append(f"data-{note}")
     write_meta(out, meta)
-    return data.subset(split.train), data.subset(split.test), meta
+    return data.subset(split.train), data.subset(split.test), meta, unlabelled
 
 
 DataArg = Annotated[Path, typer.Argument(help="Dataset folder with images/NAME.ext and masks/NAME.ext.")]
@@ -161,6 +182,22 @@ ClassesOpt = Annotated[
         "masks; label maps 0..K-1 or palette PNGs for K > 2).",
         min=2,
         max=16,
+    ),
+]
+
+
+def _share(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise typer.BadParameter(f"must be in [0, 1), got {value}", param_hint="--unlabelled-share")
+    return value
+
+
+UnlabelledShareOpt = Annotated[
+    float,
+    typer.Option(
+        help="Share of Stage I batch rows drawn from the data's unlabelled/ images (trained with the mask "
+        "condition dropped), 0 to below 1; ignored without an unlabelled/ folder.",
+        callback=_share,
     ),
 ]
 GroupColumnOpt = Annotated[
@@ -195,11 +232,13 @@ def _device(device: str) -> Any:
 
 
 def _run_dpm(train: PairDataset, out: Path, steps: int, batch: int, seed: int, lr: float, cf: float,
-             pretrained: Path | None, dev: Any) -> None:  # fmt: skip
+             pretrained: Path | None, dev: Any, unlabelled: Any = None,
+             unlabelled_share: float = DEFAULT_UNLABELLED_SHARE) -> None:  # fmt: skip
     bar, cb = _progress("Stage I  DPM      ", steps)
     with bar:
         s = train_dpm(train, out, TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed),
-                      cf_dropout=cf, pretrained=pretrained, device=dev, callback=cb)  # fmt: skip
+                      cf_dropout=cf, pretrained=pretrained, device=dev, callback=cb,
+                      unlabelled=unlabelled, unlabelled_share=unlabelled_share)  # fmt: skip
     if s["reinitialised_from_pretrained"]:
         typer.echo(
             f"re-initialised from scratch (shape differs): {', '.join(s['reinitialised_from_pretrained'])}"
@@ -260,16 +299,20 @@ def train(
     group_by: GroupByOpt = None,
     group_column: GroupColumnOpt = None,
     num_classes: ClassesOpt = None,
+    unlabelled_share: UnlabelledShareOpt = DEFAULT_UNLABELLED_SHARE,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train all stages (I, II, IV) into a bundle; re-running continues from the checkpoints."""
     dev = _device(device)
     with user_errors():
-        tr, te, _ = _prepare_bundle(
+        tr, te, _, unl = _prepare_bundle(
             data, out, resolution, seed, test_fraction, group_by, group_column, num_classes
         )
-        typer.echo(f"{len(tr)} training pairs, {len(te)} held out, device {dev}")
-        _run_dpm(tr, out, train_steps, batch_size, seed, lr, cf_dropout, pretrained, dev)
+        extra = f", {len(unl)} unlabelled images (Stage I)" if len(unl) else ""
+        typer.echo(f"{len(tr)} training pairs, {len(te)} held out{extra}, device {dev}")
+        _run_dpm(
+            tr, out, train_steps, batch_size, seed, lr, cf_dropout, pretrained, dev, unl, unlabelled_share
+        )
         _run_segmenter(tr, out, segmenter_steps or max(1, train_steps // 2), batch_size, seed, dev)
         _run_filter(tr, te, out, filter_steps or max(1, train_steps // 2), batch_size, seed, dev)
     typer.echo(f"bundle ready: {out}")
@@ -290,15 +333,18 @@ def train_dpm_cmd(
     group_by: GroupByOpt = None,
     group_column: GroupColumnOpt = None,
     num_classes: ClassesOpt = None,
+    unlabelled_share: UnlabelledShareOpt = DEFAULT_UNLABELLED_SHARE,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Stage I only: the two-condition DPM."""
+    """Stage I only: the two-condition DPM (with the data's unlabelled/ images, if any)."""
     dev = _device(device)
     with user_errors():
-        tr, _, _ = _prepare_bundle(
+        tr, _, _, unl = _prepare_bundle(
             data, out, resolution, seed, test_fraction, group_by, group_column, num_classes
         )
-        _run_dpm(tr, out, train_steps, batch_size, seed, lr, cf_dropout, pretrained, dev)
+        _run_dpm(
+            tr, out, train_steps, batch_size, seed, lr, cf_dropout, pretrained, dev, unl, unlabelled_share
+        )
 
 
 @app.command("train-segmenter")
@@ -318,7 +364,7 @@ def train_segmenter_cmd(
     """Stage II only: the noisy segmenter with its image/mask head."""
     dev = _device(device)
     with user_errors():
-        tr, _, _ = _prepare_bundle(
+        tr, _, _, _ = _prepare_bundle(
             data, out, resolution, seed, test_fraction, group_by, group_column, num_classes
         )
         _run_segmenter(tr, out, train_steps, batch_size, seed, dev)
@@ -341,10 +387,20 @@ def train_filter_cmd(
     """Stage IV only: the clean filter segmenter, with its held-out Dice."""
     dev = _device(device)
     with user_errors():
-        tr, te, _ = _prepare_bundle(
+        tr, te, _, _ = _prepare_bundle(
             data, out, resolution, seed, test_fraction, group_by, group_column, num_classes
         )
         _run_filter(tr, te, out, train_steps, batch_size, seed, dev)
+
+
+def _mask_settings(source: MaskSource, real_share: float | None, clean: bool) -> MaskSettings:
+    """``--mask-source``, ``--real-share`` and ``--clean-masks`` as MaskSettings (exit 2 naming the flag)."""
+    if real_share is not None and source != MaskSource.MIXED:
+        raise typer.BadParameter("only with --mask-source mixed", param_hint="--real-share")
+    if real_share is not None and not 0.0 <= real_share <= 1.0:
+        raise typer.BadParameter(f"must be in [0, 1], got {real_share}", param_hint="--real-share")
+    share = DEFAULT_REAL_SHARE if real_share is None else real_share
+    return MaskSettings(source=source, real_share=share, clean=clean)
 
 
 @app.command("expand")
@@ -396,11 +452,33 @@ def expand_cmd(
             "(masks nearest). Default: the bundle's square resolution."
         ),
     ] = None,
+    mask_source: Annotated[
+        MaskSource,
+        typer.Option(
+            help="Where masks come from: generated (the mask phase), real (a training mask of the bundle, "
+            "deformed by a seeded affine + elastic transform) or mixed (--real-share of the pairs real)."
+        ),
+    ] = MaskSource.GENERATED,
+    real_share: Annotated[
+        float | None,
+        typer.Option(
+            help="With --mask-source mixed: the share of pairs on real masks, 0 to 1 (default 0.5)."
+        ),
+    ] = None,
+    clean_masks: Annotated[
+        bool,
+        typer.Option(
+            "--clean-masks/--no-clean-masks",
+            help="Drop specks far smaller than the training masks' components and fill holes in generated "
+            "masks before the image phase.",
+        ),
+    ] = False,
     export_format: FormatOpt = ExportFormat.PLAIN,
     device: DeviceOpt = "auto",
 ) -> None:
     """Generate pairs until COUNT pass the Stage IV filter; write them and a manifest of every attempt."""
     dev = _device(device)
+    mask_settings = _mask_settings(mask_source, real_share, clean_masks)
     try:
         out_size = parse_size(size) if size is not None else None
     except ValueError as exc:
@@ -437,6 +515,7 @@ def expand_cmd(
         }
         if size is not None:
             run["size"] = size
+        run["masks"] = mask_settings.model_dump(mode="json")
         (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
         typer.echo(f"seed {seed_used}, eta {eta_used}, {params.to_dict()}")
         bar = tqdm(total=count, desc="kept", unit="pair", dynamic_ncols=True, file=sys.stderr)
@@ -451,12 +530,12 @@ def expand_cmd(
         manifest = (out / "manifest.csv").open("w", newline="")
         writer = csv.writer(manifest)
         per_class = class_loss_fields(b.num_classes)  # K > 2: dice_loss_1 ... dice_loss_{K-1}
-        writer.writerow(["name", "index", "seed", "dice_loss", *per_class, "kept", "synthetic"])
+        writer.writerow(["name", "index", "seed", "dice_loss", *per_class, "kept", *MASK_FIELDS, "synthetic"])
         labels = Labels.from_bundle(b.meta)
         names: list[str] = []
         try:
             for pair in expand(b, count, seed=seed_used, params=params, eta=eta_used, batch_size=batch_size,
-                               max_attempts=max_attempts, callback=on_event):  # fmt: skip
+                               max_attempts=max_attempts, callback=on_event, masks=mask_settings):  # fmt: skip
                 generated += 1
                 image, mask = pair.image, pair.mask
                 if out_size is not None and (pair.kept or keep_rejected):
@@ -474,7 +553,17 @@ def expand_cmd(
                 losses = [f"{v:.6f}" for v in pair.class_losses or []] if per_class else []
                 losses += [""] * (len(per_class) - len(losses))
                 writer.writerow(
-                    [pair.name, pair.index, pair.seed, f"{pair.dice_loss:.6f}", *losses, int(pair.kept), 1]
+                    [
+                        pair.name,
+                        pair.index,
+                        pair.seed,
+                        f"{pair.dice_loss:.6f}",
+                        *losses,
+                        int(pair.kept),
+                        pair.mask_source,
+                        int(pair.cleaned),
+                        1,
+                    ]  # fmt: skip
                 )
                 manifest.flush()
                 if pair.kept:
@@ -635,9 +724,15 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> N
             "test": len(split.get("test", [])),
         },
         "training": {
-            k: {kk: v.get(kk) for kk in ("steps", "final_loss", "parameters")}
+            k: {
+                kk: v.get(kk)
+                for kk in ("steps", "final_loss", "parameters", "unlabelled", "unlabelled_share")
+                if kk in v or kk in ("steps", "final_loss", "parameters")
+            }
             for k, v in meta["training"].items()
         },
+        # masks.npz: what mask_source real/mixed and --clean-masks need
+        "training_masks": (bundle / MASKS_FILE).is_file(),
         "metrics": meta.get("metrics", {}),
         "sampling_defaults": meta.get("sampling_defaults"),
         "eta_default": meta.get("eta_default"),

@@ -36,6 +36,12 @@ class ExportFormat(StrEnum):
     monai = "monai"
 
 
+class MaskSourceOpt(StrEnum):  # app.params.MaskSource, spelt out: this module imports nothing of app/
+    generated = "generated"
+    real = "real"
+    mixed = "mixed"
+
+
 Url = Annotated[
     str,
     typer.Option(
@@ -152,6 +158,20 @@ def expand(
         str | None,
         typer.Option(help="output WIDTHxHEIGHT, e.g. 256x192 (centre-cropped, resized); default: square"),
     ] = None,
+    mask_source: Annotated[
+        MaskSourceOpt | None,
+        typer.Option(
+            help="generated (the mask phase; default), real (a training mask of the model, deformed) or "
+            "mixed (--real-share of the pairs real)"
+        ),
+    ] = None,
+    real_share: Annotated[
+        float | None, typer.Option(help="with --mask-source mixed: the share of pairs on real masks, 0 to 1")
+    ] = None,
+    clean_masks: Annotated[
+        bool | None,
+        typer.Option("--clean-masks/--no-clean-masks", help="clean generated masks (specks, holes)"),
+    ] = None,
     format: FormatOpt = ExportFormat.plain,
     progress: Progress = True,
     timeout: Timeout = None,
@@ -161,6 +181,8 @@ def expand(
         job = client.submit(
             count, model=model, tau=tau, eta=eta, steps=steps, w_cf=w_cf, w_cg=w_cg, seed=seed,
             solver=solver, karras=karras, early_reject=early_reject, size=size,
+            mask_source=mask_source.value if mask_source is not None else None, real_share=real_share,
+            clean_masks=clean_masks,
         )  # fmt: skip
         typer.echo(f"job {job.id} queued", err=True)
         with _interrupted(job.id):
@@ -262,7 +284,10 @@ def _training_line(t: dict[str, Any]) -> str:
 @app.command()
 def train(
     data: Annotated[
-        Path, typer.Argument(help="dataset folder (images/, masks/, optional pairs.csv) or a .zip/.tar.gz")
+        Path,
+        typer.Argument(
+            help="dataset folder (images/, masks/, optional unlabelled/ and pairs.csv) or a .zip/.tar.gz"
+        ),
     ],
     url: Url,
     name: Annotated[str, typer.Option("--name", help="model name (a-z 0-9 . _ -)")],
@@ -276,6 +301,10 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="training batch size")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the split and every draw")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
+    unlabelled_share: Annotated[
+        float | None,
+        typer.Option(help="share of Stage I batch rows from the data's unlabelled/ images, 0 to below 1"),
+    ] = None,
     progress: Progress = True,
     timeout: Timeout = None,
 ) -> None:
@@ -285,7 +314,8 @@ def train(
         raise _fail(f"{data}: no such file or folder", 2)
     with remote_errors(), _client(url, api_key) as client:
         dataset = client.upload_dataset(data, name=data.name)
-        typer.echo(f"dataset {dataset['id']}: {dataset['pairs']} pairs", err=True)
+        unlabelled = f", {dataset['unlabelled']} unlabelled images" if dataset.get("unlabelled") else ""
+        typer.echo(f"dataset {dataset['id']}: {dataset['pairs']} pairs{unlabelled}", err=True)
         training = client.train(
             dataset["id"],
             name,
@@ -296,6 +326,7 @@ def train(
             batch_size=batch_size,
             seed=seed,
             checkpoint_every=checkpoint_every,
+            unlabelled_share=unlabelled_share,
         )
         typer.echo(f"training {training['id']} queued", err=True)
         last: list[str] = []

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.params import MaskSource
+from app.params import TRAINING_MASKS_FILE, MaskSource
 
-MASKS_FILE = "masks.npz"
+MASKS_FILE = TRAINING_MASKS_FILE
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: one object per loaded file (_load's cache)

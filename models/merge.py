@@ -41,7 +41,8 @@ SPLIT_VALUES = {"": "train", "train": "train", "test": "test"}
 # Notes copied from each source, under the merged folder's names: licences and provenance travel along.
 REAL_NOTES = ("pairs.csv", "SOURCE.md", "LICENSE", "LICENSE.md")
 SYNTH_NOTES = ("manifest.csv", "job.json", "run.json", "dataset.json", "datalist.json")
-MANIFEST_FIELDS = ["name", "source", "split", "original", "image", "label"]
+# mask_source: a synthetic pair's (its manifest's: generated or real:NAME); empty for a real pair
+MANIFEST_FIELDS = ["name", "source", "split", "original", "image", "label", "mask_source"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class SyntheticSet:
     made_by: dict[str, Any] = field(default_factory=dict)  # job.json (a zip) or run.json (expand)
     labels: Labels | None = None  # what its dataset.json / datalist.json calls the channel and label
     num_classes: int = 2  # K > 2: its masks are label maps 0..K-1 (its manifest's dice_loss_k columns)
+    mask_sources: dict[str, str] = field(default_factory=dict)  # name -> its manifest's mask_source
 
 
 def _stems(folder: Path, suffixes: Iterable[str], strip: str = "") -> dict[str, Path]:
@@ -182,7 +184,9 @@ def read_synthetic(root: Path) -> SyntheticSet:
             break
     labels = _index_labels(fmt, _read_json(root / lay.index)) if lay.index else None
     num_classes = max(num_classes, labels.num_classes if labels is not None else 2)
-    return SyntheticSet(pairs, fmt, made_by, labels, num_classes)
+    # manifests written before the mask_source column: generated masks
+    sources = {r["name"]: r.get("mask_source") or "generated" for r in rows if r["name"] in kept}
+    return SyntheticSet(pairs, fmt, made_by, labels, num_classes, sources)
 
 
 def real_split(
@@ -270,6 +274,7 @@ def _write(
     real: Path,
     synthetic: Path,
     num_classes: int = 2,
+    mask_sources: dict[str, str] | None = None,
 ) -> tuple[list[Entry], list[str]]:
     """The pairs, manifest.csv and the sources' notes; returns the entries and the notes copied."""
     foreground = 1 if lay.labels else 255
@@ -284,7 +289,9 @@ def _write(
         _write_pair(pair, out / image, out / mask, resolution, foreground, num_classes)
         entries.append(Entry(name, test=test, source=source))
         split = "test" if test else "train"
-        rows.append({"name": name, "source": source, "split": split, "original": pair.name, "image": image, "label": mask})  # fmt: skip
+        mask_source = (mask_sources or {}).get(pair.name, "generated") if source == "synthetic" else ""
+        rows.append({"name": name, "source": source, "split": split, "original": pair.name, "image": image,
+                     "label": mask, "mask_source": mask_source})  # fmt: skip
     with (out / "manifest.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
         writer.writeheader()
@@ -334,7 +341,7 @@ def merge(
     sources += [(SYNTH_PREFIX, "synthetic", p, False) for p in synth.pairs]  # never a test pair
     created = not out.exists()
     try:
-        entries, copied = _write(out, lay, sources, resolution, real, synthetic, k)
+        entries, copied = _write(out, lay, sources, resolution, real, synthetic, k, synth.mask_sources)
     except BaseException:
         if created:  # a merge that fails half-way leaves no half-written set to trip over
             shutil.rmtree(out, ignore_errors=True)

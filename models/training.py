@@ -20,6 +20,7 @@ from monai.losses import DiceLoss
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
+from app.params import DEFAULT_UNLABELLED_SHARE as _DEFAULT_UNLABELLED_SHARE
 from models.augment import Augmenter, AugmentRecipe
 from models.bundle import read_meta, write_meta
 from models.data import PairDataset
@@ -41,8 +42,9 @@ from models.schedule import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod
 ProgressCallback = Callable[[int, int, float], None]  # (step, total, loss)
 
 # The share of Stage I batch rows drawn from the unlabelled images, when a dataset has them
-# (docs/results.md, "unlabelled share", gives the measurement behind it).
-DEFAULT_UNLABELLED_SHARE = 0.5
+# (docs/results.md, "unlabelled share", gives the measurement behind it); its one home is app.params,
+# which the API (no torch) shares.
+DEFAULT_UNLABELLED_SHARE = _DEFAULT_UNLABELLED_SHARE
 
 
 @dataclass

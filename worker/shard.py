@@ -27,7 +27,7 @@ from app.schemas import JobStatus
 from app.storage import StorageUnavailable
 from app.store import SHARD_DONE, SHARD_TAKEN, JobStore
 from models.bundle import Bundle
-from models.expand import Cancelled, generate_pairs
+from models.expand import Cancelled, bundle_training_masks, generate_pairs
 from models.sampling import SamplingParams
 from models.shape import parse_size, restore_shape
 from worker.metrics import counted, metered_pairs
@@ -121,6 +121,8 @@ def run_shard(
                 keep_shard=lambda: _keep_lease(store, job_id, shard, token),
             )  # fmt: skip
             sp = sampling_params(params)
+            if params.masks.needs_training_masks:  # the API checks it; a job of an older record may not
+                bundle_training_masks(bundle)
         except ShardTakenOver:
             return Outcome.SKIPPED
         except Exception as exc:  # a bundle that cannot load fails the job at once: no retry helps
@@ -268,13 +270,17 @@ def _attempt(
         eta=params.eta,
         batch_size=params.batch_size,
         callback=callback,
+        masks=params.masks,
     )
     out_size = parse_size(params.size) if params.size else None  # None: the square output
     batch: list[tuple[dict[str, Any], bytes, bytes]] = []  # a batch's kept pairs, stored together
     for pair in metered_pairs(pairs, store, params.model, bundle.device):  # counted for /metrics
         generated += 1
         if pair.kept:
-            meta = pair_meta(pair.name, pair.index, pair.seed, pair.dice_loss, pair.class_losses)
+            meta = pair_meta(
+                pair.name, pair.index, pair.seed, pair.dice_loss, pair.class_losses,
+                mask_source=pair.mask_source, cleaned=pair.cleaned,
+            )  # fmt: skip
             image, mask = pair.image, pair.mask
             if out_size is not None:
                 image, mask = restore_shape(image, mask, out_size)

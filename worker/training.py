@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from app.params import DEFAULT_UNLABELLED_SHARE
 from app.registry import GRID_FILE, InvalidBundle, NameTaken, Registry
 from app.schemas import JobStatus
 from app.trainings import STAGES, TrainingStore, eta_seconds, now_iso
 from models.bundle import Bundle, new_meta, read_meta, write_meta
-from models.data import PairDataset, find_pairs, load_folder, make_split, pair_groups
+from models.data import PairDataset, find_pairs, load_folder, load_unlabelled, make_split, pair_groups
 from models.expand import Cancelled, generate_pairs
 from models.training import TrainConfig, train_dpm, train_filter, train_segmenter
 from worker.shard import is_outage
@@ -119,8 +120,16 @@ class Reporter:
     """The ``models.training`` callback: progress to Redis at most every second, cancel and lease
     checks as often, checkpoint uploads every ``train_checkpoint_s``."""
 
-    def __init__(self, store: TrainingStore, rec: dict[str, Any], mirror: Mirror, lease: LeaseKeeper) -> None:
+    def __init__(
+        self,
+        store: TrainingStore,
+        rec: dict[str, Any],
+        mirror: Mirror,
+        lease: LeaseKeeper,
+        counts: dict[str, int] | None = None,
+    ) -> None:
         self.store, self.rec, self.mirror, self.lease = store, rec, mirror, lease
+        self.counts = counts or {}  # pairs and unlabelled images, shown with every report
         self.stage = STAGES[0]
         self.t0 = time.monotonic()
         self.first_step: int | None = None
@@ -149,6 +158,7 @@ class Reporter:
                 "loss": loss if np.isfinite(loss) else None,
                 "eta_seconds": eta_seconds(self.rec["params"], self.stage, step, rate),
                 "updated_at": now_iso(),
+                **self.counts,
             },
         )
 
@@ -235,9 +245,10 @@ def download_dataset(store: TrainingStore, dataset_id: str, dest: Path) -> Path:
     return dest
 
 
-def prepare(data_dir: Path, bundle: Path, rec: dict[str, Any]) -> tuple[PairDataset, PairDataset]:
+def prepare(data_dir: Path, bundle: Path, rec: dict[str, Any]) -> tuple[PairDataset, PairDataset, Any]:
     """The bundle's ``bundle.json`` and split on first run (``diffuseexpand train`` does the same);
-    a resumed run reads them from the mirror."""
+    a resumed run reads them from the mirror. Returns the train and test pairs and the dataset's
+    unlabelled images ``[U, 1, R, R]`` (U = 0 without any), for Stage I."""
     params = rec["params"]
     if (bundle / "bundle.json").exists():
         meta = read_meta(bundle)
@@ -252,10 +263,12 @@ def prepare(data_dir: Path, bundle: Path, rec: dict[str, Any]) -> tuple[PairData
             grouping=grouping,
         )  # fmt: skip
         meta["split"] = split.to_dict()
+    _, unlabelled = load_unlabelled(data_dir, int(meta["resolution"]))
     meta["data"] = {
         "folder": f"dataset:{rec['dataset']}",  # not the temporary folder: the same on every run
         "fingerprint": data.fingerprint,
         "pairs": len(data),
+        "unlabelled": len(unlabelled),  # images without masks: Stage I's image phase only
         "empty_masks": data.empty_masks,
         "shapes": data.shapes(),  # the commonest original sizes, "WxH": pairs (padded to squares)
         "licence_files": [],
@@ -266,7 +279,7 @@ def prepare(data_dir: Path, bundle: Path, rec: dict[str, Any]) -> tuple[PairData
             meta["data"]["licence_files"].append(f"data-{note}")
     write_meta(bundle, meta)
     split_rec = meta["split"]
-    return data.subset(split_rec["train"]), data.subset(split_rec["test"])
+    return data.subset(split_rec["train"]), data.subset(split_rec["test"]), unlabelled
 
 
 def _train(
@@ -283,10 +296,10 @@ def _train(
     mirror = Mirror(store, rec["id"], bundle)
     resumed = mirror.download()
     data_dir = download_dataset(store, rec["dataset"], work / "data")
-    train, test = prepare(data_dir, bundle, rec)
-    log.info("training %s: %d train / %d test pairs, %d files resumed", rec["id"], len(train), len(test),
-             resumed)  # fmt: skip
-    reporter = Reporter(store, rec, mirror, lease)
+    train, test, unlabelled = prepare(data_dir, bundle, rec)
+    log.info("training %s: %d train / %d test pairs, %d unlabelled images, %d files resumed", rec["id"],
+             len(train), len(test), len(unlabelled), resumed)  # fmt: skip
+    reporter = Reporter(store, rec, mirror, lease, {"pairs": len(train), "unlabelled": len(unlabelled)})
     reporter.check()
 
     def cfg(steps_key: str, lr: float) -> TrainConfig:
@@ -305,7 +318,9 @@ def _train(
         reporter.begin(stage)
         if stage == "dpm":
             train_dpm(train, bundle, cfg("train_steps", float(params["lr"])),
-                      cf_dropout=float(params["cf_dropout"]), device=device, callback=reporter)  # fmt: skip
+                      cf_dropout=float(params["cf_dropout"]), device=device, callback=reporter,
+                      unlabelled=unlabelled,
+                      unlabelled_share=float(params.get("unlabelled_share", DEFAULT_UNLABELLED_SHARE)))  # fmt: skip
         elif stage == "segmenter":
             train_segmenter(train, bundle, cfg("segmenter_steps", 5e-4), device=device, callback=reporter)
         else:

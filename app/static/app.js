@@ -168,6 +168,26 @@ function fillDefaults() {
   $("defaults-hint").textContent =
     `Defaults of ${model.name}: η ${d.eta}, τ ${d.tau}, ${d.steps} steps, ` +
     `w_cf ${d.w_cf}, w_cg ${d.w_cg}. Only changed values are sent.`;
+  fillMaskChoices(model);
+}
+
+// real and mixed masks, and the clean-up, need the model's training masks (masks.npz)
+function fillMaskChoices(model) {
+  const has = Boolean(model.training_masks);
+  const select = $("f-mask_source");
+  for (const opt of select.options) opt.disabled = !has && opt.value !== "generated";
+  if (!has) select.value = "generated";
+  $("f-clean_masks").disabled = !has;
+  if (!has) $("f-clean_masks").checked = false;
+  $("masks-hint").hidden = has;
+  $("masks-hint").textContent = has
+    ? ""
+    : `${model.name} carries no training masks: only generated masks, not cleaned.`;
+  showRealShare();
+}
+
+function showRealShare() {
+  $("real-share-field").hidden = $("f-mask_source").value !== "mixed";
 }
 
 function jobBody() {
@@ -181,6 +201,12 @@ function jobBody() {
     }
   }
   if ($("f-seed").value !== "") body.seed = Number($("f-seed").value);
+  const source = $("f-mask_source").value;
+  if (source !== "generated") body.mask_source = source;
+  if (source === "mixed" && $("f-real_share").value !== "") {
+    body.real_share = Number($("f-real_share").value);
+  }
+  if ($("f-clean_masks").checked) body.clean_masks = true;
   return body;
 }
 
@@ -618,6 +644,17 @@ function renderGrid(page, signal) {
     dice.className = "dice";
     dice.textContent = `Dice loss ${pair.dice_loss.toFixed(4)}`;
     cap.append(name, dice);
+    if (pair.mask_source && pair.mask_source !== "generated") {
+      const source = document.createElement("span");
+      source.className = "mask-source";
+      source.textContent = `mask: ${pair.mask_source}`;
+      cap.append(source);
+    } else if (pair.cleaned) {
+      const source = document.createElement("span");
+      source.className = "mask-source";
+      source.textContent = "mask: generated, cleaned";
+      cap.append(source);
+    }
     fig.append(img, cap);
     return { fig, img, pair };
   });
@@ -691,6 +728,7 @@ function init() {
   $("error-close").addEventListener("click", clearError);
   $("job-form").addEventListener("submit", submitJob);
   $("f-model").addEventListener("change", fillDefaults);
+  $("f-mask_source").addEventListener("change", showRealShare);
   $("reset-defaults").addEventListener("click", fillDefaults);
   $("refresh-jobs").addEventListener("click", refreshJobs);
   $("jobs").addEventListener("click", onJobAction);

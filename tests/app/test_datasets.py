@@ -459,6 +459,40 @@ BAD_UPLOADS: list[tuple[str, Builder, dict[str, Any], int, str | None, str | Non
         "images/s00.png",
     ),
     (
+        "unreadable-unlabelled-image",
+        lambda t: zip_bytes({**good(), "unlabelled/u0.png": b"not a png"}),
+        {},
+        422,
+        "unreadable_image",
+        "unlabelled/u0.png",
+    ),
+    (
+        "unlabelled-nifti-volume",
+        lambda t: zip_bytes({**good(), "unlabelled/u0.nii": _nifti_volume(t)}),
+        {},
+        422,
+        "not_2d",
+        "unlabelled/u0.nii",
+    ),
+    (
+        "unlabelled-name-of-a-pair",
+        lambda t: zip_bytes({**good(), "unlabelled/s00.png": png(np.zeros((32, 32), np.uint8))}),
+        {},
+        422,
+        "duplicate_name",
+        "unlabelled/s00.png",
+    ),
+    (
+        "unlabelled-over-the-size-limit",
+        lambda t: zip_bytes(
+            {**good(), **{f"unlabelled/u{i}.png": _random_member(1 << 19) for i in range(3)}}
+        ),
+        {"max_dataset_mb": 1},
+        422,
+        "archive_too_large",
+        None,
+    ),
+    (
         "pairs-csv-without-name",
         lambda t: zip_bytes({**good(), "pairs.csv": b"file,group\ns00,a\n"}),
         {},
@@ -667,7 +701,7 @@ def test_cxr_mini_round_trip(make_client: Callable[..., tuple[TestClient, Settin
     assert ds["pairs"] == 6 and ds["sizes"] == [{"width": 256, "height": 256, "pairs": 6}]
     assert ds["fingerprint"] == fingerprint(pairs)  # what `diffuseexpand train` records for the folder
     assert ds["name"] == "chest x-rays" and ds["owner"] == "admin" and ds["groups"] is None
-    assert ds["notes"] == ["SOURCE.md", "pairs.csv"]
+    assert ds["notes"] == ["SOURCE.md", "pairs.csv"] and ds["unlabelled"] == 0
     assert ds["bytes"] == sum(p.stat().st_size for _, ip, mp in pairs for p in (ip, mp))
     # stored as uploaded, dataset.json last and complete
     objects = stored_objects(settings, ds["id"])
@@ -717,13 +751,21 @@ def test_dicom_nifti_and_16bit_tiff_upload(client: TestClient, tmp_path: Path) -
     members["pairs.csv"] = (
         "name,group\n" + "".join(f"{k}{i},g{i}\n" for k in "dt" for i in range(4))
     ).encode()
+    # images without masks, in every reader's format: counted apart, never paired
+    members["unlabelled/u0.dcm"] = medical(tmp_path, "u0.dcm", lambda p: write_dicom(p, ramp()))
+    members["unlabelled/u1.nii.gz"] = medical(tmp_path, "u1.nii.gz", lambda p: write_nifti(p, ramp()))
+    members["unlabelled/u2.tiff"] = medical(tmp_path, "u2.tiff", lambda p: write_tiff16(p, ramp() * 16))
     resp = upload(client, tar_gz_bytes(members), filename="mixed.tar.gz")
     assert resp.status_code == 201, resp.text
     ds = resp.json()
-    assert ds["pairs"] == 8 and ds["groups"] == 4
+    assert ds["pairs"] == 8 and ds["groups"] == 4 and ds["unlabelled"] == 3
+    assert ds["bytes"] == sum(len(v) for k, v in members.items() if k != "pairs.csv")
+    assert client.get(f"/v1/datasets/{ds['id']}").json()["unlabelled"] == 3
     assert ds["sizes"] == [{"width": 20, "height": 24, "pairs": 4}, {"width": 26, "height": 30, "pairs": 4}]
     store: DatasetStore = client.app.state.datasets  # type: ignore[attr-defined]
-    assert store.manifest(ds["id"])["group_by"]["d0"] == "g0"
+    manifest = store.manifest(ds["id"])
+    assert manifest["group_by"]["d0"] == "g0"
+    assert manifest["unlabelled_files"] == ["unlabelled/u0.dcm", "unlabelled/u1.nii.gz", "unlabelled/u2.tiff"]
 
 
 def test_a_dataset_belongs_to_its_key(client: TestClient, settings: Settings) -> None:

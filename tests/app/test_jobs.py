@@ -2,15 +2,19 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
+from app.main import create_app
 from app.store import JobStore
 from tests.app.conftest import Enqueued
+from tests.conftest import ADMIN_HEADERS
 
 
 def stored_keys(settings: Settings) -> list[str]:
@@ -34,6 +38,43 @@ def test_size_goes_into_the_job(client: TestClient, enqueued: Enqueued) -> None:
     job = client.post("/v1/jobs", json={"count": 2, "size": "32x24"}).json()
     assert job["params"]["size"] == "32x24" and job["input"]["size"] == "32x24"
     assert client.post("/v1/jobs", json={"count": 2}).json()["params"]["size"] is None  # square R x R
+
+
+def test_mask_source_and_clean_masks_go_into_the_job(client: TestClient, enqueued: Enqueued) -> None:
+    assert client.post("/v1/jobs", json={"count": 2}).json()["params"]["masks"] == {
+        "source": "generated", "real_share": 0.5, "clean": False,
+    }  # fmt: skip
+    body = {"count": 2, "mask_source": "mixed", "real_share": 0.25, "clean_masks": True}
+    job = client.post("/v1/jobs", json=body).json()
+    assert job["params"]["masks"] == {"source": "mixed", "real_share": 0.25, "clean": True}
+    assert job["input"] == body
+    job = client.post("/v1/jobs", json={"count": 2, "mask_source": "real"}).json()
+    assert job["params"]["masks"]["source"] == "real"
+    models = client.get("/v1/models").json()["data"]
+    assert all(m["training_masks"] for m in models)  # the tiny bundle carries masks.npz
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"mask_source": "real"}, "mask_source"), ({"mask_source": "mixed"}, "mask_source"),
+     ({"clean_masks": True}, "clean_masks")],
+)  # fmt: skip
+def test_a_model_without_training_masks_refuses_real_masks_and_clean_up_with_422(
+    tmp_path: Path, tiny_bundle: Path, settings_factory: Any, body: dict[str, Any], field: str
+) -> None:
+    old = tmp_path / "bundles" / "old"
+    shutil.copytree(tiny_bundle, old)
+    (old / "masks.npz").unlink()  # a bundle trained before masks.npz
+    settings = settings_factory(bundles_dir=old.parent, default_model="old")
+    enqueued = Enqueued()
+    with TestClient(create_app(settings, enqueue=enqueued), headers=ADMIN_HEADERS) as client:
+        assert client.get("/v1/models/old").json()["training_masks"] is False
+        resp = client.post("/v1/jobs", json={"count": 2, **body})
+        assert resp.status_code == 422, resp.text
+        (error,) = [e for e in resp.json()["errors"] if e["pointer"] == f"#/{field}"]
+        assert "carries no training masks (masks.npz)" in error["detail"]
+        assert client.post("/v1/jobs", json={"count": 2}).status_code == 202  # generated masks still work
+    assert len(enqueued) == 1
 
 
 def test_create_job_answers_202_with_location_and_the_values_used(
@@ -104,6 +145,12 @@ BAD_BODIES: list[tuple[dict[str, Any], str, str]] = [
     ({"count": 2, "size": "abc"}, "size", "'abc' is not WIDTHxHEIGHT"),
     ({"count": 2, "size": "100000x10"}, "size", "at most 4096"),
     ({"count": 2, "size": 256}, "size", "valid string"),
+    ({"count": 2, "mask_source": "painted"}, "mask_source", "'generated', 'real' or 'mixed'"),
+    ({"count": 2, "mask_source": "mixed", "real_share": 1.5}, "real_share", "less than or equal to 1"),
+    ({"count": 2, "mask_source": "mixed", "real_share": -0.1}, "real_share", "greater than or equal to 0"),
+    ({"count": 2, "real_share": 0.3}, "real_share", "mask_source mixed only"),
+    ({"count": 2, "mask_source": "real", "real_share": 0.3}, "real_share", "mask_source mixed only"),
+    ({"count": 2, "clean_masks": "yes"}, "clean_masks", "valid boolean"),
 ]
 
 

@@ -105,6 +105,8 @@ def test_lists_the_kept_pairs_so_far_then_the_final_result(
         "seed": SEED,
         "dice_loss": pytest.approx(0.02),
         "class_dice_losses": None,  # a binary model's pairs have only dice_loss
+        "mask_source": "generated",
+        "cleaned": False,
         "links": {f: f"{job['base']}/{pair_name(SEED, 1)}/{f}.png" for f in ("image", "mask", "preview")},
     }
     paged = client.get(job["base"], params={"offset": 1, "limit": 1}).json()

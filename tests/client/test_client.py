@@ -71,6 +71,16 @@ def test_submit_uses_the_given_idempotency_key_and_refuses_unknown_parameters(sc
         asyncio.run(_async_submit(scripted.url, colour="red"))
 
 
+def test_submit_sends_the_mask_source_sync_and_async(scripted: Scripted) -> None:
+    scripted.on("POST", "/v1/jobs", json_reply(202, job_json(JOB, "queued", 0)), json_reply(202, job_json(JOB, "queued", 0)))  # fmt: skip
+    with client(scripted) as c:
+        c.submit(2, mask_source="mixed", real_share=0.25, clean_masks=True)
+    asyncio.run(_async_submit(scripted.url, mask_source="real"))
+    sync, async_ = scripted.seen("POST", "/v1/jobs")
+    assert sync.body == b'{"count":2,"mask_source":"mixed","real_share":0.25,"clean_masks":true}'
+    assert async_.body == b'{"count":2,"mask_source":"real"}'
+
+
 async def _async_submit(url: str, **params: Any) -> None:
     async with AsyncClient(url) as c:
         await c.submit(2, **params)
@@ -206,10 +216,12 @@ def test_jobs_follows_next_cursor_across_pages(scripted: Scripted) -> None:
 
 def test_pairs_and_models_parse_the_contract(scripted: Scripted) -> None:
     links = {"image": "/i", "mask": "/m", "preview": "/p"}
-    pair = {"name": "p0003", "index": 3, "seed": 9, "dice_loss": 0.01, "links": links}
+    pair = {"name": "p0003", "index": 3, "seed": 9, "dice_loss": 0.01, "links": links,
+            "mask_source": "real:case07", "cleaned": False}  # fmt: skip
     scripted.on("GET", f"{JOB_PATH}/pairs", json_reply(200, {"data": [pair], "count": 1, "offset": 2,
                                                             "limit": 5, "final": True}))  # fmt: skip
-    model = {"name": "tiny", "resolution": 16, "sampling_defaults": {"tau": 1.0}, "eta_default": 0.065}
+    model = {"name": "tiny", "resolution": 16, "sampling_defaults": {"tau": 1.0}, "eta_default": 0.065,
+             "training_masks": True}  # fmt: skip
     scripted.on("GET", "/v1/models", json_reply(200, {"data": [model], "default": "tiny"}))
     with client(scripted) as c:
         page = c.pairs(JOB, offset=2, limit=5)
@@ -217,6 +229,7 @@ def test_pairs_and_models_parse_the_contract(scripted: Scripted) -> None:
     assert page.final and page.count == 1 and page.data[0].name == "p0003" and page.data[0].links == links
     assert scripted.seen("GET", f"{JOB_PATH}/pairs")[0].query == "offset=2&limit=5"
     assert models[0].name == "tiny" and models[0].default and models[0].eta_default == 0.065
+    assert page.data[0].mask_source == "real:case07" and not page.data[0].cleaned and models[0].training_masks
 
 
 def test_job_ids_cannot_reach_another_route(scripted: Scripted) -> None:

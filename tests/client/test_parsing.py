@@ -119,10 +119,16 @@ def test_kept_beyond_the_target_is_capped_for_display() -> None:
 
 
 def test_pack_folder_zips_the_pairs_and_notes_only(tmp_path: Path) -> None:
-    for rel in ("images/a.png", "masks/a.png", "pairs.csv", "SOURCE.md", ".DS_Store", "images/.hidden",
-                "other/x.png"):  # fmt: skip
+    for rel in ("images/a.png", "masks/a.png", "unlabelled/u.dcm", "pairs.csv", "SOURCE.md", ".DS_Store",
+                "images/.hidden", "other/x.png"):  # fmt: skip
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(rel.encode())
     with zipfile.ZipFile(io.BytesIO(pack_folder(tmp_path))) as zf:
-        assert sorted(zf.namelist()) == ["SOURCE.md", "images/a.png", "masks/a.png", "pairs.csv"]
+        assert sorted(zf.namelist()) == [
+            "SOURCE.md",
+            "images/a.png",
+            "masks/a.png",
+            "pairs.csv",
+            "unlabelled/u.dcm",
+        ]
         assert zf.read("masks/a.png") == b"masks/a.png"

@@ -188,6 +188,7 @@ def test_remote_expand_then_status_jobs_download(stack: Stack, tmp_path: Path) -
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     rows, files = pair_files(out)  # the nnU-Net v2 raw layout
+    assert all(r["mask_source"] == "generated" and r["cleaned"] == "0" for r in rows)
     assert len(rows) == 2 and (out / "dataset.json").exists()
     assert files == sorted(
         [f"imagesTr/{r['name']}_0000.png" for r in rows] + [f"labelsTr/{r['name']}.png" for r in rows]
@@ -209,6 +210,14 @@ def test_remote_expand_then_status_jobs_download(stack: Stack, tmp_path: Path) -
     with zipfile.ZipFile(tmp_path / "zips" / f"{job_id}-monai.zip") as zf:
         assert "datalist.json" in zf.namelist()
     assert remote("delete", job_id, env=env).stdout.strip() == f"job {job_id} deleted"
+
+    # masks from the model's training masks: the manifest names each pair's source
+    real = remote("expand", "--count", "2", "--steps", "2", "--eta", "1.0", "--seed", "9", "--out",
+                  str(tmp_path / "real"), "--mask-source", "mixed", "--real-share", "1", "--clean-masks",
+                  env=env)  # fmt: skip
+    assert real.exit_code == 0, real.output
+    rows, _ = pair_files(tmp_path / "real")
+    assert len(rows) == 2 and all(r["mask_source"].startswith("real:") and r["cleaned"] == "0" for r in rows)
 
 
 def test_cancel_then_wait_is_job_failed_in_client_and_cli(stack: Stack, client: Client) -> None:
@@ -239,6 +248,10 @@ def test_remote_errors_are_one_line_and_a_nonzero_exit(stack: Stack, tmp_path: P
          "Error: invalid --w-cf -1.0: Input should be greater than or equal to 0"),
         (["expand", *base, "--count", "2", "--solver", "euler", "--out", str(tmp_path)], 2,
          """Error: invalid --solver "euler": Input should be 'dpmpp' or 'unipc'"""),
+        (["expand", *base, "--count", "2", "--mask-source", "mixed", "--real-share", "2", "--out", str(tmp_path)],
+         2, "Error: invalid --real-share 2.0: Input should be less than or equal to 1"),
+        (["expand", *base, "--count", "2", "--real-share", "0.5", "--out", str(tmp_path)],
+         2, "Error: invalid --real-share 0.5: real_share applies to mask_source mixed only"),
         (["models", "--url", "localhost:8000"], 2,
          "Error: invalid service URL 'localhost:8000': expected http(s)://HOST[:PORT]"),
     ]  # fmt: skip

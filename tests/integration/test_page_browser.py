@@ -270,6 +270,30 @@ def test_a_bad_parameter_shows_the_problem_details(stack: Stack, browser: Any) -
     assert "Unprocessable Entity (422)" in text and "count:" in text and "50" in text
 
 
+def test_a_job_with_real_masks_from_the_form_shows_each_pairs_mask_source(stack: Stack, browser: Any) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    d = browser
+    d.get(stack.url + "/")
+    enter_key(d, ADMIN_KEY)
+    until(d, lambda d: shown(d, "app"))
+    assert not shown(d, "real-share-field") and not shown(d, "masks-hint")  # the tiny model has masks.npz
+    Select(by_id(d, "f-mask_source")).select_by_value("mixed")
+    until(d, lambda d: shown(d, "real-share-field"), 5, "the share of real masks")
+    fill(d, real_share=1)
+    by_id(d, "f-clean_masks").click()
+    job_id = submit_job(d, count=2, eta=1, steps=2, seed=8)
+    masks = stack.client.get(f"/v1/jobs/{job_id}").json()["params"]["masks"]
+    assert masks == {"source": "mixed", "real_share": 1.0, "clean": True}
+    statuses, _ = watch_until_done(d, job_id)
+    assert statuses[-1] == "succeeded", statuses
+    until(d, grid_ready(2), 30, "two previews loaded")
+    listed = stack.client.get(f"/v1/jobs/{job_id}/pairs").json()["data"]
+    figures = d.find_elements("css selector", "#grid figure")
+    for fig, pair in zip(figures, listed, strict=True):
+        assert pair["mask_source"].startswith("real:") and f"mask: {pair['mask_source']}" in fig.text
+
+
 def test_the_page_loads_nothing_from_other_origins(stack: Stack, browser: Any) -> None:
     d = browser
     d.get(stack.url + "/")

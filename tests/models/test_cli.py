@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from models.cli import app
-from tests.utils.tiny import make_nonsquare_dataset
+from tests.utils.tiny import make_nonsquare_dataset, make_unlabelled_images
 
 runner = CliRunner()
 
@@ -142,3 +142,77 @@ def test_nonsquare_train_then_expand_with_size(tmp_path: Path) -> None:
         assert img.shape == mask.shape == (24, 32)  # H x W
         assert set(np.unique(mask).tolist()) <= {0, 255}
     assert json.loads((out / "run.json").read_text())["size"] == "32x24"
+
+
+def test_train_dpm_with_unlabelled_images_counts_them_in_bundle_json_and_inspect(
+    tmp_path: Path, shapes_dir: Path
+) -> None:
+    make_unlabelled_images(shapes_dir, n=5, size=32)
+    bundle = tmp_path / "bundle"
+    res = runner.invoke(app, ["train-dpm", str(shapes_dir), "--out", str(bundle), "--resolution", "16",
+                              "--train-steps", "2", "--batch-size", "2", "--unlabelled-share", "0.3",
+                              "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["data"]["unlabelled"] == 5 and meta["data"]["pairs"] == 8
+    assert meta["training"]["dpm"]["unlabelled"] == 5 and meta["training"]["dpm"]["unlabelled_share"] == 0.3
+    res = runner.invoke(app, ["inspect", str(bundle)])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.output)
+    assert shown["data"]["unlabelled"] == 5 and shown["training"]["dpm"]["unlabelled"] == 5
+    assert shown["training_masks"] is True  # train_dpm wrote masks.npz
+    res = runner.invoke(app, ["train-dpm", str(shapes_dir), "--out", str(tmp_path / "b2"),
+                              "--unlabelled-share", "1"])  # fmt: skip
+    assert res.exit_code == 2 and "--unlabelled-share" in res.output
+    # a labelled pair's image again in unlabelled/ is refused, naming it
+    (shapes_dir / "unlabelled" / "shape003.png").write_bytes(
+        (shapes_dir / "images" / "shape003.png").read_bytes()
+    )
+    res = runner.invoke(app, ["train-dpm", str(shapes_dir), "--out", str(tmp_path / "b4"),
+                              "--resolution", "16", "--train-steps", "1", "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 2 and "shape003" in res.output and "labelled or unlabelled" in res.output
+    (shapes_dir / "unlabelled" / "shape003.png").unlink()
+    # an image in unlabelled/ that is no image is named
+    (shapes_dir / "unlabelled" / "broken.png").write_bytes(b"not a png")
+    res = runner.invoke(app, ["train-dpm", str(shapes_dir), "--out", str(tmp_path / "b3"),
+                              "--resolution", "16", "--train-steps", "1", "--device", "cpu"])  # fmt: skip
+    assert res.exit_code != 0 and "broken.png" in res.output
+
+
+def test_expand_with_real_and_mixed_masks_writes_the_mask_source_column(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    out = tmp_path / "real"
+    res = runner.invoke(app, ["expand", str(tiny_bundle), "--count", "2", "--out", str(out), "--steps", "2",
+                              "--eta", "1.0", "--seed", "5", "--batch-size", "2", "--mask-source", "real",
+                              "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    train = set(json.loads((tiny_bundle / "bundle.json").read_text())["split"]["train"])
+    assert rows and all(r["mask_source"].startswith("real:") and r["cleaned"] == "0" for r in rows)
+    assert {r["mask_source"].removeprefix("real:") for r in rows} <= train  # training masks, never test ones
+    assert json.loads((out / "run.json").read_text())["masks"]["source"] == "real"
+
+    cleaned = tmp_path / "cleaned"
+    res = runner.invoke(app, ["expand", str(tiny_bundle), "--count", "2", "--out", str(cleaned), "--steps", "2",
+                              "--eta", "1.0", "--seed", "5", "--batch-size", "2", "--clean-masks",
+                              "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((cleaned / "manifest.csv").open()))
+    assert all(r["mask_source"] == "generated" and r["cleaned"] == "1" for r in rows)
+
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    (old / "masks.npz").unlink()  # a bundle trained before masks.npz
+    res = runner.invoke(app, ["expand", str(old), "--count", "1", "--out", str(tmp_path / "o"), "--steps", "2",
+                              "--mask-source", "real", "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 2 and "carries no training masks" in res.output
+
+    res = runner.invoke(app, ["expand", str(tiny_bundle), "--count", "2", "--out", str(tmp_path / "x"),
+                              "--real-share", "0.5"])  # fmt: skip
+    assert res.exit_code == 2 and "--real-share" in res.output
+    res = runner.invoke(app, ["expand", str(tiny_bundle), "--count", "2", "--out", str(tmp_path / "y"),
+                              "--mask-source", "mixed", "--real-share", "2"])  # fmt: skip
+    assert res.exit_code == 2 and "--real-share" in res.output

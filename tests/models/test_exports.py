@@ -68,7 +68,16 @@ def test_expand_as_nnunet_writes_a_raw_nnunet_dataset(tmp_path: Path, tiny_bundl
     rows = read_csv(out / "manifest.csv")
     kept = [r["name"] for r in rows if r["kept"] == "1"]
     assert len(kept) == 3 and all(r["synthetic"] == "1" for r in rows)
-    assert list(rows[0]) == ["name", "index", "seed", "dice_loss", "kept", "synthetic"]  # binary: as always
+    assert list(rows[0]) == [
+        "name",
+        "index",
+        "seed",
+        "dice_loss",
+        "kept",
+        "mask_source",
+        "cleaned",
+        "synthetic",
+    ]
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == sorted(f"{n}_0000.png" for n in kept)
     for name in kept:
         image = np.asarray(Image.open(out / "imagesTr" / f"{name}_0000.png"))
@@ -91,7 +100,8 @@ def test_a_k_class_bundle_expands_and_merges_as_label_maps_with_k_labels(
     out = tmp_path / "nn"
     expand(tiny_multiclass_bundle, out, "nnunet", count=2)
     rows = read_csv(out / "manifest.csv")
-    assert list(rows[0]) == ["name", "index", "seed", "dice_loss", "dice_loss_1", "dice_loss_2", "kept", "synthetic"]  # fmt: skip
+    assert list(rows[0]) == ["name", "index", "seed", "dice_loss", "dice_loss_1", "dice_loss_2", "kept",
+                             "mask_source", "cleaned", "synthetic"]  # fmt: skip
     kept = [r for r in rows if r["kept"] == "1"]
     for r in kept:  # dice_loss is the mean of the class losses; masks keep their labels 0..2
         assert float(r["dice_loss"]) == pytest.approx((float(r["dice_loss_1"]) + float(r["dice_loss_2"])) / 2, abs=1e-5)  # fmt: skip
@@ -133,6 +143,11 @@ def test_expand_as_monai_is_read_by_monai(tmp_path: Path, tiny_bundle: Path) -> 
 def test_merge_into_nnunet_keeps_the_real_test_pairs_out_of_training(tmp_path: Path) -> None:
     real = real_set(tmp_path / "real", split={"shape001": "test", "shape004": " Test "})
     synth = synthetic_set(tmp_path / "synth")
+    with (synth / "manifest.csv").open("w") as fh:  # pair 1's mask came from a training mask
+        fh.write("name,index,seed,dice_loss,model,mask_source,cleaned,synthetic\n")
+        fh.writelines(
+            f"s1-{i:06d},{i},1,0.01,tiny,{'real:shape002' if i == 1 else 'generated'},0,1\n" for i in range(3)
+        )
     out = tmp_path / "merged"
     res = runner.invoke(app, ["merge", str(real), str(synth), "--out", str(out), "--format", "nnunet"])
     assert res.exit_code == 0, res.output
@@ -160,6 +175,10 @@ def test_merge_into_nnunet_keeps_the_real_test_pairs_out_of_training(tmp_path: P
         ("synthetic", "train"),
     }
     assert {r["original"] for r in rows if r["source"] == "synthetic"} == {f"s1-{i:06d}" for i in range(3)}
+    assert {r["original"]: r["mask_source"] for r in rows if r["source"] == "synthetic"} == {
+        "s1-000000": "generated", "s1-000001": "real:shape002", "s1-000002": "generated",
+    }  # fmt: skip
+    assert {r["mask_source"] for r in rows if r["source"] == "real"} == {""}
     # the sources' notes travel along: licence rows, the synthetic manifest and job record
     assert {"real_pairs.csv", "synthetic_manifest.csv", "synthetic_job.json"} <= {
         p.name for p in out.iterdir()

@@ -5,6 +5,7 @@ import io
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from PIL import Image
 
 from app.core.config import Settings
 from app.layout import manifest_key
+from app.pairs import pair_rows
+from app.params import JobParams
 from app.schemas import JobStatus
 from models.bundle import Bundle
 from models.expand import generate_pairs
@@ -242,3 +245,41 @@ def test_finished_job_survives_the_loss_of_redis(harness: Harness) -> None:
     assert after["status"] == JobStatus.SUCCEEDED and after["progress"] == before["progress"]
     rows, final = harness.store.result_rows(job_id, partial=False) or ([], False)
     assert final and len(rows) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "real"),
+    [({"mask_source": "real"}, "all"), ({"mask_source": "mixed", "real_share": 0.5}, "some"),
+     ({"clean_masks": True}, "none")],
+)  # fmt: skip
+def test_a_jobs_mask_source_reaches_each_pairs_entry_the_pairs_api_and_the_manifest(
+    harness: Harness, body: dict[str, Any], real: str
+) -> None:
+    job_id = harness.submit(count=4, eta=1.0, seed=5, steps=2, **body)
+    harness.drain()
+    rec = harness.store.get(job_id)
+    assert rec["status"] == "succeeded", rec["error"]
+    rows = manifest(harness, job_id)
+    train = set(harness.bundle.meta["split"]["train"])
+    sources = [r["mask_source"] for r in rows]
+    assert all(s == "generated" or s.removeprefix("real:") in train for s in sources)  # never a test mask
+    n_real = sum(s.startswith("real:") for s in sources)
+    assert {"all": n_real == len(rows), "none": n_real == 0, "some": 0 < n_real < len(rows)}[real]
+    clean = bool(body.get("clean_masks"))
+    assert all(r["cleaned"] == str(int(clean and r["mask_source"] == "generated")) for r in rows)
+    # the pairs API shows what the manifest says
+    listed = {p["name"]: p for p in pair_rows(harness.store, job_id)[0]}
+    assert {n: (p["mask_source"], p["cleaned"]) for n, p in listed.items()} == {
+        r["name"]: (r["mask_source"], r["cleaned"] == "1") for r in rows
+    }
+    # same seed, same pair: generated directly with the job's settings, the same sources and pixels
+    params = JobParams.model_validate(rec["params"])
+    direct = {
+        p.name: p
+        for p in generate_pairs(harness.bundle, [int(r["index"]) for r in rows], seed=5,
+                                params=sampling_params(params), eta=1.0, batch_size=2, masks=params.masks)
+    }  # fmt: skip
+    for r in rows:
+        pair = direct[r["name"]]
+        assert pair.mask_source == r["mask_source"]
+        assert objects(harness, job_id)[f"jobs/{job_id}/masks/{r['name']}.png"] == shard_mod.png(pair.mask)

@@ -76,8 +76,13 @@ def sent(client: TestClient) -> TrainEnqueued:
     return enqueue
 
 
-def upload(client: TestClient, headers: dict[str, str] | None = None) -> str:
-    data = zip_bytes(shapes_members(8, size=16))
+def upload(client: TestClient, headers: dict[str, str] | None = None, unlabelled: int = 0) -> str:
+    members = shapes_members(8, size=16)
+    extra = shapes_members(unlabelled, size=16, seed=1)  # their masks are left out: images only
+    members.update(
+        {k.replace("images/", "unlabelled/u"): v for k, v in extra.items() if k.startswith("images/")}
+    )
+    data = zip_bytes(members)
     resp = client.post("/v1/datasets", files={"file": ("d.zip", data)}, headers=headers)
     assert resp.status_code == 201, resp.text
     return str(resp.json()["id"])
@@ -105,9 +110,11 @@ def weights(client: TestClient, name: str, version: str = "1") -> dict[str, Any]
 
 
 def test_a_training_publishes_its_bundle_with_metrics_and_a_sample_grid(api: TestClient) -> None:
-    dataset = upload(api)
-    rec = start(api, dataset)
+    dataset = upload(api, unlabelled=3)
+    assert api.get(f"/v1/datasets/{dataset}").json()["unlabelled"] == 3
+    rec = start(api, dataset, unlabelled_share=0.25)
     assert rec["status"] == "queued" and rec["params"]["segmenter_steps"] == 2
+    assert rec["params"]["unlabelled_share"] == 0.25
     assert sent(api) == [(rec["id"], "train")]
     # from the POST on, the name answers "training", and the dataset cannot be deleted
     status = trainings(api).status_of("tiny")
@@ -119,12 +126,20 @@ def test_a_training_publishes_its_bundle_with_metrics_and_a_sample_grid(api: Tes
     done = api.get(f"/v1/trainings/{rec['id']}").json()
     assert done["status"] == "succeeded", done
     assert done["progress"]["stage"] == "filter" and done["progress"]["step"] == 2
+    assert done["progress"]["unlabelled"] == 3 and done["progress"]["pairs"] == 6
     model = done["model"]
     assert model["name"] == "tiny" and model["version"] == "1" and model["digest"]
     assert 0 <= model["metrics"]["filter_dice"] <= 1 and 0 <= model["metrics"]["real_pass_rate"] <= 1
     store = trainings(api)
     published = Registry(store.storage, store.r, store.settings).get("tiny")
     assert published["owner"] == "admin" and published["extra"]["training"] == rec["id"]
+    # Stage I learnt from the 3 unlabelled images too, at the share asked; the model says so
+    shown = api.get("/v1/models/tiny").json()
+    assert shown["data"]["unlabelled"] == 3 and shown["data"]["pairs"] == 8
+    assert (
+        shown["training"]["dpm"]["unlabelled"] == 3 and shown["training"]["dpm"]["unlabelled_share"] == 0.25
+    )
+    assert shown["training_masks"] is True  # its masks.npz: real mask sources work on it
     grid = store.storage.get("models/tiny/1/sample-grid.png")
     assert grid[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(store.storage.list_keys(f"trainings/{rec['id']}/checkpoints/"))
@@ -316,6 +331,9 @@ def test_cancel_stops_a_running_training_and_frees_its_dataset(api: TestClient) 
         ({"num_classes": 1}, "num_classes"),
         ({"num_classes": 17}, "num_classes"),
         ({"num_classes": "x"}, "num_classes"),
+        ({"unlabelled_share": 1}, "unlabelled_share"),
+        ({"unlabelled_share": -0.1}, "unlabelled_share"),
+        ({"unlabelled_share": "half"}, "unlabelled_share"),
     ],
 )
 def test_a_bad_body_is_422_naming_the_field(api: TestClient, change: dict[str, Any], field: str) -> None:

@@ -38,6 +38,11 @@ class TrainingProgress(BaseModel):
     steps: int = Field(default=0, description="steps of this stage")
     loss: float | None = Field(default=None, description="the loss of the last step")
     eta_seconds: float | None = Field(default=None, description="time left at the current rate")
+    pairs: int | None = Field(default=None, description="labelled training pairs (the split's train side)")
+    unlabelled: int | None = Field(
+        default=None,
+        description="unlabelled images Stage I learns appearance from (the dataset's unlabelled/)",
+    )
     updated_at: datetime | None = None
 
 
