@@ -325,3 +325,342 @@ def _read_nifti(path: Path, max_pixels: int | None) -> Grey:
     if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
         raise PixelsError("unreadable", f"NIfTI data of type {data.dtype}; one grey value per pixel")
     return grey_from_array(squeeze_2d(data).T.astype(np.float32))
+
+
+# ---- the API's check of an uploaded file, in bounded memory
+#
+# ``read_grey`` holds a file's pixels as float64 (8 bytes a pixel, and more in the copies on the way):
+# fine for the CLI and the training, not for an API that takes files from strangers. ``check_file``
+# gives the same verdict (size, readability, the mask rule) holding at most about ``max_bytes`` for
+# one file: the file itself, a compressed container's inflated stream and the decoded pixel array are
+# each checked against it *before* they are read, and a mask is judged strip by strip.
+
+# A deflated DICOM's dataset and a gzipped NIfTI are inflated in chunks of this many bytes.
+INFLATE_CHUNK = 1 << 20
+# A mask is judged in strips of rows of about this many pixels (float64: 8 MB a strip).
+STRIP_PIXELS = 1 << 20
+# Distinct values a mask scan keeps track of; a mask with more is a photo (see MAX_MASK_LABELS).
+MAX_TRACKED_LEVELS = 1024
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"
+# bytes a pixel takes in PIL's memory once decoded (every multi-band mode is stored 4 bytes a pixel)
+_PIL_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """What the API needs of one file: its ``(width, height)`` and, for a mask, why it is no usable
+    mask (``mask_problem``'s words) or None."""
+
+    width: int
+    height: int
+    mask_problem: str | None = None
+
+
+def _over_budget(what: str, nbytes: int, max_bytes: int) -> PixelsError:
+    return PixelsError(
+        "decode_too_large",
+        f"{what} {nbytes} bytes, over DIFFEXP_DECODE_MEMORY_MB ({max_bytes >> 20} MB): "
+        "the memory one file may take while it is checked",
+    )
+
+
+def check_file(path: str | Path, *, max_pixels: int, max_bytes: int, as_mask: bool) -> FileCheck:
+    """Check one uploaded file as ``read_grey`` + ``mask_problem`` would judge it, holding at most
+    about ``max_bytes``: a file larger than that, a DICOM or NIfTI whose stream inflates past it, or
+    pixels (rows x columns x frames x samples x bytes, from the header) that would take more, are
+    refused before they are read. Raises ``PixelsError``."""
+    path = Path(path)
+    kind = format_of(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise _over_budget("the file is", size, max_bytes)
+    if kind == "pil":
+        return _check_pil(path, max_pixels, max_bytes, as_mask)
+    if kind == "dicom":
+        return _check_dicom(path, max_pixels, max_bytes, as_mask)
+    return _check_nifti(path, max_pixels, max_bytes, as_mask)
+
+
+class _MaskScan:
+    """The mask rule (``mask_problem``) over a mask read in strips."""
+
+    def __init__(self) -> None:
+        self.colour = False
+        self.minimum = float("inf")
+        self.fractions = False
+        self.levels: set[float] = set()
+        self.foreground = False
+
+    def add(self, grey: Grey) -> None:
+        v = grey.values
+        self.colour = self.colour or grey.colour
+        self.minimum = min(self.minimum, float(v.min()))
+        self.fractions = self.fractions or not np.array_equal(v, np.floor(v))
+        if len(self.levels) <= MAX_TRACKED_LEVELS:
+            self.levels.update(np.unique(v).tolist())
+        self.foreground = self.foreground or bool((v > 0).any())
+
+    def problem(self) -> str | None:
+        if self.colour:
+            return "has colour (its channels differ); a mask is one channel of labels (grey levels, or a palette PNG)"
+        if self.minimum < 0:
+            return f"has negative values ({self.minimum:g}); labels are whole numbers from 0"
+        if self.fractions:
+            return "has values that are not whole numbers; labels are whole numbers from 0"
+        if len(self.levels) > MAX_MASK_LABELS:
+            count = (
+                str(len(self.levels))
+                if len(self.levels) <= MAX_TRACKED_LEVELS
+                else f"over {MAX_TRACKED_LEVELS}"
+            )
+            return (
+                f"has {count} grey levels; a label map has at most {MAX_MASK_LABELS} (0 = background, "
+                "other values foreground): a photo, an anti-aliased or a JPEG mask is not one"
+            )
+        if not self.foreground:
+            return "has no foreground (every value is 0)"
+        return None
+
+
+def _row_strips(height: int, width: int) -> list[tuple[int, int]]:
+    rows = max(1, STRIP_PIXELS // max(width, 1))
+    return [(y, min(height, y + rows)) for y in range(0, height, rows)]
+
+
+def _check_pil(path: Path, max_pixels: int, max_bytes: int, as_mask: bool) -> FileCheck:
+    try:
+        img = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours
+        raise PixelsError("too_many_pixels", f"{exc} (DIFFEXP_MAX_IMAGE_PIXELS: {max_pixels})") from None
+    except Exception as exc:  # a broken file can raise nearly anything from a decoder
+        raise PixelsError("unreadable", f"unreadable image file ({exc})") from None
+    with img:
+        width, height = img.size
+        _check_pixels(width, height, max_pixels)
+        decoded = width * height * _PIL_PIXEL_BYTES.get(img.mode, 4)
+        if decoded > max_bytes:
+            raise _over_budget(f"{width}x{height} pixels in mode {img.mode} decode to", decoded, max_bytes)
+        # a second frame, looked for without counting them all (a TIFF can chain a million IFDs)
+        try:
+            img.seek(1)
+        except EOFError:
+            pass
+        except Exception as exc:
+            raise PixelsError("unreadable", f"unreadable image file ({exc})") from None
+        else:
+            raise PixelsError("not_2d", "has more than one frame; one 2D image per file")
+        try:
+            img.load()
+            if not as_mask:
+                return FileCheck(width, height)
+            scan = _MaskScan()
+            for y0, y1 in _row_strips(height, width):
+                strip = img.crop((0, y0, width, y1))
+                scan.add(_palette_labels(strip) if img.mode == "P" else _pil_grey(strip))
+            return FileCheck(width, height, scan.problem())
+        except PixelsError:
+            raise
+        except Exception as exc:
+            raise PixelsError("unreadable", f"unreadable or truncated image file ({exc})") from None
+
+
+def _dicom_meta_end(path: Path) -> tuple[int, str] | None:
+    """``(offset of the dataset, transfer syntax UID)`` from a DICOM file's meta group (Part 10:
+    128-byte preamble, ``DICM``, group 0002 in explicit VR little endian), or None without one."""
+    with path.open("rb") as f:
+        if f.read(132)[128:] != b"DICM":
+            return None
+        syntax = ""
+        while True:
+            start = f.tell()
+            head = f.read(8)
+            if len(head) < 8 or int.from_bytes(head[:2], "little") != 2:
+                return start, syntax
+            vr = head[4:6]
+            if vr in (
+                b"OB",
+                b"OD",
+                b"OF",
+                b"OL",
+                b"OV",
+                b"OW",
+                b"SQ",
+                b"SV",
+                b"UC",
+                b"UN",
+                b"UR",
+                b"UT",
+                b"UV",
+            ):
+                length = int.from_bytes(f.read(4), "little")
+            else:
+                length = int.from_bytes(head[6:8], "little")
+            value = f.read(length)
+            if head[:4] == b"\x02\x00\x10\x00":  # (0002,0010) TransferSyntaxUID
+                syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+def _inflate_dicom(path: Path, offset: int, out: Path, max_bytes: int) -> None:
+    """Write ``path`` as explicit VR little endian to ``out``: its meta group with the transfer
+    syntax changed, then the dataset inflated in chunks, refused past ``max_bytes``."""
+    import zlib
+
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = read_file_meta_info(path)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with path.open("rb") as src, out.open("wb") as dst:
+        dst.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(dst), meta, enforce_standard=False)
+        src.seek(offset)
+        pending = b""
+        while True:
+            if not pending:
+                pending = src.read(INFLATE_CHUNK)
+                if not pending:
+                    break
+            chunk = inflater.decompress(pending, INFLATE_CHUNK)
+            pending = inflater.unconsumed_tail
+            total += len(chunk)
+            if total > max_bytes:
+                raise _over_budget("the deflated dataset inflates to more than", max_bytes, max_bytes)
+            dst.write(chunk)
+            if inflater.eof:
+                break
+        tail = inflater.flush()
+        total += len(tail)
+        if total > max_bytes:
+            raise _over_budget("the deflated dataset inflates to more than", max_bytes, max_bytes)
+        dst.write(tail)
+
+
+def _check_dicom(path: Path, max_pixels: int, max_bytes: int, as_mask: bool) -> FileCheck:
+    import tempfile
+    import zlib
+
+    meta = _dicom_meta_end(path)
+    if meta is not None and meta[1] == DEFLATED_DICOM:
+        # pydicom inflates a deflated dataset whole, in memory, before reading a tag of it
+        with tempfile.TemporaryDirectory(prefix="diffexp-dicom-") as tmp:
+            inflated = Path(tmp) / "inflated.dcm"
+            try:
+                _inflate_dicom(path, meta[0], inflated, max_bytes)
+            except PixelsError:
+                raise
+            except (zlib.error, ValueError, OSError, KeyError, AttributeError) as exc:
+                raise PixelsError("unreadable", f"unreadable deflated DICOM file ({exc})") from None
+            return _check_dicom_plain(inflated, max_pixels, max_bytes, as_mask)
+    return _check_dicom_plain(path, max_pixels, max_bytes, as_mask)
+
+
+def _check_dicom_plain(path: Path, max_pixels: int, max_bytes: int, as_mask: bool) -> FileCheck:
+    import pydicom
+
+    try:
+        head = pydicom.dcmread(path, stop_before_pixels=True)
+        width, height = int(head.Columns), int(head.Rows)
+        frames = int(head.get("NumberOfFrames") or 1)
+        samples = int(head.get("SamplesPerPixel") or 1)
+        bits = int(head.get("BitsAllocated") or 16)
+    except Exception as exc:
+        raise PixelsError("unreadable", f"unreadable DICOM file ({exc})") from None
+    _check_pixels(width, height, max_pixels)
+    if frames != 1 or samples != 1:
+        raise PixelsError(
+            "not_2d", f"has {frames} frame(s) of {samples} channel(s); one 2D grey frame per file"
+        )
+    # pydicom holds the pixel data as read (at most the file) and the decoded array at once
+    decoded = width * height * frames * samples * max(1, (bits + 7) // 8)
+    if decoded + path.stat().st_size > max_bytes:
+        raise _over_budget(
+            f"{width}x{height} pixels of {bits} bits (and the file beside them) take",
+            decoded + path.stat().st_size,
+            max_bytes,
+        )
+    try:
+        ds = pydicom.dcmread(path)
+        raw = np.asarray(ds.pixel_array)
+        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        slope = float(slope if slope is not None else 1.0)
+        intercept = float(intercept or 0.0)
+        rescale = ds.get("RescaleSlope") is not None or ds.get("RescaleIntercept") is not None
+    except Exception as exc:
+        raise PixelsError("unreadable", f"unreadable or truncated DICOM pixel data ({exc})") from None
+    if raw.shape != (height, width):
+        raise PixelsError("unreadable", f"pixel data of shape {raw.shape}, not {height}x{width}")
+    if not as_mask:
+        return FileCheck(width, height)
+    del ds  # the pixel data as read: only the array is needed from here
+    scan = _MaskScan()
+    for y0, y1 in _row_strips(height, width):
+        values = raw[y0:y1].astype(np.float32)
+        if rescale:  # in float32, as _read_dicom (and MONAI's PydicomReader)
+            values = values * slope + intercept
+        scan.add(grey_from_array(values))
+    return FileCheck(width, height, scan.problem())
+
+
+def _inflate_gzip(path: Path, out: Path, max_bytes: int) -> None:
+    import gzip
+
+    total = 0
+    with gzip.open(path, "rb") as src, out.open("wb") as dst:
+        while chunk := src.read(INFLATE_CHUNK):
+            total += len(chunk)
+            if total > max_bytes:
+                raise _over_budget("the gzipped file inflates to more than", max_bytes, max_bytes)
+            dst.write(chunk)
+
+
+def _check_nifti(path: Path, max_pixels: int, max_bytes: int, as_mask: bool) -> FileCheck:
+    import tempfile
+
+    if path.name.lower().endswith(".gz"):
+        # nibabel would inflate the stream as far as the header says; inflate it here, bounded
+        with tempfile.TemporaryDirectory(prefix="diffexp-nifti-") as tmp:
+            inflated = Path(tmp) / "inflated.nii"
+            try:
+                _inflate_gzip(path, inflated, max_bytes)
+            except PixelsError:
+                raise
+            except (OSError, EOFError, ValueError) as exc:  # gzip.BadGzipFile and zlib.error included
+                raise PixelsError("unreadable", f"unreadable NIfTI file ({exc})") from None
+            return _check_nifti_plain(inflated, max_pixels, max_bytes, as_mask)
+    return _check_nifti_plain(path, max_pixels, max_bytes, as_mask)
+
+
+def _check_nifti_plain(path: Path, max_pixels: int, max_bytes: int, as_mask: bool) -> FileCheck:
+    import nibabel as nib
+
+    try:
+        img: Any = nib.load(str(path), mmap=False)  # the header; the data is read a slab at a time
+        shape = tuple(int(d) for d in img.header.get_data_shape())
+        itemsize = int(img.header.get_data_dtype().itemsize)
+    except Exception as exc:
+        raise PixelsError("unreadable", f"unreadable NIfTI file ({exc})") from None
+    if len(shape) < 2 or any(d != 1 for d in shape[2:]):
+        raise PixelsError("not_2d", f"has shape {shape}; one 2D slice per file")
+    _check_pixels(shape[0], shape[1], max_pixels)
+    if shape[0] * shape[1] * itemsize > max_bytes:
+        raise _over_budget(
+            f"{shape[0]}x{shape[1]} voxels of {itemsize} bytes take",
+            shape[0] * shape[1] * itemsize,
+            max_bytes,
+        )
+    scan = _MaskScan()
+    # slabs of y (the file's slowest axis of a 2D slice): each is one contiguous run of the file
+    for y0, y1 in _row_strips(shape[1], shape[0]):
+        try:
+            data = np.asanyarray(img.dataobj[:, y0:y1])
+        except Exception as exc:
+            raise PixelsError("unreadable", f"unreadable or truncated NIfTI data ({exc})") from None
+        if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+            raise PixelsError("unreadable", f"NIfTI data of type {data.dtype}; one grey value per pixel")
+        if as_mask:
+            scan.add(grey_from_array(data.reshape(data.shape[:2]).astype(np.float32)))
+    return FileCheck(shape[0], shape[1], scan.problem() if as_mask else None)  # (x, y): (columns, rows)
