@@ -20,6 +20,7 @@ first axis is x (the columns), so its array is transposed — MONAI's readers gi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -500,26 +501,18 @@ def _dicom_meta_end(path: Path) -> tuple[int, str] | None:
                 syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
 
 
-def _inflate_dicom(path: Path, offset: int, out: Path, max_bytes: int) -> None:
-    """Write ``path`` as explicit VR little endian to ``out``: its meta group with the transfer
-    syntax changed, then the dataset inflated in chunks, refused past ``max_bytes``."""
+def _inflate_raw(path: Path, offset: int, max_bytes: int, write: Callable[[bytes], object] | None) -> None:
+    """Inflate the raw deflate stream of ``path`` from ``offset`` a chunk at a time (zlib's
+    ``max_length``: no chunk is larger than INFLATE_CHUNK, whatever the ratio), handing each to
+    ``write``; refused past ``max_bytes``."""
     import zlib
 
-    from pydicom.filebase import DicomFileLike
-    from pydicom.filereader import read_file_meta_info
-    from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    meta = read_file_meta_info(path)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
-    with path.open("rb") as src, out.open("wb") as dst:
-        dst.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(DicomFileLike(dst), meta, enforce_standard=False)
+    with path.open("rb") as src:
         src.seek(offset)
         pending = b""
-        while True:
+        while not inflater.eof:
             if not pending:
                 pending = src.read(INFLATE_CHUNK)
                 if not pending:
@@ -529,14 +522,26 @@ def _inflate_dicom(path: Path, offset: int, out: Path, max_bytes: int) -> None:
             total += len(chunk)
             if total > max_bytes:
                 raise _over_budget("the deflated dataset inflates to more than", max_bytes, max_bytes)
-            dst.write(chunk)
-            if inflater.eof:
-                break
-        tail = inflater.flush()
-        total += len(tail)
-        if total > max_bytes:
-            raise _over_budget("the deflated dataset inflates to more than", max_bytes, max_bytes)
-        dst.write(tail)
+            if write is not None:
+                write(chunk)
+
+
+def _inflate_dicom(path: Path, offset: int, out: Path, max_bytes: int) -> None:
+    """Write ``path`` as explicit VR little endian to ``out``: its meta group with the transfer
+    syntax changed, then the dataset inflated. The stream is inflated once without being kept,
+    to refuse a bomb without writing it, then again into ``out``."""
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    _inflate_raw(path, offset, max_bytes, None)
+    meta = read_file_meta_info(path)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with out.open("wb") as dst:
+        dst.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(dst), meta, enforce_standard=False)
+        _inflate_raw(path, offset, max_bytes, dst.write)
 
 
 def _check_dicom(path: Path, max_pixels: int, max_bytes: int, as_mask: bool) -> FileCheck:
@@ -606,15 +611,19 @@ def _check_dicom_plain(path: Path, max_pixels: int, max_bytes: int, as_mask: boo
 
 
 def _inflate_gzip(path: Path, out: Path, max_bytes: int) -> None:
+    """``path`` inflated into ``out``: counted first without being kept (a bomb is refused without
+    being written), then written; refused past ``max_bytes``."""
     import gzip
 
-    total = 0
-    with gzip.open(path, "rb") as src, out.open("wb") as dst:
-        while chunk := src.read(INFLATE_CHUNK):
-            total += len(chunk)
-            if total > max_bytes:
-                raise _over_budget("the gzipped file inflates to more than", max_bytes, max_bytes)
-            dst.write(chunk)
+    for keep in (False, True):
+        total = 0
+        with gzip.open(path, "rb") as src, out.open("wb") as dst:
+            while chunk := src.read(INFLATE_CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise _over_budget("the gzipped file inflates to more than", max_bytes, max_bytes)
+                if keep:
+                    dst.write(chunk)
 
 
 def _check_nifti(path: Path, max_pixels: int, max_bytes: int, as_mask: bool) -> FileCheck:
