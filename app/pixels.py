@@ -20,7 +20,7 @@ first axis is x (the columns), so its array is transposed — MONAI's readers gi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,6 +343,10 @@ STRIP_PIXELS = 1 << 20
 # Distinct values a mask scan keeps track of; a mask with more is a photo (see MAX_MASK_LABELS).
 MAX_TRACKED_LEVELS = 1024
 DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"
+# A deflated DICOM's elements before its pixel data must lie in its first 8 MB once inflated (where
+# Rows, Columns, BitsAllocated are read: they bound the rest), and those after it in 1 MB.
+DICOM_HEADER_BYTES = 8 << 20
+DICOM_TRAILER_BYTES = 1 << 20
 # bytes a pixel takes in PIL's memory once decoded (every multi-band mode is stored 4 bytes a pixel)
 _PIL_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
@@ -501,52 +505,107 @@ def _dicom_meta_end(path: Path) -> tuple[int, str] | None:
                 syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
 
 
-def _inflate_raw(path: Path, offset: int, max_bytes: int, write: Callable[[bytes], object] | None) -> None:
-    """Inflate the raw deflate stream of ``path`` from ``offset`` a chunk at a time (zlib's
-    ``max_length``: no chunk is larger than INFLATE_CHUNK, whatever the ratio), handing each to
-    ``write``; refused past ``max_bytes``."""
+def _raw_chunks(path: Path, offset: int) -> Iterator[bytes]:
+    """The raw deflate stream of ``path`` from ``offset``, inflated a chunk at a time (zlib's
+    ``max_length``: no chunk is larger than INFLATE_CHUNK, whatever the ratio)."""
     import zlib
 
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total = 0
     with path.open("rb") as src:
         src.seek(offset)
         pending = b""
         while not inflater.eof:
-            if not pending:
-                pending = src.read(INFLATE_CHUNK)
-                if not pending:
-                    break
+            # with no input, zlib hands out what it still holds from earlier input
             chunk = inflater.decompress(pending, INFLATE_CHUNK)
             pending = inflater.unconsumed_tail
-            total += len(chunk)
-            if total > max_bytes:
-                raise _over_budget("the deflated dataset inflates to more than", max_bytes, max_bytes)
-            if write is not None:
-                write(chunk)
+            if chunk:
+                yield chunk
+            elif not pending:
+                pending = src.read(INFLATE_CHUNK)
+                if not pending:
+                    raise PixelsError(
+                        "unreadable", "the deflated dataset is truncated (its stream has no end)"
+                    )
 
 
-def _inflate_dicom(path: Path, offset: int, out: Path, max_bytes: int) -> None:
-    """Write ``path`` as explicit VR little endian to ``out``: its meta group with the transfer
-    syntax changed, then the dataset inflated. The stream is inflated once without being kept,
-    to refuse a bomb without writing it, then again into ``out``."""
-    from pydicom.filebase import DicomFileLike
+def _inflate_raw(
+    path: Path, offset: int, cap: int, write: Callable[[bytes], object] | None, why: str
+) -> None:
+    """Inflate into ``write`` (or only count); refused past ``cap`` bytes (``why`` says why)."""
+    total = 0
+    for chunk in _raw_chunks(path, offset):
+        total += len(chunk)
+        if total > cap:
+            raise PixelsError(
+                "decode_too_large", f"the deflated dataset inflates to more than {cap} bytes{why}"
+            )
+        if write is not None:
+            write(chunk)
+
+
+def _explicit_meta(path: Path) -> bytes:
+    """The preamble and meta group of ``path`` with the transfer syntax made explicit VR little
+    endian: what comes before an inflated dataset in a file pydicom reads as is."""
+    from pydicom.filebase import DicomBytesIO
     from pydicom.filereader import read_file_meta_info
     from pydicom.filewriter import write_file_meta_info
     from pydicom.uid import ExplicitVRLittleEndian
 
-    _inflate_raw(path, offset, max_bytes, None)
     meta = read_file_meta_info(path)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    write_file_meta_info(out, meta, enforce_standard=False)
+    return b"\x00" * 128 + b"DICM" + out.getvalue()
+
+
+def _inflate_dicom(path: Path, offset: int, out: Path, max_bytes: int) -> None:
+    """Write ``path`` as explicit VR little endian to ``out``: its meta group with the transfer
+    syntax changed, then the dataset inflated. Its first DICOM_HEADER_BYTES are inflated first and
+    read for Rows x Columns x frames x samples x BitsAllocated, which bound the whole (and
+    ``max_bytes`` does); the stream is then inflated once without being kept, to refuse a bomb
+    without writing it, and once more into ``out``."""
+    import io
+    import warnings
+
+    import pydicom
+
+    prefix = bytearray()
+    for chunk in _raw_chunks(path, offset):
+        prefix += chunk
+        if len(prefix) >= DICOM_HEADER_BYTES:
+            break
+    meta = _explicit_meta(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a prefix may end inside an element: pydicom warns
+        head = pydicom.dcmread(io.BytesIO(meta + bytes(prefix[:DICOM_HEADER_BYTES])), stop_before_pixels=True)
+    del prefix
+    try:
+        rows, cols = int(head.Rows), int(head.Columns)
+        frames = int(head.get("NumberOfFrames") or 1)
+        samples = int(head.get("SamplesPerPixel") or 1)
+        bits = int(head.get("BitsAllocated") or 16)
+    except (AttributeError, TypeError, ValueError):
+        raise PixelsError(
+            "unreadable",
+            f"no image (Rows, Columns) in the first {DICOM_HEADER_BYTES >> 20} MB of the inflated dataset",
+        ) from None
+    pixels = max(rows, 0) * max(cols, 0) * max(frames, 1) * max(samples, 1) * max(1, (bits + 7) // 8)
+    needed = DICOM_HEADER_BYTES + pixels + DICOM_TRAILER_BYTES
+    cap, why = max_bytes, f", over DIFFEXP_DECODE_MEMORY_MB ({max_bytes >> 20} MB)"
+    if needed < max_bytes:
+        cap = needed
+        why = (
+            f": its {cols}x{rows} pixels of {bits} bits and its other elements ({DICOM_HEADER_BYTES >> 20} MB "
+            f"before the pixels, {DICOM_TRAILER_BYTES >> 20} MB after) need at most {needed}"
+        )
+    _inflate_raw(path, offset, cap, None, why)
     with out.open("wb") as dst:
-        dst.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(DicomFileLike(dst), meta, enforce_standard=False)
-        _inflate_raw(path, offset, max_bytes, dst.write)
+        dst.write(meta)
+        _inflate_raw(path, offset, cap, dst.write, why)
 
 
 def _check_dicom(path: Path, max_pixels: int, max_bytes: int, as_mask: bool) -> FileCheck:
     import tempfile
-    import zlib
 
     meta = _dicom_meta_end(path)
     if meta is not None and meta[1] == DEFLATED_DICOM:
@@ -555,9 +614,9 @@ def _check_dicom(path: Path, max_pixels: int, max_bytes: int, as_mask: bool) -> 
             inflated = Path(tmp) / "inflated.dcm"
             try:
                 _inflate_dicom(path, meta[0], inflated, max_bytes)
-            except PixelsError:
+            except (PixelsError, OSError):  # an OSError here is the server's (a full disk)
                 raise
-            except (zlib.error, ValueError, OSError, KeyError, AttributeError) as exc:
+            except Exception as exc:  # zlib.error, a meta group pydicom cannot read
                 raise PixelsError("unreadable", f"unreadable deflated DICOM file ({exc})") from None
             return _check_dicom_plain(inflated, max_pixels, max_bytes, as_mask)
     return _check_dicom_plain(path, max_pixels, max_bytes, as_mask)
@@ -610,20 +669,42 @@ def _check_dicom_plain(path: Path, max_pixels: int, max_bytes: int, as_mask: boo
     return FileCheck(width, height, scan.problem())
 
 
+def _nifti_extent(head: bytes) -> int:
+    """The bytes a NIfTI file's reader uses, from its header alone: the offset of the data (after
+    the header and its extensions) plus the data, the dims times the stored type's size."""
+    import nibabel as nib
+
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+    try:
+        if 348 in sizes:
+            hdr: Any = nib.Nifti1Header(head[:348])
+        elif 540 in sizes:
+            hdr = nib.Nifti2Header(head[:540])
+        else:
+            raise ValueError("neither a NIfTI-1 nor a NIfTI-2 header")
+        shape = tuple(int(d) for d in hdr.get_data_shape())
+        itemsize = int(hdr.get_data_dtype().itemsize)
+        offset = max(int(hdr.get_data_offset()), int(hdr.sizeof_hdr) + 4)
+    except Exception as exc:
+        raise PixelsError("unreadable", f"unreadable NIfTI file ({exc})") from None
+    return offset + int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
 def _inflate_gzip(path: Path, out: Path, max_bytes: int) -> None:
-    """``path`` inflated into ``out``: counted first without being kept (a bomb is refused without
-    being written), then written; refused past ``max_bytes``."""
+    """``path`` inflated into ``out`` as far as its header says a reader needs (the bytes past that
+    are never read, so never inflated), refused when that is past ``max_bytes``."""
     import gzip
 
-    for keep in (False, True):
-        total = 0
-        with gzip.open(path, "rb") as src, out.open("wb") as dst:
-            while chunk := src.read(INFLATE_CHUNK):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise _over_budget("the gzipped file inflates to more than", max_bytes, max_bytes)
-                if keep:
-                    dst.write(chunk)
+    with gzip.open(path, "rb") as src, out.open("wb") as dst:
+        head = src.read(540)
+        need = _nifti_extent(head)
+        if need > max_bytes:
+            raise _over_budget("its header (data offset and dims) says a reader needs", need, max_bytes)
+        dst.write(head[:need])
+        left = need - len(head)
+        while left > 0 and (chunk := src.read(min(INFLATE_CHUNK, left))):
+            dst.write(chunk)
+            left -= len(chunk)
 
 
 def _check_nifti(path: Path, max_pixels: int, max_bytes: int, as_mask: bool) -> FileCheck:

@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bomb-mb", type=int, default=1024, help="what each decoder bomb inflates to")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, of: " + ", ".join(CASES))
     parser.add_argument("--clients", default="1,4", help="comma-separated numbers of uploads at once")
+    parser.add_argument(
+        "--app-dir", type=Path, help="serve the API of another checkout (say, of the code before a change)"
+    )
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     work = Path(tempfile.mkdtemp(prefix="diffexp-upmem-"))
@@ -285,28 +288,37 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("DIFFEXP_DECODE_MEMORY_MB", "DIFFEXP_MAX_CONCURRENT_DECODES", "DIFFEXP_DECODE_WAIT_S"):
         if key in os.environ:
             env[key] = os.environ[key]
-    port = free_port()
-    log = work / "api.log"
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    api = spawn([*cmd, "--log-level", "warning", "--no-access-log"], log=log, env=env)
-    url = f"http://127.0.0.1:{port}"
+    print(f"machine: {machine()}")
+    settings = {k: v for k, v in env.items() if k.startswith("DIFFEXP_DECODE") or "CONCURRENT" in k}
+    print(f"API: uvicorn, one process, {args.app_dir or ROOT}; decode settings: {settings or 'defaults'}")
+    print("each line: a fresh API process, warmed up by one upload of every format, then the case")
     try:
-        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "uvicorn", api, log)
-        print(f"machine: {machine()}")
-        settings = {k: v for k, v in env.items() if k.startswith("DIFFEXP_DECODE") or "CONCURRENT" in k}
-        print(f"API: uvicorn, one process; decode settings: {settings or 'defaults'}")
-        before = status_kb(api.pid, "VmRSS")
-        warm = asyncio.run(measure(url, admin, api.pid, warm_up_members(work), 1))
-        print(f"warm-up (one upload of every format; RSS at start {before / 1024:.0f} MB): {warm}")
         for case in cases:
             data = build(case, work, args.bomb_mb * MB)
             print(f"{case} ({len(data) / MB:.2f} MB zip, bomb {args.bomb_mb} MB):")
             for n in (int(c) for c in args.clients.split(",")):
-                print("  " + asyncio.run(measure(url, admin, api.pid, data, n)))
+                print("  " + run_once(env, args.app_dir, work, admin, data, n))
     finally:
-        kill(api)
         redis.stop()
     return 0
+
+
+def run_once(
+    env: dict[str, str], app_dir: Path | None, work: Path, admin: str, data: bytes, clients: int
+) -> str:
+    port = free_port()
+    log = work / "api.log"
+    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--app-dir", str(app_dir.resolve())] if app_dir else []
+    api = spawn([*cmd, "--log-level", "warning", "--no-access-log"], log=log, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "uvicorn", api, log)
+        warm = asyncio.run(measure(url, admin, api.pid, warm_up_members(work), 1))
+        assert warm.startswith("1 at once: status 201"), warm
+        return asyncio.run(measure(url, admin, api.pid, data, clients))
+    finally:
+        kill(api)
 
 
 if __name__ == "__main__":

@@ -331,19 +331,45 @@ def test_a_mask_is_judged_strip_by_strip(tmp_path: Path, monkeypatch: pytest.Mon
         values[30, :17] = np.arange(1, 18)
 
 
-def test_a_deflated_dicom_is_inflated_in_chunks_up_to_the_budget(tmp_path: Path) -> None:
-    """24 MB of padding deflate to a 25 KB file; pydicom would inflate all of it before reading a tag."""
+def test_a_deflated_dicom_is_inflated_in_chunks_up_to_what_its_header_needs(tmp_path: Path) -> None:
+    """24 MB of padding deflate to a 25 KB file; pydicom would inflate all of it before reading a
+    tag. Its first 8 MB (inflated) give Rows x Columns x bits: 8x8 pixels need far less than 24 MB."""
     bomb = write_deflated_dicom(tmp_path / "bomb.dcm", ramp(8, 8), padding=24 * MB)
     assert bomb.stat().st_size < 100_000
     with pytest.raises(PixelsError) as info:
-        check_file(bomb, max_pixels=10**6, max_bytes=16 * MB, as_mask=False)
+        check_file(bomb, max_pixels=10**6, max_bytes=64 * MB, as_mask=False)
+    assert info.value.kind == "decode_too_large" and "8x8 pixels of 16 bits" in str(info.value)
+    padded = write_deflated_dicom(tmp_path / "padded.dcm", ramp(8, 8), padding=MB // 2)  # within 1 MB
+    assert check_file(padded, max_pixels=10**6, max_bytes=16 * MB, as_mask=False) == FileCheck(8, 8)
+
+    big = write_deflated_dicom(tmp_path / "big.dcm", np.zeros((2048, 2048), np.uint16))  # 8 MB inflated
+    with pytest.raises(PixelsError) as info:
+        check_file(big, max_pixels=10**7, max_bytes=4 * MB, as_mask=False)
     assert info.value.kind == "decode_too_large" and "DIFFEXP_DECODE_MEMORY_MB" in str(info.value)
-    assert check_file(bomb, max_pixels=10**6, max_bytes=32 * MB, as_mask=False) == FileCheck(8, 8)
+    assert check_file(big, max_pixels=10**7, max_bytes=32 * MB, as_mask=False) == FileCheck(2048, 2048)
+
     broken = tmp_path / "broken.dcm"
-    broken.write_bytes(bomb.read_bytes()[:-5000] + bytes(5000))
+    broken.write_bytes(padded.read_bytes()[:-200])
     with pytest.raises(PixelsError) as info:
         check_file(broken, max_pixels=10**6, max_bytes=32 * MB, as_mask=False)
     assert info.value.kind == "unreadable"
+
+
+def test_a_deflated_dicom_of_zeros_is_refused_after_its_first_megabytes(tmp_path: Path) -> None:
+    """A deflated dataset of zeros holds no image header in its first 8 MB: refused there."""
+    import zlib
+
+    from app.pixels import _dicom_meta_end
+
+    plain = write_deflated_dicom(tmp_path / "d.dcm", ramp(8, 8))
+    end = _dicom_meta_end(plain)
+    assert end is not None
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = tmp_path / "zeros.dcm"
+    zeros.write_bytes(plain.read_bytes()[: end[0]] + comp.compress(bytes(64 * MB)) + comp.flush())
+    with pytest.raises(PixelsError) as info:
+        check_file(zeros, max_pixels=10**6, max_bytes=128 * MB, as_mask=False)
+    assert info.value.kind == "unreadable" and "no image" in str(info.value)
 
 
 def test_a_gzipped_nifti_is_inflated_up_to_the_budget(tmp_path: Path) -> None:
@@ -353,6 +379,13 @@ def test_a_gzipped_nifti_is_inflated_up_to_the_budget(tmp_path: Path) -> None:
         check_file(bomb, max_pixels=10**6, max_bytes=16 * MB, as_mask=True)
     assert info.value.kind == "decode_too_large"
     assert check_file(bomb, max_pixels=10**6, max_bytes=32 * MB, as_mask=True) == FileCheck(8, 8)
+    # bytes past what the header says a reader needs are never inflated, so cost nothing
+    import gzip
+
+    plain = write_nifti(tmp_path / "m.nii", disc_mask(8, 8)).read_bytes()
+    trailing = tmp_path / "trailing.nii.gz"
+    trailing.write_bytes(gzip.compress(plain + bytes(64 * MB), compresslevel=1))
+    assert check_file(trailing, max_pixels=10**6, max_bytes=MB, as_mask=True) == FileCheck(8, 8)
 
 
 def test_decoded_and_file_sizes_are_checked_before_decoding(tmp_path: Path) -> None:
