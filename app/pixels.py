@@ -343,8 +343,8 @@ STRIP_PIXELS = 1 << 20
 # Distinct values a mask scan keeps track of; a mask with more is a photo (see MAX_MASK_LABELS).
 MAX_TRACKED_LEVELS = 1024
 DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"
-# A deflated DICOM's elements before its pixel data must lie in its first 8 MB once inflated (where
-# Rows, Columns, BitsAllocated are read: they bound the rest), and those after it in 1 MB.
+# A deflated DICOM's elements before its pixel data must lie in its first 8 MB once inflated (Rows,
+# Columns, BitsAllocated are read there: they bound the rest), and those after it in 1 MB.
 DICOM_HEADER_BYTES = 8 << 20
 DICOM_TRAILER_BYTES = 1 << 20
 # bytes a pixel takes in PIL's memory once decoded (every multi-band mode is stored 4 bytes a pixel)
@@ -558,47 +558,195 @@ def _explicit_meta(path: Path) -> bytes:
     return b"\x00" * 128 + b"DICM" + out.getvalue()
 
 
+_VRS = {
+    b"AE",
+    b"AS",
+    b"AT",
+    b"CS",
+    b"DA",
+    b"DS",
+    b"DT",
+    b"FD",
+    b"FL",
+    b"IS",
+    b"LO",
+    b"LT",
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"PN",
+    b"SH",
+    b"SL",
+    b"SQ",
+    b"SS",
+    b"ST",
+    b"SV",
+    b"TM",
+    b"UC",
+    b"UI",
+    b"UL",
+    b"UN",
+    b"UR",
+    b"US",
+    b"UT",
+    b"UV",
+}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+_PIXEL_DATA = 0x7FE00010
+# Rows, Columns, SamplesPerPixel, NumberOfFrames, BitsAllocated
+_IMAGE_TAGS = {0x00280010, 0x00280011, 0x00280002, 0x00280008, 0x00280100}
+# Elements (nested ones included) a deflated DICOM's header may have before its pixel data: real
+# headers have hundreds to a few thousand.
+MAX_HEADER_ELEMENTS = 50_000
+
+
+class _Short(Exception):
+    """The bytes so far end inside the header: inflate more."""
+
+
+class _HeaderWalk:
+    """Walks the elements of a dataset in explicit VR little endian, as its bytes arrive, to the
+    Pixel Data element, without reading values: the top-level elements must ascend (as DICOM
+    requires), sequences of undefined length are skipped item by item. ``found``: the values of
+    the image tags (``_IMAGE_TAGS``); ``pixel_offset``: where Pixel Data starts, once reached."""
+
+    def __init__(self) -> None:
+        self.found: dict[int, bytes] = {}
+        self.pos = 0  # the start of the first top-level element not yet walked
+        self.last = -1
+        self.elements = 0
+        self.pixel_offset: int | None = None
+
+    def _element(self, data: bytearray, pos: int) -> tuple[int, bytes, int, int]:
+        """``(tag, VR, value offset, value length)`` of the element at ``pos``."""
+        if pos + 8 > len(data):
+            raise _Short
+        self.elements += 1
+        if self.elements > MAX_HEADER_ELEMENTS:
+            raise PixelsError("unreadable", f"more than {MAX_HEADER_ELEMENTS} elements before the pixel data")
+        tag = int.from_bytes(data[pos : pos + 2], "little") << 16 | int.from_bytes(
+            data[pos + 2 : pos + 4], "little"
+        )
+        if tag >> 16 == 0xFFFE:  # item and delimitation tags have no VR
+            return tag, b"", pos + 8, int.from_bytes(data[pos + 4 : pos + 8], "little")
+        vr = bytes(data[pos + 4 : pos + 6])
+        if vr not in _VRS:
+            raise PixelsError("unreadable", f"not a DICOM dataset: no value representation at byte {pos}")
+        if vr in _LONG_VRS:
+            if pos + 12 > len(data):
+                raise _Short
+            return tag, vr, pos + 12, int.from_bytes(data[pos + 8 : pos + 12], "little")
+        return tag, vr, pos + 8, int.from_bytes(data[pos + 6 : pos + 8], "little")
+
+    def _skip_sequence(self, data: bytearray, pos: int, depth: int) -> int:
+        """Past a sequence of undefined length whose first item starts at ``pos``."""
+        if depth > 32:
+            raise PixelsError("unreadable", "sequences nested more than 32 deep")
+        while True:
+            tag, _, start, length = self._element(data, pos)
+            if tag == 0xFFFEE0DD:  # sequence delimitation
+                return start
+            if tag != 0xFFFEE000:
+                raise PixelsError("unreadable", f"not a sequence item at byte {pos}")
+            if length != _UNDEFINED:
+                pos = start + length
+                continue
+            pos = start
+            while True:  # an item of undefined length: its elements, then an item delimitation
+                tag, vr, start, length = self._element(data, pos)
+                if tag == 0xFFFEE00D:
+                    pos = start
+                    break
+                pos = self._past(data, vr, start, length, pos, depth + 1)
+
+    def _past(self, data: bytearray, vr: bytes, start: int, length: int, pos: int, depth: int) -> int:
+        if length != _UNDEFINED:
+            return start + length
+        if vr != b"SQ":
+            raise PixelsError(
+                "unreadable", f"an element of undefined length that is no sequence at byte {pos}"
+            )
+        return self._skip_sequence(data, start, depth)
+
+    def feed(self, data: bytearray) -> bool:
+        """Walk on through ``data`` (all the bytes so far); True once Pixel Data is reached."""
+        while self.pixel_offset is None:
+            elements = self.elements
+            try:
+                tag, vr, start, length = self._element(data, self.pos)
+                if tag <= self.last:
+                    raise PixelsError(
+                        "unreadable", f"not a DICOM dataset: elements out of order at byte {self.pos}"
+                    )
+                if tag == _PIXEL_DATA:
+                    self.pixel_offset = self.pos
+                    break
+                end = self._past(data, vr, start, length, self.pos, 0)
+                if tag in _IMAGE_TAGS:
+                    if end > len(data):
+                        raise _Short
+                    self.found[tag] = bytes(data[start:end])
+            except _Short:
+                self.elements = elements  # the element is walked again once more bytes are in
+                return False
+            self.last, self.pos = tag, end
+        return True
+
+
+def _image_bytes(found: dict[int, bytes]) -> tuple[str, int]:
+    """``("COLSxROWS pixels of BITS bits", bytes)`` of the pixel data the image tags describe."""
+
+    def us(tag: int, default: int | None) -> int:
+        value = found.get(tag)
+        if value is None or len(value) < 2:
+            if default is None:
+                raise PixelsError("unreadable", "no Rows or Columns before the pixel data")
+            return default
+        return int.from_bytes(value[:2], "little")
+
+    rows, cols = us(0x00280010, None), us(0x00280011, None)
+    samples, bits = us(0x00280002, 1), us(0x00280100, 16)
+    try:
+        frames = int(found.get(0x00280008, b"1").strip(b" \x00") or b"1")
+    except ValueError:
+        raise PixelsError("unreadable", "a NumberOfFrames that is no number") from None
+    nbytes = rows * cols * max(frames, 1) * max(samples, 1) * max(1, (bits + 7) // 8)
+    return f"{cols}x{rows} pixels of {bits} bits", nbytes
+
+
 def _inflate_dicom(path: Path, offset: int, out: Path, max_bytes: int) -> None:
     """Write ``path`` as explicit VR little endian to ``out``: its meta group with the transfer
-    syntax changed, then the dataset inflated. Its first DICOM_HEADER_BYTES are inflated first and
-    read for Rows x Columns x frames x samples x BitsAllocated, which bound the whole (and
-    ``max_bytes`` does); the stream is then inflated once without being kept, to refuse a bomb
-    without writing it, and once more into ``out``."""
-    import io
-    import warnings
-
-    import pydicom
-
+    syntax changed, then the dataset inflated. The dataset is first inflated as far as its Pixel
+    Data element (within DICOM_HEADER_BYTES), whose offset and the image tags before it (Rows x
+    Columns x frames x samples x BitsAllocated) bound the whole, as ``max_bytes`` does; the stream
+    is then inflated once without being kept, to refuse a bomb without writing it, and once more
+    into ``out``."""
     prefix = bytearray()
+    walk = _HeaderWalk()
     for chunk in _raw_chunks(path, offset):
         prefix += chunk
-        if len(prefix) >= DICOM_HEADER_BYTES:
+        if walk.feed(prefix) or len(prefix) >= DICOM_HEADER_BYTES:
             break
-    meta = _explicit_meta(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a prefix may end inside an element: pydicom warns
-        head = pydicom.dcmread(io.BytesIO(meta + bytes(prefix[:DICOM_HEADER_BYTES])), stop_before_pixels=True)
     del prefix
-    try:
-        rows, cols = int(head.Rows), int(head.Columns)
-        frames = int(head.get("NumberOfFrames") or 1)
-        samples = int(head.get("SamplesPerPixel") or 1)
-        bits = int(head.get("BitsAllocated") or 16)
-    except (AttributeError, TypeError, ValueError):
+    if walk.pixel_offset is None:
         raise PixelsError(
-            "unreadable",
-            f"no image (Rows, Columns) in the first {DICOM_HEADER_BYTES >> 20} MB of the inflated dataset",
-        ) from None
-    pixels = max(rows, 0) * max(cols, 0) * max(frames, 1) * max(samples, 1) * max(1, (bits + 7) // 8)
-    needed = DICOM_HEADER_BYTES + pixels + DICOM_TRAILER_BYTES
+            "unreadable", f"no pixel data in the first {DICOM_HEADER_BYTES >> 20} MB of the inflated dataset"
+        )
+    what, pixels = _image_bytes(walk.found)
+    needed = walk.pixel_offset + 12 + pixels + DICOM_TRAILER_BYTES
     cap, why = max_bytes, f", over DIFFEXP_DECODE_MEMORY_MB ({max_bytes >> 20} MB)"
     if needed < max_bytes:
         cap = needed
         why = (
-            f": its {cols}x{rows} pixels of {bits} bits and its other elements ({DICOM_HEADER_BYTES >> 20} MB "
-            f"before the pixels, {DICOM_TRAILER_BYTES >> 20} MB after) need at most {needed}"
+            f": its {what}, {walk.pixel_offset} bytes of elements before them and "
+            f"{DICOM_TRAILER_BYTES >> 20} MB after need at most {needed}"
         )
     _inflate_raw(path, offset, cap, None, why)
+    meta = _explicit_meta(path)
     with out.open("wb") as dst:
         dst.write(meta)
         _inflate_raw(path, offset, cap, dst.write, why)

@@ -20,10 +20,11 @@ The cases (issue 20, item 1), each built here, in memory or streamed:
 - ``large-dicoms``: two pairs of 5000x5000 16-bit DICOMs of noise (50 MB each) and two small pairs:
   accepted.
 
-Each case is sent once, then by four clients at once. Before a case, the API process's peak RSS
-(VmHWM) is reset to its current RSS (``/proc/PID/clear_refs``); after it, the peak less that RSS is
-the growth printed. A warm-up upload of every format first loads the decoders' modules (pydicom,
-nibabel), which stay loaded: their one-off import cost is printed apart.
+Each case is sent once, then by four clients at once, each time to a fresh API process that one
+upload of every format has warmed up (so pydicom and nibabel are imported: a one-off cost). Then
+its peak RSS (VmHWM) is reset to its current RSS (``/proc/PID/clear_refs``); after the case, the
+peak less that RSS is the growth printed, with the slowest answer and the API's CPU seconds.
+``--app-dir`` serves another checkout's ``app`` (the code before a change, say) for comparison.
 """
 
 from __future__ import annotations

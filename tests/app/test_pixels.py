@@ -292,6 +292,7 @@ FILES = {
     "dicom": lambda t: write_dicom(t / "a.dcm", ramp(), slope=2, intercept=-1024, center=40, width=400),
     "dicom-mask": lambda t: write_dicom(t / "m.dcm", disc_mask(label=3)),
     "dicom-deflated": lambda t: write_deflated_dicom(t / "d.dcm", disc_mask(label=2)),
+    "dicom-deflated-sequences": lambda t: write_deflated_dicom(t / "s.dcm", ramp(), sequences=True),
     "nifti": lambda t: write_nifti(t / "a.nii", ramp().astype(np.int16)),
     "nifti-gz-mask": lambda t: write_nifti(t / "m.nii.gz", disc_mask()),
     "nifti-float-mask": lambda t: write_nifti(t / "f.nii.gz", disc_mask().astype(np.float32) * 0.5),
@@ -356,7 +357,7 @@ def test_a_deflated_dicom_is_inflated_in_chunks_up_to_what_its_header_needs(tmp_
 
 
 def test_a_deflated_dicom_of_zeros_is_refused_after_its_first_megabytes(tmp_path: Path) -> None:
-    """A deflated dataset of zeros holds no image header in its first 8 MB: refused there."""
+    """A deflated dataset of zeros is no DICOM dataset: refused at its first bytes."""
     import zlib
 
     from app.pixels import _dicom_meta_end
@@ -369,7 +370,7 @@ def test_a_deflated_dicom_of_zeros_is_refused_after_its_first_megabytes(tmp_path
     zeros.write_bytes(plain.read_bytes()[: end[0]] + comp.compress(bytes(64 * MB)) + comp.flush())
     with pytest.raises(PixelsError) as info:
         check_file(zeros, max_pixels=10**6, max_bytes=128 * MB, as_mask=False)
-    assert info.value.kind == "unreadable" and "no image" in str(info.value)
+    assert info.value.kind == "unreadable" and "not a DICOM dataset" in str(info.value)
 
 
 def test_a_gzipped_nifti_is_inflated_up_to_the_budget(tmp_path: Path) -> None:

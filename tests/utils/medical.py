@@ -92,10 +92,13 @@ def disc_mask(rows: int = 24, cols: int = 20, label: int = 1) -> np.ndarray:
 # ---- decompression bombs inside a decoder: small on disk, large once inflated
 
 
-def write_deflated_dicom(path: Path, pixels: np.ndarray, *, padding: int = 0) -> Path:
+def write_deflated_dicom(
+    path: Path, pixels: np.ndarray, *, padding: int = 0, sequences: bool = False
+) -> Path:
     """A DICOM of ``pixels`` in the Deflated Explicit VR Little Endian transfer syntax (the whole
     dataset deflated after the meta group) with ``padding`` zero bytes of DataSetTrailingPadding
-    beside the image: zeros deflate about 1000:1, so 24 MB of padding is a 24 KB file."""
+    beside the image: zeros deflate about 1000:1, so 24 MB of padding is a 24 KB file. ``sequences``:
+    nested sequences, of undefined and defined length, before the image tags."""
     import pydicom
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -104,6 +107,19 @@ def write_deflated_dicom(path: Path, pixels: np.ndarray, *, padding: int = 0) ->
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     if padding:
         ds.add_new(0xFFFCFFFC, "OB", bytes(padding))
+    if sequences:  # nested sequences before the image tags, of undefined and of defined length
+        from pydicom.dataset import Dataset
+        from pydicom.sequence import Sequence
+
+        inner = Dataset()
+        inner.CodeValue, inner.CodeMeaning = "T-D3000", "Chest"
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = "1.2.3.4"
+        item.PurposeOfReferenceCodeSequence = Sequence([inner])
+        item["PurposeOfReferenceCodeSequence"].is_undefined_length = False
+        item.is_undefined_length_sequence_item = True
+        ds.ReferencedImageSequence = Sequence([item, Dataset()])
+        ds["ReferencedImageSequence"].is_undefined_length = True
     ds.save_as(path, enforce_file_format=True)
     return path
 
