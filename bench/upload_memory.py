@@ -10,7 +10,7 @@ is 4 (DIFFEXP_MIN_DATASET_PAIRS) so that the large upload of eight PNGs (four pa
 
 The cases (issue 20, item 1), each built here, in memory or streamed:
 - ``dicom-padding``: a zip of a deflated DICOM (Deflated Explicit VR Little Endian) holding a valid
-  8x8 image beside ``--bomb-mb`` MB of zero DataSetTrailingPadding (1 GiB: a 1 MB file), with 7 good
+  32x32 image beside ``--bomb-mb`` MB of zero DataSetTrailingPadding (1 GiB: a 1 MB file), with 7 good
   pairs of PNGs;
 - ``dicom-zeros``: the same, its deflated dataset ``--bomb-mb`` MB of zeros and nothing else;
 - ``nifti-gz``: a .nii.gz mask whose header extension inflates to ``--bomb-mb`` MB of zeros;
@@ -82,7 +82,7 @@ def _deflate_stream(head: bytes, zeros: int) -> bytes:
 
 
 def deflated_dicom(work: Path, padding: int, *, image: bool) -> bytes:
-    """A Part 10 file in the deflated transfer syntax: the meta group, then raw deflate of (an 8x8
+    """A Part 10 file in the deflated transfer syntax: the meta group, then raw deflate of (a 32x32
     image's dataset, when ``image``) and ``padding`` zero bytes: the value of a DataSetTrailingPadding
     element when there is an image, bare zeros otherwise."""
     from pydicom.filebase import DicomBytesIO
@@ -92,7 +92,7 @@ def deflated_dicom(work: Path, padding: int, *, image: bool) -> bytes:
 
     from app.pixels import _dicom_meta_end
 
-    plain = write_dicom(work / "plain.dcm", ramp(8, 8))
+    plain = write_dicom(work / "plain.dcm", ramp(32, 32))  # the size of its partner mask
     end = _dicom_meta_end(plain)
     assert end is not None
     meta = read_file_meta_info(plain)
@@ -107,13 +107,13 @@ def deflated_dicom(work: Path, padding: int, *, image: bool) -> bytes:
 
 
 def nifti_gz_bomb(work: Path, extension: int) -> bytes:
-    """A .nii.gz of an 8x8 mask whose header extension holds ``extension`` zero bytes (nibabel
+    """A .nii.gz of a 32x32 mask whose header extension holds ``extension`` zero bytes (nibabel
     reads an extension into memory with the header)."""
     import gzip
 
     import nibabel as nib
 
-    small = write_nifti(work / "m.nii", disc_mask(8, 8)).read_bytes()
+    small = write_nifti(work / "m.nii", disc_mask(32, 32)).read_bytes()  # its image's size
     hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(small))
     esize = ((extension + 8 + 15) // 16) * 16  # a multiple of 16, as NIfTI-1 wants
     data = small[int(hdr.get_data_offset()) :]  # the voxels, after the header as written
