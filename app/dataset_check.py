@@ -21,14 +21,14 @@ import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from app.pixels import PixelsError, mask_problem, read_grey, split_suffix
+from app.pixels import FileCheck, PixelsError, check_file, split_suffix
 
 PAIRS_CSV = "pairs.csv"
 UNLABELLED = "unlabelled"  # images without masks (models.data.UNLABELLED_DIR)
 NOTE_FILES = ("SOURCE.md", "LICENSE", "LICENSE.md", "LICENSE.txt", "README.md", "README.txt")
 MAX_ISSUES = 100  # listed in one answer; the count says how many more there were
+DECODE_BYTES = 100 << 20  # the memory one file may take while it is checked (DIFFEXP_DECODE_MEMORY_MB)
 
 
 @dataclass(frozen=True)
@@ -198,10 +198,13 @@ class CheckedDataset:
         return [{"width": w, "height": h, "pairs": n} for (w, h), n in ranked]
 
 
-def check_folder(root: Path, members: Sequence[str], *, max_pixels: int, min_pairs: int) -> CheckedDataset:
+def check_folder(
+    root: Path, members: Sequence[str], *, max_pixels: int, min_pairs: int, max_bytes: int = DECODE_BYTES
+) -> CheckedDataset:
     """Check the files ``members`` (paths relative to ``root``); raises ``DatasetInvalid`` listing
     every problem: files outside the layout, orphans, unreadable or oversized images, size
-    mismatches, masks that are not label maps, a bad pairs.csv, too few pairs."""
+    mismatches, masks that are not label maps, a bad pairs.csv, too few pairs. One file is decoded
+    at a time, in at most about ``max_bytes`` of memory (``app.pixels.check_file``)."""
     issues: list[Issue] = []
     in_folder: dict[str, list[str]] = {"images": [], "masks": [], UNLABELLED: []}
     notes = []
@@ -238,10 +241,10 @@ def check_folder(root: Path, members: Sequence[str], *, max_pixels: int, min_pai
                 )
             )
             continue
-        issues += check_unlabelled(root, filename, max_pixels)
+        issues += check_unlabelled(root, filename, max_pixels, max_bytes)
     pairs = []
     for name, image, mask in matched:
-        pair, bad = check_pair(root, name, image, mask, max_pixels)
+        pair, bad = check_pair(root, name, image, mask, max_pixels, max_bytes)
         issues += bad
         if pair is not None:
             pairs.append(pair)
@@ -270,32 +273,38 @@ def check_folder(root: Path, members: Sequence[str], *, max_pixels: int, min_pai
     )
 
 
-def check_unlabelled(root: Path, filename: str, max_pixels: int) -> list[Issue]:
-    """Decode one unlabelled image with the checks of a pair's image; its issues (none: usable)."""
+def check_unlabelled(
+    root: Path, filename: str, max_pixels: int, max_bytes: int = DECODE_BYTES
+) -> list[Issue]:
+    """Check one unlabelled image as a pair's image is checked (the same bounded decode); its issues (none: usable)."""
     member = f"{UNLABELLED}/{filename}"
     try:
-        read_grey(root / UNLABELLED / filename, max_pixels=max_pixels, as_image=True)
+        check_file(root / UNLABELLED / filename, max_pixels=max_pixels, max_bytes=max_bytes, as_mask=False)
     except PixelsError as exc:
         return [Issue({"unreadable": "unreadable_image"}.get(exc.kind, exc.kind), member, str(exc))]
     return []
 
 
 def check_pair(
-    root: Path, name: str, image: str, mask: str, max_pixels: int
+    root: Path, name: str, image: str, mask: str, max_pixels: int, max_bytes: int = DECODE_BYTES
 ) -> tuple[Pair | None, list[Issue]]:
-    """Decode one pair (after checking each header against ``max_pixels``); the pair or its issues."""
+    """Decode one pair (after checking each header against ``max_pixels`` and ``max_bytes``), one
+    file at a time; the pair or its issues."""
     issues = []
-    greys: dict[str, Any] = {}
-    for folder, filename, as_image in (("images", image, True), ("masks", mask, False)):
+    checks: dict[str, FileCheck] = {}
+    for folder, filename, as_mask in (("images", image, False), ("masks", mask, True)):
         member = f"{folder}/{filename}"
         try:
-            greys[folder] = read_grey(root / folder / filename, max_pixels=max_pixels, as_image=as_image)
+            checks[folder] = check_file(
+                root / folder / filename, max_pixels=max_pixels, max_bytes=max_bytes, as_mask=as_mask
+            )
         except PixelsError as exc:
             kind = {"unreadable": "unreadable_image"}.get(exc.kind, exc.kind)
             issues.append(Issue(kind, member, str(exc)))
     if issues:
         return None, issues
-    isize, msize = greys["images"].size, greys["masks"].size
+    isize = (checks["images"].width, checks["images"].height)
+    msize = (checks["masks"].width, checks["masks"].height)
     if isize != msize:
         detail = f"size mismatch: the mask is {msize[0]}x{msize[1]}, its image images/{image} is {isize[0]}x{isize[1]}"
         return None, [Issue("size_mismatch", f"masks/{mask}", detail)]
@@ -304,7 +313,7 @@ def check_pair(
             "not a usable mask: JPEG is lossy (edges get grey levels that are no labels); save masks as PNG"
         )
         return None, [Issue("not_label_map", f"masks/{mask}", detail)]
-    problem = mask_problem(greys["masks"])
+    problem = checks["masks"].mask_problem
     if problem is not None:
         kind = "empty_mask" if problem.startswith("has no foreground") else "not_label_map"
         return None, [Issue(kind, f"masks/{mask}", f"not a usable mask: {problem}")]

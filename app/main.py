@@ -14,6 +14,7 @@ from app.api.main import api_router, health_router, metrics_router
 from app.auth import KeyStore, Quotas
 from app.core.config import Settings, get_settings, is_loopback
 from app.datasets import DatasetStore
+from app.decodes import DecodeSlots
 from app.docs import install_docs
 from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
@@ -92,6 +93,7 @@ def create_app(
     app.state.store = JobStore(r, storage, settings, enqueue)
     app.state.keys = KeyStore(r, storage, settings.redis_prefix)
     app.state.datasets = DatasetStore(r, storage, settings.redis_prefix)
+    app.state.decodes = DecodeSlots(settings.max_concurrent_decodes, settings.decode_wait_s)
     app.state.trainings = TrainingStore(r, storage, settings, app.state.datasets, train_enqueue)
     app.state.quotas = Quotas(r, settings.redis_prefix)
     app.state.registry = Registry(storage, r, settings)

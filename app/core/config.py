@@ -112,6 +112,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=25_000_000, ge=1)
     # the shipped examples/cxr-mini (6 pairs) is the smallest dataset the README's journey uploads
     min_dataset_pairs: int = Field(default=6, ge=1)
+    # Decoding an upload's images (docs/datasets.md#memory-and-concurrency): the memory one file may
+    # take while it is checked (the file, an inflated DICOM or NIfTI stream, the decoded pixels: each
+    # is checked against it before it is read; one file is decoded at a time), how many uploads are
+    # unpacked and checked at once, and how long an upload waits for its turn before a 429.
+    decode_memory_mb: int = Field(default=100, ge=1)
+    max_concurrent_decodes: int = Field(default=2, ge=1)
+    decode_wait_s: float = Field(default=30.0, ge=0)
 
     # The event stream (GET /v1/jobs/{id}/events): how often it looks for a change of the job, how
     # often it sends a keep-alive comment, and how long it stays open at most (the client then

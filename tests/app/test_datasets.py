@@ -11,7 +11,9 @@ import io
 import stat
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from PIL import Image
 from app.core.config import Settings
 from app.dataset_check import fingerprint
 from app.datasets import DatasetStore
+from app.decodes import DecodeSlots
 from app.main import create_app
 from tests.app.conftest import Enqueued
 from tests.conftest import ADMIN_HEADERS
@@ -38,7 +41,15 @@ from tests.utils.archives import (
     zip_patched,
     zip_with,
 )
-from tests.utils.medical import disc_mask, ramp, write_dicom, write_nifti, write_tiff16
+from tests.utils.medical import (
+    disc_mask,
+    ramp,
+    write_deflated_dicom,
+    write_dicom,
+    write_nifti,
+    write_nifti_bomb,
+    write_tiff16,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CXR = ROOT / "examples" / "cxr-mini"
@@ -132,6 +143,14 @@ def _big_dicom(tmp: Path) -> bytes:
     ds.Rows = ds.Columns = 60_000  # the header claims 3.6 G pixels; the data is 2 KB
     ds.save_as(path)
     return path.read_bytes()
+
+
+def _deflated_bomb(tmp: Path) -> bytes:
+    return write_deflated_dicom(tmp / "bomb.dcm", ramp(32, 32), padding=24 << 20).read_bytes()
+
+
+def _nifti_bomb(tmp: Path) -> bytes:
+    return write_nifti_bomb(tmp / "bomb.nii.gz", disc_mask(32, 32), extension=24 << 20).read_bytes()
 
 
 def _nifti_volume(tmp: Path) -> bytes:
@@ -319,6 +338,31 @@ BAD_UPLOADS: list[tuple[str, Builder, dict[str, Any], int, str | None, str | Non
         422,
         "too_many_pixels",
         "images/s00.dcm",
+    ),
+    (
+        # a 25 KB deflated DICOM whose dataset inflates to 24 MB (a valid image beside the padding)
+        "deflated-dicom-bomb",
+        lambda t: zip_bytes(replaced("images/s00.png", None, **{"images/s00.dcm": _deflated_bomb(t)})),
+        {"decode_memory_mb": 16},
+        422,
+        "decode_too_large",
+        "images/s00.dcm",
+    ),
+    (
+        "nifti-gz-bomb",
+        lambda t: zip_bytes(replaced("masks/s00.png", None, **{"masks/s00.nii.gz": _nifti_bomb(t)})),
+        {"decode_memory_mb": 16},
+        422,
+        "decode_too_large",
+        "masks/s00.nii.gz",
+    ),
+    (
+        "png-over-decode-budget",
+        lambda t: zip_bytes(replaced("images/s00.png", png(np.zeros((1500, 1500, 3), np.uint8)))),
+        {"decode_memory_mb": 8},
+        422,
+        "decode_too_large",
+        "images/s00.png",
     ),
     (
         "unreadable-image",
@@ -540,6 +584,44 @@ def test_a_bad_upload_is_a_4xx_naming_the_problem_and_stores_nothing(
             assert member in body["detail"] or len(body["errors"]) > 5
     assert_nothing_stored(client, settings)
     assert temp_dirs() <= before  # the unpacked files are gone too
+
+
+# ---- how many uploads are checked at once
+
+
+def test_an_upload_past_the_concurrent_decodes_is_429_with_retry_after(
+    make_client: Callable[..., tuple[TestClient, Settings]],
+) -> None:
+    client, settings = make_client(max_concurrent_decodes=1, decode_wait_s=0)
+    decodes: DecodeSlots = client.app.state.decodes  # type: ignore[attr-defined]
+    assert client.portal is not None
+    client.portal.call(decodes.semaphore.acquire)  # another upload is being checked
+    try:
+        resp = upload(client, zip_bytes(good()))
+        assert resp.status_code == 429, resp.text
+        assert resp.headers["content-type"] == PROBLEM and int(resp.headers["Retry-After"]) >= 1
+        assert "DIFFEXP_MAX_CONCURRENT_DECODES" in resp.json()["detail"]
+        assert_nothing_stored(client, settings)
+    finally:
+        client.portal.call(decodes.semaphore.release)
+    assert upload(client, zip_bytes(good())).status_code == 201
+    assert decodes.busy == 0
+
+
+def test_an_upload_waits_for_a_decode_slot(make_client: Callable[..., tuple[TestClient, Settings]]) -> None:
+    """Within DIFFEXP_DECODE_WAIT_S an upload queues (on the event loop) rather than being refused."""
+    client, _ = make_client(max_concurrent_decodes=1, decode_wait_s=60)
+    decodes: DecodeSlots = client.app.state.decodes  # type: ignore[attr-defined]
+    assert client.portal is not None
+    client.portal.call(decodes.semaphore.acquire)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(upload, client, zip_bytes(good()))
+        deadline = time.monotonic() + 30
+        while decodes.semaphore.statistics().tasks_waiting == 0:  # the upload reached the queue
+            assert time.monotonic() < deadline and not pending.done()
+            time.sleep(0.01)
+        client.portal.call(decodes.semaphore.release)
+        assert pending.result(timeout=60).status_code == 201
 
 
 def test_every_problem_of_an_upload_is_listed_at_once(

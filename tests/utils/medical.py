@@ -87,3 +87,50 @@ def disc_mask(rows: int = 24, cols: int = 20, label: int = 1) -> np.ndarray:
     return ((((yy - rows / 2) / (rows / 3)) ** 2 + ((xx - cols / 2) / (cols / 3)) ** 2) < 1).astype(
         np.uint16
     ) * label
+
+
+# ---- decompression bombs inside a decoder: small on disk, large once inflated
+
+
+def write_deflated_dicom(
+    path: Path, pixels: np.ndarray, *, padding: int = 0, sequences: bool = False
+) -> Path:
+    """A DICOM of ``pixels`` in the Deflated Explicit VR Little Endian transfer syntax (the whole
+    dataset deflated after the meta group) with ``padding`` zero bytes of DataSetTrailingPadding
+    beside the image: zeros deflate about 1000:1, so 24 MB of padding is a 24 KB file. ``sequences``:
+    nested sequences, of undefined and defined length, before the image tags."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    write_dicom(path, pixels)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    if padding:
+        ds.add_new(0xFFFCFFFC, "OB", bytes(padding))
+    if sequences:  # nested sequences before the image tags, of undefined and of defined length
+        from pydicom.dataset import Dataset
+        from pydicom.sequence import Sequence
+
+        inner = Dataset()
+        inner.CodeValue, inner.CodeMeaning = "T-D3000", "Chest"
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = "1.2.3.4"
+        item.PurposeOfReferenceCodeSequence = Sequence([inner])
+        item["PurposeOfReferenceCodeSequence"].is_undefined_length = False
+        item.is_undefined_length_sequence_item = True
+        ds.ReferencedImageSequence = Sequence([item, Dataset()])
+        ds["ReferencedImageSequence"].is_undefined_length = True
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_nifti_bomb(path: Path, pixels: np.ndarray, *, extension: int) -> Path:
+    """A gzipped NIfTI of ``pixels`` carrying an ``extension``-byte header extension of zeros, which
+    nibabel reads into memory with the header: a small ``.nii.gz`` that inflates past any budget."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(pixels.T), np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(0, bytes(extension)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path

@@ -6,12 +6,16 @@ body before any dependency, so anyone without a key could make the API spool DIF
 Its request body is therefore declared by hand (``UPLOAD_BODY``).
 """
 
+import functools
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import StringConstraints, TypeAdapter, ValidationError
@@ -21,7 +25,8 @@ from app.api.deps import DatasetsDep, MultipartBody, OwnedDataset, PrincipalDep,
 from app.archive import Limits, extract
 from app.core.config import Settings
 from app.dataset_check import CheckedDataset, check_folder, common_folder
-from app.errors import ErrorResponses
+from app.decodes import DecodeSlots
+from app.errors import ErrorResponses, problem_responses
 from app.openapi import upload_body
 from app.schemas import DatasetPublic, DatasetsPublic, dataset_public
 
@@ -107,6 +112,7 @@ def unpack_and_check(upload: UploadFile, dest: Path, settings: Settings) -> tupl
         [m[len(top) :] for m in members],
         max_pixels=settings.max_image_pixels,
         min_pairs=settings.min_dataset_pairs,
+        max_bytes=settings.decode_memory_mb << 20,
     )
     return root, checked
 
@@ -116,10 +122,10 @@ def unpack_and_check(upload: UploadFile, dest: Path, settings: Settings) -> tupl
     status_code=201,
     response_model=DatasetPublic,
     dependencies=[MultipartBody],
-    responses=ErrorResponses.UPLOAD,
+    responses={**ErrorResponses.UPLOAD, **problem_responses(429)},
     openapi_extra={"requestBody": UPLOAD_BODY},
 )
-def create_dataset(
+async def create_dataset(
     request: Request,
     response: Response,
     upload: UploadDep,
@@ -129,10 +135,19 @@ def create_dataset(
 ) -> DatasetPublic:
     """Upload image/mask pairs as one archive (multipart field ``file``, optional ``name``); 201
     with the dataset once every file has passed the checks (docs/datasets.md), 422 naming every
-    problem otherwise, and then nothing is stored."""
-    with tempfile.TemporaryDirectory(prefix="diffexp-dataset-") as tmp:
-        root, checked = unpack_and_check(upload.file, Path(tmp), settings)
-        rec = datasets.create(checked, root, owner=who.name, name=upload.name)
+    problem otherwise, and then nothing is stored; 429 (``Retry-After``) when
+    DIFFEXP_MAX_CONCURRENT_DECODES uploads are being checked and none finished within
+    DIFFEXP_DECODE_WAIT_S. Unpacking and checking run in a worker thread, off the event loop."""
+    decodes: DecodeSlots = request.app.state.decodes
+    tmp = Path(tempfile.mkdtemp(prefix="diffexp-dataset-"))
+    try:
+        async with decodes.slot():
+            root, checked = await anyio.to_thread.run_sync(unpack_and_check, upload.file, tmp, settings)
+        rec = await anyio.to_thread.run_sync(
+            functools.partial(datasets.create, checked, root, owner=who.name, name=upload.name)
+        )
+    finally:
+        await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, tmp, ignore_errors=True))
     dataset = public(request, rec)
     response.headers["Location"] = dataset.links.self
     return dataset
