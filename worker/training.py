@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from app.layout import owner_id_of
 from app.registry import InvalidBundle, NameTaken, Registry
 from app.schemas import JobStatus
 from app.trainings import STAGES, TrainingStore, eta_seconds, now_iso
@@ -346,7 +347,9 @@ def publish(
         "sample_grid": GRID_FILE if n else None,
     }
     reg = registry(store) if registry is not None else Registry(store.storage, store.r, store.settings)
-    published: dict[str, Any] = reg.publish(out, rec["name"], owner=rec["owner"], extra=extra)
+    published: dict[str, Any] = reg.publish(
+        out, rec["name"], owner=owner_id_of(rec) or rec["owner"], owner_name=rec["owner"], extra=extra
+    )
     return {
         **{k: published.get(k) for k in ("name", "version", "digest")},
         "metrics": extra["metrics"],

@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.auth import ADMIN_PRINCIPAL, KeyStore, Principal, QuotaExceeded, Quotas
 from app.core.config import Settings
 from app.datasets import DatasetNotFound, DatasetStore
+from app.layout import owner_id_of
 from app.schemas import JOB_ID_PATTERN, is_job_id
 from app.store import JobNotFound, JobStore
 
@@ -214,7 +215,7 @@ def owned_job(job_id: JobIdDep, store: StoreDep, who: PrincipalDep) -> dict[str,
     """The job's record if the caller may see it: its owner or the admin. Anyone else gets the same
     404 as for a job that does not exist, so job ids of other keys cannot be probed."""
     rec = store.get(job_id)  # JobNotFound: 404
-    if not (who.admin or rec.get("owner") == who.name):
+    if not (who.admin or owner_id_of(rec) == who.id):  # the key's id, never its name
         raise JobNotFound(job_id)
     return rec
 
@@ -226,7 +227,7 @@ def owned_dataset(dataset_id: DatasetIdDep, datasets: DatasetsDep, who: Principa
     """The dataset's record if the caller may see it (its owner or the admin); anyone else gets the
     404 of a dataset that does not exist."""
     rec = datasets.get(dataset_id)  # DatasetNotFound: 404
-    if not (who.admin or rec.get("owner") == who.name):
+    if not (who.admin or owner_id_of(rec) == who.id):
         raise DatasetNotFound(dataset_id)
     return rec
 

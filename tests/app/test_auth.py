@@ -20,7 +20,7 @@ from app.core.config import Settings
 from app.main import UnsafeConfig, create_app
 from app.store import JobStore
 from tests.app.conftest import Enqueued
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_HEADERS, ADMIN_KEY
 
 ZERO_ID = "0123456789abcdef0123456789abcdef"
 
@@ -489,3 +489,88 @@ def test_a_keys_jobs_are_its_own_again_after_redis_lost_its_data(
     assert anon.get("/v1/jobs", headers=b).json()["count"] == 0
     assert anon.get(f"/v1/jobs/{job}", headers=b).status_code == 404
     assert_429(anon.post("/v1/jobs", headers=a, json={"count": 1}), "max_active_jobs")  # still counted
+
+
+# ---- identities outlive names (issue 20, item 3)
+
+
+def dataset_zip() -> bytes:
+    from tests.utils.archives import shapes_members, zip_bytes
+
+    return zip_bytes(shapes_members(8, size=16))
+
+
+def test_a_new_key_under_a_revoked_keys_name_owns_nothing_of_it(
+    client: TestClient, anon: TestClient, tiny_bundle: Path
+) -> None:
+    from tests.app.test_registry import push
+
+    old = bearer(new_key(client, "a", max_active_jobs=5))
+    job = anon.post("/v1/jobs", headers=old, json={"count": 1}).json()["id"]
+    resp = anon.post("/v1/datasets", headers=old, files={"file": ("d.zip", dataset_zip())})
+    assert resp.status_code == 201, resp.text
+    dataset = resp.json()["id"]
+    assert push(anon, tiny_bundle, "mine", headers=old).status_code == 201
+    assert client.delete("/v1/keys/a").status_code == 204
+
+    new = bearer(new_key(client, "a"))
+    assert anon.get(f"/v1/jobs/{job}", headers=new).status_code == 404
+    assert anon.get("/v1/jobs", headers=new).json()["count"] == 0
+    assert anon.get(f"/v1/datasets/{dataset}", headers=new).status_code == 404
+    assert anon.get("/v1/datasets", headers=new).json()["count"] == 0
+    assert anon.get("/v1/models/mine", headers=new).status_code == 404
+    assert push(anon, tiny_bundle, "mine", headers=new).status_code == 409  # the old key's name
+    # the admin still sees what the old key made, under its name
+    assert client.get(f"/v1/jobs/{job}").json()["owner"] == "a"
+    assert client.get(f"/v1/datasets/{dataset}").json()["owner"] == "a"
+    # the new key's own things are its own
+    mine = anon.post("/v1/jobs", headers=new, json={"count": 1}).json()["id"]
+    assert [j["id"] for j in anon.get("/v1/jobs", headers=new).json()["data"]] == [mine]
+
+
+def test_records_from_before_key_ids_stay_their_keys(
+    client: TestClient, anon: TestClient, store: JobStore, settings: Settings
+) -> None:
+    """A key stored before ids has its name as its id: its records (``owner`` only) stay its own; a
+    key made later under that name, after a revocation, does not get them."""
+    from app.params import JobParams
+
+    key = new_key(client, "legacy")
+    path = settings.storage_dir / "keys/legacy/key.json"
+    rec = json.loads(path.read_text())
+    del rec["id"]
+    path.write_text(json.dumps(rec))  # as stored by the version before ids
+    store.r.delete(f"{settings.redis_prefix}:auth:key:legacy")  # the cache reads it again
+    params = client.post("/v1/jobs", json={"count": 1}).json()["params"]
+    job, _ = store.create(body={"count": 1}, params=JobParams.model_validate(params), owner="legacy")
+    stored = json.loads((settings.storage_dir / f"jobs/{job['id']}/job.json").read_text())
+    stored.pop("owner_id", None)  # a record from before ids names its owner only
+    store._save(stored)
+    assert anon.get(f"/v1/jobs/{job['id']}", headers=bearer(key)).status_code == 200
+    assert [j["id"] for j in anon.get("/v1/jobs", headers=bearer(key)).json()["data"]] == [job["id"]]
+    assert client.delete("/v1/keys/legacy").status_code == 204
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "canceled"  # revocation reached it
+    again = bearer(new_key(client, "legacy"))
+    assert anon.get(f"/v1/jobs/{job['id']}", headers=again).status_code == 404
+    assert anon.get("/v1/jobs", headers=again).json()["count"] == 0
+
+
+def test_revoking_a_key_cancels_its_trainings(settings: Settings, enqueued: Enqueued) -> None:
+    sent: list[tuple[str, str]] = []
+    app = create_app(settings, enqueue=enqueued, train_enqueue=lambda i, q: sent.append((i, q)))
+    with TestClient(app, headers=ADMIN_HEADERS) as client:
+        a = bearer(new_key(client, "a"))
+        resp = client.post("/v1/datasets", headers=a, files={"file": ("d.zip", dataset_zip())})
+        dataset = resp.json()["id"]
+        body = {"dataset": dataset, "name": "a-model", "resolution": 16, "train_steps": 2}
+        resp = client.post("/v1/models", headers=a, json=body)
+        assert resp.status_code == 202, resp.text
+        training = resp.json()["id"]
+        mine = client.post("/v1/datasets", files={"file": ("d.zip", dataset_zip())}).json()["id"]
+        theirs = client.post("/v1/models", json={**body, "dataset": mine, "name": "admin-model"}).json()
+        assert client.delete("/v1/keys/a").status_code == 204
+        got = client.get(f"/v1/trainings/{training}").json()
+        assert got["status"] == "canceled" and "revoked" in got["error"]
+        assert app.state.trainings.stopped(training)  # its worker stops
+        assert client.get(f"/v1/trainings/{theirs['id']}").json()["status"] == "queued"
+        assert client.delete(f"/v1/datasets/{dataset}").status_code == 204  # released

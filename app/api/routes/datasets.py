@@ -132,7 +132,7 @@ def create_dataset(
     problem otherwise, and then nothing is stored."""
     with tempfile.TemporaryDirectory(prefix="diffexp-dataset-") as tmp:
         root, checked = unpack_and_check(upload.file, Path(tmp), settings)
-        rec = datasets.create(checked, root, owner=who.name, name=upload.name)
+        rec = datasets.create(checked, root, owner=who.name, owner_id=who.id, name=upload.name)
     dataset = public(request, rec)
     response.headers["Location"] = dataset.links.self
     return dataset
@@ -151,7 +151,7 @@ def list_datasets(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> DatasetsPublic:
     """The caller's datasets (the admin: every dataset), newest first."""
-    recs, total = datasets.page(owner=None if who.admin else who.name, limit=limit, offset=offset)
+    recs, total = datasets.page(owner=None if who.admin else who.id, limit=limit, offset=offset)
     return DatasetsPublic(data=[public(request, r) for r in recs], count=total, limit=limit, offset=offset)
 
 

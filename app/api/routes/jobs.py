@@ -75,7 +75,7 @@ def create_job(
     ``429`` (with ``Retry-After``) when the key has ``max_active_jobs`` jobs queued or running, or
     the job would take it past ``pairs_per_day``."""
     registry = request.app.state.registry
-    viewer = None if who.admin else who.name
+    viewer = None if who.admin else who.id
     params = resolve_params(body, settings, registry, viewer)  # 422 before anything is stored
     webhook = callback(body, settings)
     if who.pairs_per_day is not None and params.count > who.pairs_per_day:
@@ -84,7 +84,7 @@ def create_job(
             detail=f"count {params.count} is more than this key's pairs_per_day ({who.pairs_per_day})",
         )
     # An Idempotency-Key is scoped to the key using it: another key's same header is another job.
-    scoped_key = f"{who.name}:{idempotency_key}" if idempotency_key is not None else None
+    scoped_key = f"{who.id}:{idempotency_key}" if idempotency_key is not None else None
 
     def create() -> tuple[dict[str, Any], bool]:
         return store.create(
@@ -92,6 +92,7 @@ def create_job(
             params=params,
             idempotency_key=scoped_key,
             owner=who.name,
+            owner_id=who.id,
             webhook=webhook,
         )
 
@@ -121,7 +122,7 @@ def list_jobs(
 ) -> JobsPublic:
     """The caller's jobs (the admin: every job), newest first. Page with ``cursor`` (stable while jobs
     are added or deleted) or ``offset``."""
-    index = None if who.admin else store.keys.owner_jobs(who.name)
+    index = None if who.admin else store.keys.owner_jobs(who.id)
     try:
         recs, total, next_cursor = store.list_jobs(limit=limit, offset=offset, cursor=cursor, index=index)
     except ValueError:
