@@ -310,6 +310,7 @@ class JobStore:
         owner: str = "admin",
         webhook: dict[str, str] | None = None,
         owner_id: str | None = None,
+        model_label: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Store a queued job and enqueue its first shards. Returns ``(record, created)``.
 
@@ -317,7 +318,8 @@ class JobStore:
         and another body raises ``JobConflict``. A create that fails (storage or Redis down) releases
         its key, so the same request can be sent again. ``webhook`` (``url``, ``secret``) is called
         when the job ends (``app.webhooks``). ``owner`` is the key's name (shown), ``owner_id`` its
-        stable id (default: ``owner``), which owns the job.
+        stable id (default: ``owner``), which owns the job; ``model_label`` the model's label in
+        /metrics (``app.counters.model_label``).
         """
         owner_id = owner_id or owner
         job_id = uuid.uuid4().hex
@@ -343,6 +345,8 @@ class JobStore:
         }
         if ikey is not None:
             rec["idempotency_key"] = ikey
+        if model_label is not None:
+            rec["model_label"] = model_label
         if webhook is not None:
             rec["webhook"] = {**webhook, "status": "waiting", "attempts": [], "attempt_count": 0}
         n_first = plan(rec["params"], {}, 0).add  # a new job: no shard is done, none is pending

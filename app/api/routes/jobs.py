@@ -4,13 +4,14 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, StreamingResponse
 
+from app import counters
 from app.api.deps import JsonBody, OwnedJob, PrincipalDep, QuotasDep, SettingsDep, StoreDep, too_many
 from app.auth import QuotaExceeded
 from app.bundles import resolve_params
 from app.core.config import Settings
 from app.errors import ErrorResponses
 from app.exports import ExportFormat, Labels
-from app.layout import rows_num_classes, zip_key
+from app.layout import owner_id_of, rows_num_classes, zip_key
 from app.schemas import JobCreate, JobCreated, JobPublic, JobsPublic, job_public
 from app.store import JobConflict
 from app.webhooks import Unresolvable, WebhookError, new_secret, resolve_target
@@ -77,6 +78,9 @@ def create_job(
     registry = request.app.state.registry
     viewer = None if who.admin else who.id
     params = resolve_params(body, settings, registry, viewer)  # 422 before anything is stored
+    label = counters.model_label(
+        params.model, owner_id_of(registry.get(params.model, params.model_version, viewer))
+    )  # what /metrics may show: a shared model's name, else "other"
     webhook = callback(body, settings)
     if who.pairs_per_day is not None and params.count > who.pairs_per_day:
         raise HTTPException(
@@ -93,6 +97,7 @@ def create_job(
             idempotency_key=scoped_key,
             owner=who.name,
             owner_id=who.id,
+            model_label=label,
             webhook=webhook,
         )
 
