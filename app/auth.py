@@ -13,7 +13,9 @@ lookup:
     P:auth:loaded      set (for LOADED_TTL_S) when P:auth:hash was last rebuilt from storage
     P:auth:lock        held by every write to storage or to the cache: create, revoke, cache fills
 
-A request's key is hashed, its name looked up, and the hash kept in that name's record compared with
+A request's key that is not ``dx_`` + 43 URL-safe characters is refused before Redis (``KEY_FORMAT``);
+failed authentications are limited per client address (``app.authlimit``). A request's key is
+hashed, its name looked up, and the hash kept in that name's record compared with
 ``hmac.compare_digest``: a stale hash -> name entry (a key revoked, then a new key of the same name)
 never authenticates. A name missing from the hash map rebuilds the map from storage, at most once per
 LOADED_TTL_S, so a Redis flush costs one rebuild and a flood of garbage keys costs no storage reads.
@@ -58,6 +60,7 @@ from app.store import JobConflict, JobNotFound, JobStore
 ADMIN = "admin"  # the admin's name: owner of the jobs it creates (and of every job with auth off)
 KEY_NAME = re.compile(KEY_NAME_PATTERN)
 KEY_PREFIX = "dx_"
+KEY_FORMAT = re.compile(r"^dx_[A-Za-z0-9_-]{43}$")  # what new_key makes: anything else is no key
 LOADED_TTL_S = 60
 ACTIVE_RETRY_AFTER_S = 10  # nobody knows when a job ends; a poll interval
 
@@ -209,7 +212,11 @@ class KeyStore:
         return rec
 
     def _rebuild(self) -> bool:
-        """Reload the hash map from storage unless that was done in the last LOADED_TTL_S."""
+        """Reload the hash map from storage unless that was done in the last LOADED_TTL_S. Checked
+        before the lock, so that unknown keys (a flood of them) cost one EXISTS each, never a wait
+        on the lock that every other failed look-up also wants."""
+        if self.r.exists(self._loaded):
+            return False
         with self._lock():
             if self.r.exists(self._loaded):
                 return False

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     admin_key_file: Path | None = None
     # The address the API binds to (uvicorn --host); checked against `auth` at start-up.
     host: str = "127.0.0.1"
+    # Failed authentication per client address (app/authlimit.py): a burst of this many 401s, then
+    # auth_fail_rate per second; beyond, the address's requests get 429 before any work is done.
+    auth_fail_burst: int = Field(default=30, ge=1)
+    auth_fail_rate: float = Field(default=1.0, gt=0)
     # Comma-separated browser origins allowed by CORS; unset = no CORS headers at all.
     cors_origins: str | None = None
 

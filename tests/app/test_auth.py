@@ -574,3 +574,73 @@ def test_revoking_a_key_cancels_its_trainings(settings: Settings, enqueued: Enqu
         assert app.state.trainings.stopped(training)  # its worker stops
         assert client.get(f"/v1/trainings/{theirs['id']}").json()["status"] == "queued"
         assert client.delete(f"/v1/datasets/{dataset}").status_code == 204  # released
+
+
+# ---- failed authentication, limited per address (issue 20, item 6)
+
+
+def test_failed_authentication_is_limited_per_client_address(
+    settings_factory: Callable[..., Settings], enqueued: Enqueued
+) -> None:
+    settings = settings_factory(auth_fail_burst=3, auth_fail_rate=0.01)
+    app = create_app(settings, enqueue=enqueued)
+    with (
+        TestClient(app, headers=ADMIN_HEADERS) as admin,
+        TestClient(app, client=("203.0.113.7", 4000)) as attacker,
+        TestClient(app, client=("198.51.100.9", 4000)) as elsewhere,
+    ):
+        known = bearer(new_key(admin, "known"))
+        assert attacker.get("/v1/jobs", headers=known).status_code == 200  # authenticated once here
+        fresh = bearer(new_key(admin, "fresh"))  # never used from the attacker's address
+        bogus = ["dx_" + "A" * 43, "nonsense", None]
+        for key in bogus:  # a wrong key of the right shape, a malformed one, none at all
+            resp = attacker.get("/v1/jobs", headers=bearer(key) if key else {})
+            assert resp.status_code == 401, resp.text
+        resp = attacker.get("/v1/jobs", headers=bearer("dx_" + "B" * 43))
+        assert resp.status_code == 429 and resp.headers["content-type"] == "application/problem+json"
+        assert int(resp.headers["retry-after"]) >= 1 and "failed authentications" in resp.json()["detail"]
+        assert attacker.post("/v1/jobs", json={"count": 1}).status_code == 429  # no key: blocked too
+        # the address's known-good keys and the admin key still pass; a key new to it waits
+        assert attacker.get("/v1/jobs", headers=known).status_code == 200
+        assert attacker.get("/v1/jobs", headers=ADMIN_HEADERS).status_code == 200
+        assert attacker.get("/v1/jobs", headers=fresh).status_code == 429
+        # other addresses are not concerned
+        assert elsewhere.get("/v1/jobs", headers=fresh).status_code == 200
+        assert elsewhere.get("/v1/jobs", headers=bearer("dx_" + "C" * 43)).status_code == 401
+        assert attacker.get("/healthz").status_code == 200  # outside /v1: no key, no limit
+
+
+def test_a_malformed_key_is_refused_without_a_lookup(client: TestClient, anon: TestClient) -> None:
+    keys: Any = client.app.state.keys  # type: ignore[attr-defined]
+    looked_up: list[str] = []
+    real = keys.lookup
+    keys.lookup = lambda key: looked_up.append(key) or real(key)
+    try:
+        for key in ("x", "dx_short", "dx_" + "!" * 43, "dx_" + "A" * 44):
+            assert anon.get("/v1/models", headers=bearer(key)).status_code == 401
+        assert looked_up == []
+        assert anon.get("/v1/models", headers=bearer("dx_" + "A" * 43)).status_code == 401
+        assert looked_up == ["dx_" + "A" * 43]
+    finally:
+        keys.lookup = real
+
+
+def test_the_failure_buckets_refill_and_group_ipv6_by_64() -> None:
+    from app.authlimit import FailureLimiter, client_address
+
+    limiter = FailureLimiter(2, 0.5, max_addresses=3)
+    for _ in range(2):
+        assert limiter.retry_after("a", now=0.0) is None
+        limiter.fail("a", now=0.0)
+    assert limiter.retry_after("a", now=0.0) == 2  # one token in 2 s
+    assert limiter.retry_after("a", now=1.0) == 1
+    assert limiter.retry_after("a", now=2.0) is None
+    for address in ("b", "c", "d"):  # past max_addresses: refilled then oldest buckets go
+        limiter.fail(address, now=100.0)
+    assert len(limiter._buckets) <= 3
+    same = {client_address({"client": (f"2001:db8:1:2::{i}", 1)}) for i in range(1, 5)}
+    assert same == {"2001:db8:1:2::/64"}
+    assert client_address({"client": ("2001:db8:1:3::1", 1)}) != same.pop()
+    assert client_address({"client": ("::ffff:192.0.2.1", 1)}) == "192.0.2.1"
+    assert client_address({"client": ("192.0.2.1", 1)}) == "192.0.2.1"
+    assert client_address({}) == "unknown"
