@@ -6,7 +6,11 @@ second. While an address's bucket is empty, ``AuthFailureGuard`` (an ASGI middle
 routing, dependency, thread or Redis call) answers its requests 429 with ``Retry-After``, at a cost
 of a dictionary look-up, unless the request carries the admin key or a key that authenticated in
 this process in the last GOOD_TTL_S (so a valid user behind the same NAT as an attacker keeps
-working). The 401 path itself is cheap too: a key that is not ``dx_`` + 43 URL-safe characters is
+working). The refusal is held DIFFEXP_AUTH_FAIL_HOLD_S before it is sent (an ``asyncio.sleep``: no
+CPU, no thread): a client that ignores Retry-After and sends again as soon as it is answered then
+sends at most one request per hold and connection, instead of as many as the event loop can answer,
+which is what took the event loop from valid requests (bench/auth_flood.py). At most MAX_HELD
+refusals are held at once; past that they are sent at once, with ``Connection: close``. The 401 path itself is cheap too: a key that is not ``dx_`` + 43 URL-safe characters is
 refused without Redis, and an unknown one costs one Redis GET (``app.auth.KeyStore.lookup``).
 
 Addresses: the ASGI client address (behind a reverse proxy run uvicorn with ``--proxy-headers`` and
@@ -18,6 +22,7 @@ the oldest.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -31,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.errors import problem
 
 MAX_ADDRESSES = 65_536
+MAX_HELD = 10_000  # refusals held at once (each an idle coroutine and its connection)
 GOOD_TTL_S = 300.0  # a key that authenticated lets its requests past an address's block this long
 MAX_GOOD = 65_536
 
@@ -125,9 +131,13 @@ class AuthFailureGuard:
     """429 (``Retry-After``) for the requests of an address whose failed authentications are over
     the limit, before anything else is done for them; see the module's text."""
 
-    def __init__(self, app: ASGIApp, limiter: FailureLimiter, prefix: str, admin_key: str | None) -> None:
+    def __init__(
+        self, app: ASGIApp, limiter: FailureLimiter, prefix: str, admin_key: str | None, hold_s: float = 0.0
+    ) -> None:
         self.app = app
         self.limiter = limiter
+        self.hold_s = hold_s
+        self.held = 0
         self.prefix = prefix.rstrip("/") + "/"
         self.admin_key = admin_key.encode() if admin_key is not None else None
 
@@ -143,12 +153,21 @@ class AuthFailureGuard:
         if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith(self.prefix):
             wait = self.limiter.retry_after(client_address(scope))
             if wait is not None and not self._trusted(scope):
+                headers = {"Retry-After": str(wait)}
+                if self.hold_s > 0 and self.held < MAX_HELD:
+                    self.held += 1
+                    try:
+                        await asyncio.sleep(self.hold_s)
+                    finally:
+                        self.held -= 1
+                elif self.hold_s > 0:
+                    headers["Connection"] = "close"
                 response: Any = problem(
                     429,
                     "too many failed authentications from this address: wait Retry-After seconds, "
                     "and check the key (Authorization: Bearer KEY)",
                     instance=scope["path"],
-                    headers={"Retry-After": str(wait)},
+                    headers=headers,
                 )
                 await response(scope, receive, send)
                 return

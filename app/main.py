@@ -124,6 +124,7 @@ def create_app(
             limiter=app.state.auth_limiter,
             prefix=settings.api_v1_str,
             admin_key=admin_key,
+            hold_s=settings.auth_fail_hold_s,
         )
     app.state.metrics_registry = install_metrics(app, settings)  # last: its middleware is the outermost
     return app

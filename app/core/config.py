@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # auth_fail_rate per second; beyond, the address's requests get 429 before any work is done.
     auth_fail_burst: int = Field(default=30, ge=1)
     auth_fail_rate: float = Field(default=1.0, gt=0)
+    # How long such a 429 is held before it is sent (no CPU: a client that ignores Retry-After then
+    # sends one request per hold and connection, not as many as the API can answer).
+    auth_fail_hold_s: float = Field(default=1.0, ge=0, le=30)
     # Comma-separated browser origins allowed by CORS; unset = no CORS headers at all.
     cors_origins: str | None = None
 

@@ -582,7 +582,7 @@ def test_revoking_a_key_cancels_its_trainings(settings: Settings, enqueued: Enqu
 def test_failed_authentication_is_limited_per_client_address(
     settings_factory: Callable[..., Settings], enqueued: Enqueued
 ) -> None:
-    settings = settings_factory(auth_fail_burst=3, auth_fail_rate=0.01)
+    settings = settings_factory(auth_fail_burst=3, auth_fail_rate=0.01, auth_fail_hold_s=0.2)
     app = create_app(settings, enqueue=enqueued)
     with (
         TestClient(app, headers=ADMIN_HEADERS) as admin,
@@ -596,7 +596,9 @@ def test_failed_authentication_is_limited_per_client_address(
         for key in bogus:  # a wrong key of the right shape, a malformed one, none at all
             resp = attacker.get("/v1/jobs", headers=bearer(key) if key else {})
             assert resp.status_code == 401, resp.text
+        started = time.monotonic()
         resp = attacker.get("/v1/jobs", headers=bearer("dx_" + "B" * 43))
+        assert time.monotonic() - started >= 0.2  # held: a client that ignores Retry-After slows down
         assert resp.status_code == 429 and resp.headers["content-type"] == "application/problem+json"
         assert int(resp.headers["retry-after"]) >= 1 and "failed authentications" in resp.json()["detail"]
         assert attacker.post("/v1/jobs", json={"count": 1}).status_code == 429  # no key: blocked too
