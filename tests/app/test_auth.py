@@ -111,6 +111,7 @@ def test_keys_are_shown_once_and_stored_as_hashes(
         "max_active_jobs": 3,
         "pairs_per_day": 40,
         "requests_per_second": 5,
+        "id": created["id"],
         "created_at": created["created_at"],
     }
     assert key not in listing.text and digest not in listing.text
@@ -514,6 +515,8 @@ def test_a_new_key_under_a_revoked_keys_name_owns_nothing_of_it(
     assert client.delete("/v1/keys/a").status_code == 204
 
     new = bearer(new_key(client, "a"))
+    ids = {k["name"]: k["id"] for k in client.get("/v1/keys").json()["data"]}
+    assert ids["a"].startswith("k.") and client.get(f"/v1/jobs/{job}").json()["owner"] == "a"
     assert anon.get(f"/v1/jobs/{job}", headers=new).status_code == 404
     assert anon.get("/v1/jobs", headers=new).json()["count"] == 0
     assert anon.get(f"/v1/datasets/{dataset}", headers=new).status_code == 404
@@ -547,6 +550,7 @@ def test_records_from_before_key_ids_stay_their_keys(
     stored.pop("owner_id", None)  # a record from before ids names its owner only
     store._save(stored)
     assert anon.get(f"/v1/jobs/{job['id']}", headers=bearer(key)).status_code == 200
+    assert client.get("/v1/keys").json()["data"][0]["id"] == "legacy"  # its name is its id
     assert [j["id"] for j in anon.get("/v1/jobs", headers=bearer(key)).json()["data"]] == [job["id"]]
     assert client.delete("/v1/keys/legacy").status_code == 204
     assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "canceled"  # revocation reached it

@@ -27,13 +27,13 @@ def create_key(body: KeyCreate, keys: KeysDep) -> KeyCreated:
         rec, key = keys.create(body.name, limits)
     except KeyExists:
         raise HTTPException(status_code=409, detail=f"a key named {body.name!r} exists") from None
-    return KeyCreated.model_validate({**rec, "key": key})
+    return KeyCreated.model_validate({**rec, "id": key_id(rec), "key": key})
 
 
 @router.get("", response_model=KeysPublic)
 def list_keys(keys: KeysDep) -> KeysPublic:
     """Every key's name, limits and creation time (admin only); never a key or its hash."""
-    return KeysPublic(data=[KeyPublic.model_validate(rec) for rec in keys.records()])
+    return KeysPublic(data=[KeyPublic.model_validate({**rec, "id": key_id(rec)}) for rec in keys.records()])
 
 
 @router.delete("/{name}", status_code=204, responses=problem_responses(404, 422))
