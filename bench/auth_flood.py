@@ -30,13 +30,14 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from bench.load import Conn, Pool, Recorder, cpu_seconds, machine  # noqa: E402
+from bench.load import Conn, Pool, Recorder, cpu_seconds, machine, pct  # noqa: E402
 from tests.integration.servers import RedisServer, free_port, kill, spawn, wait_for, worker_env  # noqa: E402
 
 ALPHABET = string.ascii_letters + string.digits + "-_"
@@ -59,9 +60,35 @@ async def make_keys(pool: Pool, admin: str, n: int) -> list[str]:
     return keys
 
 
-async def valid_traffic(pool: Pool, keys: list[str], rate: float, seconds: float, rec: Recorder) -> float:
+async def timed(
+    rec: Recorder, route: str, request: Any, due: float, t0: float, timeline: list[tuple[float, float]]
+) -> None:
+    got = await rec.call(route, request, due)
+    if got is not None:
+        timeline.append((due - t0, (time.perf_counter() - due) * 1000))
+
+
+def windows(timeline: list[tuple[float, float]], width: int) -> str:
+    """p99 of the valid requests in each ``width``-second window of a phase."""
+    out = []
+    for start in range(0, int(max((t for t, _ in timeline), default=0)) + 1, width):
+        lat = [ms for t, ms in timeline if start <= t < start + width]
+        if lat:
+            out.append(f"{start}-{start + width} s: {pct(lat, 0.99):.0f}")
+    return "  p99 ms by window: " + ", ".join(out)
+
+
+async def valid_traffic(
+    pool: Pool,
+    keys: list[str],
+    rate: float,
+    seconds: float,
+    rec: Recorder,
+    timeline: list[tuple[float, float]] | None = None,
+) -> float:
     rng = random.Random(1)
     tasks = []
+    timeline = [] if timeline is None else timeline
     t0 = time.perf_counter()
     for i in range(int(rate * seconds)):
         due = t0 + i / rate
@@ -70,7 +97,7 @@ async def valid_traffic(pool: Pool, keys: list[str], rate: float, seconds: float
             await asyncio.sleep(delay)
         h = {"Authorization": f"Bearer {rng.choice(keys)}"}
         route, path = ("jobs", "/v1/jobs?limit=20") if rng.random() < 0.7 else ("models", "/v1/models")
-        tasks.append(asyncio.create_task(rec.call(route, pool.request("GET", path, h), due)))
+        tasks.append(asyncio.create_task(timed(rec, route, pool.request("GET", path, h), due, t0, timeline)))
     await asyncio.gather(*tasks)
     return time.perf_counter() - t0
 
@@ -100,11 +127,12 @@ async def run(args: argparse.Namespace, port: int, api_pid: int, admin: str) -> 
     warm = Recorder()
     await valid_traffic(pool, keys, args.rate, 2.0, warm)  # connections opened, caches filled
 
-    alone = Recorder()
+    alone, timeline = Recorder(), []
     cpu0 = cpu_seconds(api_pid)
-    secs = await valid_traffic(pool, keys, args.rate, args.seconds, alone)
+    secs = await valid_traffic(pool, keys, args.rate, args.seconds, alone, timeline)
     cpu1 = cpu_seconds(api_pid)
     print(alone.table(f"phase 1: valid traffic alone, {args.rate:g} req/s offered", secs))
+    print(windows(timeline, 5))
     print(f"  API CPU {cpu1 - cpu0:.1f} s")
 
     stop = asyncio.Event()
@@ -119,9 +147,9 @@ async def run(args: argparse.Namespace, port: int, api_pid: int, admin: str) -> 
         for i, src in enumerate(sources)
     ]
     await asyncio.sleep(args.warmup)  # the flood is on (its addresses' bursts spent) before measuring
-    flooded = Recorder()
+    flooded, timeline = Recorder(), []
     sent0, cpu2 = sum(answers.values()), cpu_seconds(api_pid)
-    secs = await valid_traffic(pool, keys, args.rate, args.seconds, flooded)
+    secs = await valid_traffic(pool, keys, args.rate, args.seconds, flooded, timeline)
     sent, cpu3 = sum(answers.values()) - sent0, cpu_seconds(api_pid)
     stop.set()
     await asyncio.gather(*attackers)
@@ -129,6 +157,7 @@ async def run(args: argparse.Namespace, port: int, api_pid: int, admin: str) -> 
     print(
         flooded.table(f"phase 2: the same, while {args.attackers} clients send invalid keys ({where})", secs)
     )
+    print(windows(timeline, 5))
     print(
         f"  attackers: {sent / secs:.0f} req/s; answers over the whole flood {dict(sorted(answers.items()))}"
     )
