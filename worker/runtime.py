@@ -54,7 +54,6 @@ def get_bundle(ref: str, settings: Settings | None = None, registry: Registry | 
     name, version, rec = registry.resolve(ref)
     key = (name, version, str(rec.get("digest")))
     with _lock:
-        _labels[key] = counters.model_label(name, owner_id_of(rec))
         if key in _bundles:
             _bundles.move_to_end(key)
             return _bundles[key]
@@ -66,6 +65,7 @@ def get_bundle(ref: str, settings: Settings | None = None, registry: Registry | 
             log.info("compiling %s@%s for batches of %d", name, version, settings.batch_size)
             log.info("compiled %s@%s in %.0f s", name, version, bundle.compile(settings.batch_size))
         _bundles[key] = bundle
+        _labels[key] = counters.model_label(name, owner_id_of(rec))  # what /metrics shows of it
         while len(_bundles) > settings.max_loaded_bundles:
             old, _ = _bundles.popitem(last=False)
             _labels.pop(old, None)
