@@ -127,7 +127,8 @@ async def run(args: argparse.Namespace, port: int, api_pid: int, admin: str) -> 
     warm = Recorder()
     await valid_traffic(pool, keys, args.rate, 2.0, warm)  # connections opened, caches filled
 
-    alone, timeline = Recorder(), []
+    alone = Recorder()
+    timeline: list[tuple[float, float]] = []
     cpu0 = cpu_seconds(api_pid)
     secs = await valid_traffic(pool, keys, args.rate, args.seconds, alone, timeline)
     cpu1 = cpu_seconds(api_pid)
@@ -147,7 +148,8 @@ async def run(args: argparse.Namespace, port: int, api_pid: int, admin: str) -> 
         for i, src in enumerate(sources)
     ]
     await asyncio.sleep(args.warmup)  # the flood is on (its addresses' bursts spent) before measuring
-    flooded, timeline = Recorder(), []
+    flooded = Recorder()
+    timeline = []
     sent0, cpu2 = sum(answers.values()), cpu_seconds(api_pid)
     secs = await valid_traffic(pool, keys, args.rate, args.seconds, flooded, timeline)
     sent, cpu3 = sum(answers.values()) - sent0, cpu_seconds(api_pid)
