@@ -354,6 +354,13 @@ def test_a_key_cannot_squat_a_local_bundle_or_the_default_model(
         for who in (a, b, {}):  # nothing changed, for anyone: the local folder, shared
             got = client.get(f"/v1/models/{name}", headers=who).json()
             assert (got["source"], got["owner"]) == ("local", "admin"), got
+    from tests.utils.archives import shapes_members, zip_bytes
+
+    data = zip_bytes(shapes_members(8, size=16))
+    dataset = client.post("/v1/datasets", headers=a, files={"file": ("d.zip", data)}).json()["id"]
+    for name in ("cxr-lungs3-64", "cxr-lung-64"):  # nor train under them
+        resp = client.post("/v1/models", headers=a, json={"dataset": dataset, "name": name, "resolution": 16})
+        assert resp.status_code == 409 and "another key" in resp.json()["detail"], resp.text
     for who in (a, {}):  # a job without a model runs the default model's folder
         job = client.post("/v1/jobs", json={"count": 1}, headers=who).json()
         assert (job["params"]["model"], job["params"]["model_version"]) == ("cxr-lung-64", "local")
