@@ -1,7 +1,10 @@
 """API keys and their quotas.
 
 Keys. ``POST /v1/keys`` makes a key ``dx_`` + 43 URL-safe characters (256 random bits) and shows it
-once. What is kept is the key's SHA-256, in ``keys/NAME/key.json`` in object storage: storage is the
+once, with a stable *id* (``k.`` + 32 hex digits, never reused; the ``.`` is in no key name). What a
+key creates (jobs, datasets, trainings, models) belongs to its id, never to its name: a key created
+later under a revoked key's name owns none of it. A key stored before ids has none: its id is its
+name, which is what its records name as ``owner``, so they stay its own (``app.layout.owner_id_of``). What is kept is the key's SHA-256, in ``keys/NAME/key.json`` in object storage: storage is the
 source of truth, so keys survive the loss of Redis. Redis (``P`` = settings.redis_prefix) caches the
 lookup:
 
@@ -10,7 +13,9 @@ lookup:
     P:auth:loaded      set (for LOADED_TTL_S) when P:auth:hash was last rebuilt from storage
     P:auth:lock        held by every write to storage or to the cache: create, revoke, cache fills
 
-A request's key is hashed, its name looked up, and the hash kept in that name's record compared with
+A request's key that is not ``dx_`` + 43 URL-safe characters is refused before Redis (``KEY_FORMAT``);
+failed authentications are limited per client address (``app.authlimit``). A request's key is
+hashed, its name looked up, and the hash kept in that name's record compared with
 ``hmac.compare_digest``: a stale hash -> name entry (a key revoked, then a new key of the same name)
 never authenticates. A name missing from the hash map rebuilds the map from storage, at most once per
 LOADED_TTL_S, so a Redis flush costs one rebuild and a flood of garbage keys costs no storage reads.
@@ -22,13 +27,13 @@ Why SHA-256 and no slow KDF (bcrypt, scrypt, argon2): a slow KDF makes guessing 
 inverting SHA-256 on them is out of reach at any speed. A fast, unsalted hash is also what allows
 the O(1) lookup by hash on every request.
 
-Quotas, per key (the admin has none). The key's active jobs are counted at every create: the store keeps a
-set of each owner's queued and running jobs (P:owner:NAME:active).
+Quotas, per key id (the admin has none). The key's active jobs are counted at every create: the store
+keeps a set of each owner's queued and running jobs (P:owner:ID:active).
 The rest is in Redis:
 
-    P:owner:NAME:pairs:DAY    pairs asked for by jobs created on UTC day DAY (expires after 2 days)
-    P:owner:NAME:rps:SECOND   requests in that second (a fixed one-second window, expires after 2 s)
-    P:owner:NAME:lock         serialises a key's job creations: two at once cannot both pass a limit
+    P:owner:ID:pairs:DAY      pairs asked for by jobs created on UTC day DAY (expires after 2 days)
+    P:owner:ID:rps:SECOND     requests in that second (a fixed one-second window, expires after 2 s)
+    P:owner:ID:lock           serialises a key's job creations: two at once cannot both pass a limit
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import json
 import re
 import secrets
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -54,6 +60,7 @@ from app.store import JobConflict, JobNotFound, JobStore
 ADMIN = "admin"  # the admin's name: owner of the jobs it creates (and of every job with auth off)
 KEY_NAME = re.compile(KEY_NAME_PATTERN)
 KEY_PREFIX = "dx_"
+KEY_FORMAT = re.compile(r"^dx_[A-Za-z0-9_-]{43}$")  # what new_key makes: anything else is no key
 LOADED_TTL_S = 60
 ACTIVE_RETRY_AFTER_S = 10  # nobody knows when a job ends; a poll interval
 
@@ -66,6 +73,10 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def new_key_id() -> str:
+    return "k." + uuid.uuid4().hex
+
+
 def key_folder(name: str) -> str:
     return f"keys/{name}/"
 
@@ -76,18 +87,21 @@ def key_object(name: str) -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the admin (no limits, sees every job) or an API key with its limits."""
+    """Who is calling: the admin (no limits, sees every job) or an API key with its limits. ``id``
+    owns what the key creates; ``name`` is shown."""
 
     name: str
     admin: bool = False
     max_active_jobs: int | None = None
     pairs_per_day: int | None = None
     requests_per_second: int | None = None
+    id: str = ADMIN
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Principal:
         return cls(
             name=rec["name"],
+            id=str(rec.get("id") or rec["name"]),  # a key from before ids: its name
             max_active_jobs=rec["max_active_jobs"],
             pairs_per_day=rec["pairs_per_day"],
             requests_per_second=rec["requests_per_second"],
@@ -126,6 +140,7 @@ class KeyStore:
         key = new_key()
         rec: dict[str, Any] = {
             "name": name,
+            "id": new_key_id(),
             "hash": hash_key(key),
             **limits,
             "created_at": datetime.now(UTC).isoformat(),
@@ -197,7 +212,11 @@ class KeyStore:
         return rec
 
     def _rebuild(self) -> bool:
-        """Reload the hash map from storage unless that was done in the last LOADED_TTL_S."""
+        """Reload the hash map from storage unless that was done in the last LOADED_TTL_S. Checked
+        before the lock, so that unknown keys (a flood of them) cost one EXISTS each, never a wait
+        on the lock that every other failed look-up also wants."""
+        if self.r.exists(self._loaded):
+            return False
         with self._lock():
             if self.r.exists(self._loaded):
                 return False
@@ -234,7 +253,7 @@ class Quotas:
         """Count one request; raises ``QuotaExceeded`` past ``requests_per_second``."""
         if who.requests_per_second is None:
             return
-        key = self._k(who.name, "rps", str(int(time.time())))
+        key = self._k(who.id, "rps", str(int(time.time())))
         pipe = self.r.pipeline()
         pipe.incr(key)
         pipe.expire(key, 2)
@@ -258,9 +277,9 @@ class Quotas:
         ``count`` pairs; raises ``QuotaExceeded`` otherwise. A replayed job (``created`` False) is free."""
         if who.admin:
             return create()
-        with self.r.lock(self._k(who.name, "lock"), timeout=15, blocking_timeout=15):
+        with self.r.lock(self._k(who.id, "lock"), timeout=15, blocking_timeout=15):
             if who.max_active_jobs is not None:
-                active = len(active_ids(store, who.name))
+                active = len(active_ids(store, who.id))
                 if active >= who.max_active_jobs:
                     raise QuotaExceeded(
                         "max_active_jobs",
@@ -271,7 +290,7 @@ class Quotas:
             day_key = None
             if who.pairs_per_day is not None:
                 now = datetime.now(UTC)
-                day_key = self._k(who.name, "pairs", now.date().isoformat())
+                day_key = self._k(who.id, "pairs", now.date().isoformat())
                 pipe = self.r.pipeline()
                 pipe.incrby(day_key, count)
                 pipe.expire(day_key, 2 * 86400)
@@ -296,8 +315,13 @@ class Quotas:
             return rec, created
 
 
+def key_id(rec: dict[str, Any]) -> str:
+    """The stable id of a stored key record (its name for a key from before ids)."""
+    return str(rec.get("id") or rec["name"])
+
+
 def active_ids(store: JobStore, owner: str) -> list[str]:
-    """Ids of the owner's queued or running jobs."""
+    """Ids of the owner's (a key id's) queued or running jobs."""
     return store.active_ids_of(owner)
 
 

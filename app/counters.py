@@ -7,7 +7,10 @@ and ``app.metrics`` reads the hash at scrape time.
 
 Label values are model names, job statuses and shard outcomes only (``COUNTERS`` names the labels of
 each counter); never a job id, key name or host, so the number of series stays bounded by the
-deployment's bundles. Counting is best effort: a metric must never break the job it counts.
+deployment's bundles. A model label is never a value a key chose: the name of a shared model (one
+the admin owns: the demo, a local bundle, one the admin published), and ``other`` for every key's
+private model (``model_label``); /metrics is readable without a key, and a private model's name is
+the key's secret. Counting is best effort: a metric must never break the job it counts.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ COUNTERS: dict[str, tuple[str, ...]] = {
     "jobs_finished": ("model", "status"),  # jobs that reached a terminal status
 }
 UNKNOWN = "unknown"  # the model of a job whose record is gone
+OTHER = "other"  # every key's private models, as one label value
+ADMIN = "admin"  # app.auth.ADMIN (not imported: app.auth imports the store, which imports this)
 
 Counts = dict[tuple[str, tuple[str, ...]], int]
 
@@ -83,9 +88,23 @@ def pairs(model: str, generated: int, kept: int) -> dict[str, int]:
     }
 
 
+def model_label(name: str, owner: str | None) -> str:
+    """The label value of model ``name`` whose owner (a key id) is ``owner``: the name of a shared
+    (the admin's) model, else ``other``."""
+    return name if owner in (None, ADMIN) else OTHER
+
+
 def model_of(rec: Mapping[str, Any] | None) -> str:
-    params = (rec or {}).get("params") or {}
-    return str(params.get("model") or UNKNOWN)
+    """The model label of a job's record: the one recorded at its creation (``model_label``); a job
+    from before that has none: its model's name when the admin created it, else ``other`` (whether
+    its model was shared can no longer be told)."""
+    rec = rec or {}
+    if rec.get("model_label"):
+        return str(rec["model_label"])
+    params = rec.get("params") or {}
+    if not params.get("model"):
+        return UNKNOWN
+    return model_label(str(params["model"]), str(rec.get("owner_id") or rec.get("owner") or ADMIN))
 
 
 def parse(raw: Mapping[Any, Any]) -> Counts:

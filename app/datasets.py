@@ -11,7 +11,7 @@ for the training's readers), ``datasets/ID/pairs.csv`` and the notes when presen
 Redis (``P`` = settings.redis_prefix), written after storage, rebuilt from it when lost:
     P:dataset:ID          the record (JSON: what GET shows, without files and groups)
     P:datasets            zset of every dataset id by creation time
-    P:owner:NAME:datasets zset of the ids of key NAME's datasets
+    P:owner:ID:datasets   zset of the ids of the datasets of the key of id ID (``app.auth``)
     P:dataset:ID:users    set of the ids of the trainings that use the dataset: DELETE answers 409
                           while it is not empty. Trainings add themselves with ``use`` and remove
                           themselves with ``release``, both under the dataset's lock
@@ -32,7 +32,7 @@ from typing import Any
 import redis
 
 from app.dataset_check import CheckedDataset
-from app.layout import as_str
+from app.layout import as_str, owner_id_of
 from app.locks import renewed_lock
 from app.storage import ObjectNotFound, Storage, StorageUnavailable
 
@@ -111,10 +111,18 @@ class DatasetStore:
 
     # ---- create
     def create(
-        self, checked: CheckedDataset, root: Path, *, owner: str, name: str | None = None
+        self,
+        checked: CheckedDataset,
+        root: Path,
+        *,
+        owner: str,
+        name: str | None = None,
+        owner_id: str | None = None,
     ) -> dict[str, Any]:
-        """Store a checked dataset unpacked at ``root``; returns its record. A create that fails
-        half-way (storage or Redis down) removes what it wrote."""
+        """Store a checked dataset unpacked at ``root``; returns its record. ``owner`` is the key's
+        name (shown), ``owner_id`` its stable id (default: ``owner``), which owns the dataset. A create
+        that fails half-way (storage or Redis down) removes what it wrote."""
+        owner_id = owner_id or owner
         dataset_id = uuid.uuid4().hex
         base = dataset_prefix(dataset_id)
         nbytes = 0
@@ -135,6 +143,7 @@ class DatasetStore:
                 "id": dataset_id,
                 "name": name,
                 "owner": owner,
+                "owner_id": owner_id,
                 "pairs": len(checked.pairs),
                 "unlabelled": len(checked.unlabelled),
                 "sizes": checked.sizes(),
@@ -164,10 +173,10 @@ class DatasetStore:
             pipe = self.r.pipeline(transaction=True)
             pipe.set(self._k(dataset_id), json.dumps(rec, sort_keys=True))
             pipe.zadd(self.index, {dataset_id: score})
-            pipe.zadd(self.owner_index(owner), {dataset_id: score})
+            pipe.zadd(self.owner_index(owner_id), {dataset_id: score})
             pipe.execute()
         except BaseException:
-            self._undo_create(dataset_id, owner)
+            self._undo_create(dataset_id, owner_id)
             raise
         return rec
 
@@ -251,7 +260,7 @@ class DatasetStore:
                 pipe = self.r.pipeline(transaction=True)
                 pipe.set(self._k(rec["id"]), json.dumps(rec, sort_keys=True))
                 pipe.zadd(self.index, {rec["id"]: score})
-                pipe.zadd(self.owner_index(rec["owner"]), {rec["id"]: score})
+                pipe.zadd(self.owner_index(owner_id_of(rec) or ""), {rec["id"]: score})
                 pipe.execute()
                 n += 1
             self.r.set(self.loaded, "1")
@@ -293,5 +302,5 @@ class DatasetStore:
                 pipe = self.r.pipeline(transaction=True)
                 pipe.delete(self._k(dataset_id), self.users_key(dataset_id))
                 pipe.zrem(self.index, dataset_id)
-                pipe.zrem(self.owner_index(rec["owner"]), dataset_id)
+                pipe.zrem(self.owner_index(owner_id_of(rec) or ""), dataset_id)
                 pipe.execute()

@@ -17,8 +17,8 @@ Redis (the live side; ``P`` = settings.redis_prefix, ``J`` = ``P:job:ID``):
     J:hook          held by the process making a webhook attempt (app.webhooks)
     P:webhooks      zset of ids of ended jobs whose webhook is due, by when the next attempt is due
     P:jobs          zset of ids by creation    P:active    set of ids that are queued or running
-    P:owner:NAME:jobs   zset of the ids of owner NAME's jobs (an API key's name; see app.auth), by creation
-    P:owner:NAME:active set of the ids of owner NAME's queued or running jobs
+    P:owner:ID:jobs     zset of the ids of owner ID's jobs (an API key's stable id; see app.auth), by creation
+    P:owner:ID:active   set of the ids of owner ID's queued or running jobs
     P:idem:H        {"job_id", "body"} of an Idempotency-Key whose SHA-256 is H
     P:alive         set once Redis holds the job list; missing = Redis lost its data
     P:stalled:Q     since when no live worker has served queue Q
@@ -30,6 +30,18 @@ from __future__ import annotations
 import csv
 import io
 from typing import Any
+
+
+def owner_id_of(rec: Any) -> str | None:
+    """The stable id of the key that owns a record (job, dataset, training, model version): its
+    ``owner_id``; a record from before key ids has only ``owner`` (the key's name), and the key of
+    that time has its name as its id (``app.auth``), so the old record stays its key's, and never
+    becomes the property of a new key given the same name."""
+    if not isinstance(rec, dict):
+        return None
+    value = rec.get("owner_id") or rec.get("owner")
+    return str(value) if value else None
+
 
 MANIFEST_FIELDS = ["name", "index", "seed", "dice_loss", "model", "eta"]
 SAMPLING_FIELDS = [

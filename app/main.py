@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app.api.main import api_router, health_router, metrics_router
 from app.auth import KeyStore, Quotas
+from app.authlimit import AuthFailureGuard, FailureLimiter
 from app.core.config import Settings, get_settings, is_loopback
 from app.datasets import DatasetStore
 from app.decodes import DecodeSlots
@@ -97,6 +98,7 @@ def create_app(
     app.state.trainings = TrainingStore(r, storage, settings, app.state.datasets, train_enqueue)
     app.state.quotas = Quotas(r, settings.redis_prefix)
     app.state.registry = Registry(storage, r, settings)
+    app.state.auth_limiter = FailureLimiter(settings.auth_fail_burst, settings.auth_fail_rate)
     if origins := settings.cors_origin_list():
         app.add_middleware(
             CORSMiddleware,
@@ -118,6 +120,14 @@ def create_app(
     install_openapi(app, settings)
     install_docs(app)
     install_page(app)
+    if settings.auth != "off":  # outside everything but the HTTP metrics: a refusal costs next to nothing
+        app.add_middleware(
+            AuthFailureGuard,
+            limiter=app.state.auth_limiter,
+            prefix=settings.api_v1_str,
+            admin_key=admin_key,
+            hold_s=settings.auth_fail_hold_s,
+        )
     app.state.metrics_registry = install_metrics(app, settings)  # last: its middleware is the outermost
     return app
 

@@ -30,7 +30,7 @@ import redis
 
 from app import counters
 from app.heartbeats import live_beats
-from app.layout import as_str, record_key
+from app.layout import as_str, owner_id_of, record_key
 from app.schemas import JobStatus
 from app.store import DECIDED, JobStore, now_iso
 from app.trainings import TrainingStore, sweep_trainings
@@ -76,16 +76,16 @@ def rebuild_from_storage(store: JobStore) -> int:
             rec.pop("progress", None)
             store._save(rec)
             store.r.sadd(store.keys.active, job_id)
-            if rec.get("owner"):
-                store.r.sadd(store.keys.owner_active(rec["owner"]), job_id)
+            if owner := owner_id_of(rec):
+                store.r.sadd(store.keys.owner_active(owner), job_id)
         else:
             store.r.set(store.keys.job(job_id), json.dumps(rec, sort_keys=True))
             hook = rec.get("webhook") or {}
             if hook.get("status") == "pending":  # its due time was in the Redis that was lost
                 store.r.zadd(store.keys.webhooks, {job_id: float(hook.get("next_attempt_at") or 0)})
         store.r.zadd(store.keys.jobs, {job_id: created})
-        if rec.get("owner"):
-            store.r.zadd(store.keys.owner_jobs(rec["owner"]), {job_id: created})
+        if owner := owner_id_of(rec):
+            store.r.zadd(store.keys.owner_jobs(owner), {job_id: created})
         n += 1
     return n
 
@@ -117,7 +117,7 @@ def sweep(store: JobStore, *, now: float | None = None) -> Sweep:
     stalled_since: dict[str, float] = {}
     for job_id, rec in recs.items():
         if JobStatus(rec["status"]).is_terminal():
-            store.forget_active(job_id, rec.get("owner"))
+            store.forget_active(job_id, owner_id_of(rec))
         elif str(rec.get("queue") or s.celery_queue) in live:
             serving[job_id] = rec
         else:

@@ -21,8 +21,15 @@ a name published to the registry hides its local folder from listings and "lates
 ``NAME@local`` still names the folder. That keeps a machine without object storage content (the
 tests, an offline demo) working, while workers elsewhere only ever need the registry.
 
-Ownership: a version belongs to the key that published it; a name belongs to the owner of its
-versions (another key cannot publish into it: ``NameTaken``). A key sees its own models and the
+Ownership (docs/registry.md "Owners and visibility"). A name has one owner:
+- the admin for a *reserved* name: DIFFEXP_DEFAULT_MODEL and every folder of the local source;
+- else whoever published its first (lowest) stored version.
+Only the owner (or the admin) publishes versions of a name (anyone else: ``NameTaken``); a version
+the admin pushes into a key's name belongs to that key. Owners are key *ids* (``app.auth``: stable,
+never reused; a record from before ids has only ``owner``, which then is the id). A version whose
+owner is not its name's owner (a *stray*: pushed into a name before it was reserved) is never
+listed nor taken as the latest, for anyone: it is reached by number only, by its owner or the
+admin. So a key's private names never shadow a shared one. A key sees its own models and the
 admin's (the shared ones, like the demo and local folders); the admin sees every model.
 """
 
@@ -45,7 +52,7 @@ import redis
 from app.auth import ADMIN
 from app.bundles import META_FILE, list_bundles, usable_meta
 from app.core.config import Settings
-from app.layout import RedisKeys, as_str
+from app.layout import RedisKeys, as_str, owner_id_of
 from app.params import TRAINING_MASKS_FILE
 from app.storage import ObjectNotFound, Storage, StorageUnavailable
 
@@ -124,9 +131,14 @@ def version_prefix(name: str, version: str) -> str:
     return f"models/{name}/{version}/"
 
 
+def owner_id(rec: dict[str, Any]) -> str:
+    """The id of the key that owns a version (``owner``, the key's name, in records from before ids)."""
+    return owner_id_of(rec) or ADMIN
+
+
 def visible(rec: dict[str, Any], viewer: str | None) -> bool:
-    """Whether ``viewer`` (a key's name; None: the admin) may see the model."""
-    return viewer is None or viewer == ADMIN or rec.get("owner") in (viewer, ADMIN)
+    """Whether ``viewer`` (a key's id; None: the admin) may see the model."""
+    return viewer is None or viewer == ADMIN or owner_id(rec) in (viewer, ADMIN)
 
 
 # ---- bundle folders (pure functions of the files)
@@ -292,15 +304,41 @@ class Registry:
                 }
         return out
 
+    # ---- owners
+    def reserved(self, name: str, local: dict[str, dict[str, Any]] | None = None) -> bool:
+        """Whether ``name`` is kept for the admin: the default model, or a folder of the local source."""
+        return name == self.settings.default_model or name in (self._local() if local is None else local)
+
+    def _owner(
+        self, name: str, versions: list[dict[str, Any]], local: dict[str, dict[str, Any]]
+    ) -> str | None:
+        if self.reserved(name, local):
+            return ADMIN
+        return owner_id(versions[0]) if versions else None
+
+    def owner_of(self, name: str) -> str | None:
+        """The id of the key that owns ``name`` (ADMIN for a reserved name), or None: nobody yet."""
+        return self._owner(name, self._all().get(name, []), self._local())
+
+    def _owned(
+        self, name: str, versions: list[dict[str, Any]], local: dict[str, dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The versions of ``name`` that belong to its owner (strays left out), ascending."""
+        owner = self._owner(name, versions, local)
+        return [v for v in versions if owner_id(v) == owner]
+
     # ---- reading
     def list_models(self, viewer: str | None = None) -> list[dict[str, Any]]:
         """The latest version of every model ``viewer`` may see (None: every model), by name, each
         with ``versions`` (ascending) — local folders for names the registry does not hold."""
         published = self._all()
+        local = self._local()
         out = {}
         for name, versions in published.items():
-            out[name] = {**versions[-1], "versions": [v["version"] for v in versions]}
-        for name, rec in self._local().items():
+            owned = self._owned(name, versions, local)
+            if owned:
+                out[name] = {**owned[-1], "versions": [v["version"] for v in owned]}
+        for name, rec in local.items():
             if name not in out:
                 out[name] = {**rec, "versions": [LOCAL]}
         return [out[n] for n in sorted(out) if visible(out[n], viewer)]
@@ -310,16 +348,18 @@ class Registry:
         ``ModelNotFound``."""
         if not valid_name(name) or (version is not None and not valid_version(version)):
             raise ModelNotFound(format_ref(name, version))
-        versions = self._all().get(name, [])
-        local = self._local().get(name)
+        all_versions = self._all().get(name, [])
+        locals_ = self._local()
+        local = locals_.get(name)
+        versions = self._owned(name, all_versions, locals_)
         numbers = [v["version"] for v in versions] or ([LOCAL] if local else [])
         rec: dict[str, Any] | None
         if version is None:
             rec = versions[-1] if versions else local
         elif version == LOCAL:
             rec = local
-        else:
-            rec = next((v for v in versions if v["version"] == version), None)
+        else:  # by number: a stray version too (its owner's or the admin's, by visibility)
+            rec = next((v for v in all_versions if v["version"] == version), None)
         if rec is None or not visible(rec, viewer):
             raise ModelNotFound(format_ref(name, version))
         return {**rec, "versions": numbers}
@@ -331,26 +371,37 @@ class Registry:
         return name, str(rec["version"]), rec
 
     # ---- publishing
-    def owner_of(self, name: str) -> str | None:
-        versions = self._all().get(name, [])
-        return str(versions[-1]["owner"]) if versions else None
-
     def publish(
-        self, bundle_dir: Path, name: str, *, owner: str, extra: dict[str, Any] | None = None
+        self,
+        bundle_dir: Path,
+        name: str,
+        *,
+        owner: str,
+        extra: dict[str, Any] | None = None,
+        owner_name: str | None = None,
     ) -> dict[str, Any]:
         """Upload the bundle at ``bundle_dir`` as the next version of ``name``; returns its record.
+        ``owner`` is the publishing key's id (ADMIN for the admin), ``owner_name`` its name (shown;
+        default: ``owner``).
 
         Raises ``InvalidBundle`` (not a complete bundle, or a bad name) and ``NameTaken``."""
-        rec, _ = self._publish(bundle_dir, name, owner=owner, extra=extra, reuse=False)
+        rec, _ = self._publish(bundle_dir, name, owner=owner, owner_name=owner_name, extra=extra, reuse=False)
         return rec
 
     def ensure(self, bundle_dir: Path, name: str, *, owner: str) -> tuple[dict[str, Any], bool]:
         """Publish the bundle unless a version of ``name`` already has its digest: ``(record, whether
         published now)``. Idempotent, also when several processes start at once (the name's lock)."""
-        return self._publish(bundle_dir, name, owner=owner, extra=None, reuse=True)
+        return self._publish(bundle_dir, name, owner=owner, owner_name=None, extra=None, reuse=True)
 
     def _publish(
-        self, bundle_dir: Path, name: str, *, owner: str, extra: dict[str, Any] | None, reuse: bool
+        self,
+        bundle_dir: Path,
+        name: str,
+        *,
+        owner: str,
+        owner_name: str | None,
+        extra: dict[str, Any] | None,
+        reuse: bool,
     ) -> tuple[dict[str, Any], bool]:
         if not valid_name(name):
             raise InvalidBundle(f"model name {name!r} must match {NAME_PATTERN}")
@@ -361,9 +412,21 @@ class Registry:
         with self._lock(name):
             if reuse and (found := self.find_by_digest(name, digest)) is not None:
                 return found, False
-            current = self.owner_of(name)
+            publisher, publisher_name = owner, owner_name or owner
+            local = self._local()
+            versions = self._all().get(name, [])
+            current = self._owner(name, versions, local)
             if current is not None and current != owner:
-                raise NameTaken(f"model name {name!r} belongs to another key; choose another name")
+                if owner != ADMIN:
+                    if current == ADMIN and self.reserved(name, local):
+                        raise NameTaken(
+                            f"model name {name!r} is reserved for the admin (the default model or a "
+                            "bundle of the local source); choose another name"
+                        )
+                    raise NameTaken(f"model name {name!r} belongs to another key; choose another name")
+                # the admin pushes a version into a key's name: it belongs to the name's owner
+                first = self._owned(name, versions, local)[0]
+                owner, owner_name = current, str(first.get("owner") or current)
             stored = self._stored_versions(name)
             floor = int(stored[-1]) if stored else 0
             version = str(self.r.eval(_NEXT_VERSION, 1, self._seq(name), floor))
@@ -376,7 +439,9 @@ class Registry:
                     "name": name,
                     "version": version,
                     "digest": digest,
-                    "owner": owner,
+                    "owner": owner_name or owner,
+                    "owner_id": owner,
+                    "published_by": publisher_name,
                     "created_at": datetime.now(UTC).isoformat(),
                     "source": "registry",
                     "files": [{"path": rel, "size": (root / rel).stat().st_size} for rel in files],
@@ -391,7 +456,7 @@ class Registry:
             except BaseException:
                 self._undo(base)
                 raise
-        log.info("published %s@%s (%s) for %s", name, version, digest, owner)
+        log.info("published %s@%s (%s) for %s by %s", name, version, digest, owner, publisher)
         return rec, True
 
     def _undo(self, base: str) -> None:
@@ -402,7 +467,7 @@ class Registry:
 
     def find_by_digest(self, name: str, digest: str) -> dict[str, Any] | None:
         """The newest published version of ``name`` with this digest (publish once, not at every start)."""
-        for rec in reversed(self._all().get(name, [])):
+        for rec in reversed(self._owned(name, self._all().get(name, []), self._local())):
             if rec.get("digest") == digest:
                 return rec
         return None
@@ -438,11 +503,13 @@ class Registry:
         with self._lock(name):
             versions = self._all().get(name, [])
             targets = [v for v in versions if version is None or v["version"] == version]
+            if version is None and viewer not in (None, ADMIN):
+                targets = [v for v in targets if owner_id(v) == viewer]  # a key deletes its own versions
             if not targets or not all(visible(v, viewer) for v in targets):
                 if version is None and not versions and name in self._local():
                     raise ModelInUse(f"{name} is a folder under DIFFEXP_BUNDLES_DIR: read-only here")
                 raise ModelNotFound(format_ref(name, version))
-            users = self.users(name, version)
+            users = sorted({u for rec in targets for u in self.users(name, str(rec["version"]))})
             if users:
                 raise ModelInUse(
                     f"model {format_ref(name, version)} is used by {len(users)} queued or running job(s) "

@@ -330,6 +330,10 @@ class KeyPublic(KeyLimits):
     """A key as listed: never the key itself nor its hash."""
 
     name: str
+    id: str = Field(
+        description="the key's stable id: what it creates belongs to it, never to the name (a key made "
+        "later under the same name owns none of it); a key from before ids has its name as id"
+    )
     created_at: datetime
 
 

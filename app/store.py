@@ -41,6 +41,7 @@ from app.layout import (
     manifest_csv,
     manifest_key,
     mask_key,
+    owner_id_of,
     pair_meta,
     read_manifest,
     record_key,
@@ -317,14 +318,19 @@ class JobStore:
         idempotency_key: str | None = None,
         owner: str = "admin",
         webhook: dict[str, str] | None = None,
+        owner_id: str | None = None,
+        model_label: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Store a queued job and enqueue its first shards. Returns ``(record, created)``.
 
         With an ``idempotency_key``, the same key and body return the first job (``created`` False)
         and another body raises ``JobConflict``. A create that fails (storage or Redis down) releases
         its key, so the same request can be sent again. ``webhook`` (``url``, ``secret``) is called
-        when the job ends (``app.webhooks``).
+        when the job ends (``app.webhooks``). ``owner`` is the key's name (shown), ``owner_id`` its
+        stable id (default: ``owner``), which owns the job; ``model_label`` the model's label in
+        /metrics (``app.counters.model_label``).
         """
+        owner_id = owner_id or owner
         job_id = uuid.uuid4().hex
         ikey = None
         if idempotency_key is not None:
@@ -336,6 +342,7 @@ class JobStore:
         rec: dict[str, Any] = {
             "id": job_id,
             "owner": owner,
+            "owner_id": owner_id,
             "status": JobStatus.QUEUED.value,
             "input": body,
             "params": params.model_dump(),
@@ -347,6 +354,8 @@ class JobStore:
         }
         if ikey is not None:
             rec["idempotency_key"] = ikey
+        if model_label is not None:
+            rec["model_label"] = model_label
         if webhook is not None:
             rec["webhook"] = {**webhook, "status": "waiting", "attempts": [], "attempt_count": 0}
         n_first = plan(rec["params"], {}, 0).add  # a new job: no shard is done, none is pending
@@ -358,9 +367,9 @@ class JobStore:
             pipe.set(self._k(job_id), data)
             score = datetime.now(UTC).timestamp()
             pipe.zadd(self.keys.jobs, {job_id: score})
-            pipe.zadd(self.keys.owner_jobs(owner), {job_id: score})
+            pipe.zadd(self.keys.owner_jobs(owner_id), {job_id: score})
             pipe.sadd(self.keys.active, job_id)
-            pipe.sadd(self.keys.owner_active(owner), job_id)
+            pipe.sadd(self.keys.owner_active(owner_id), job_id)
             pipe.set(self._k(job_id, "next"), n_first)
             pipe.incr(self._k(job_id, VERSION))
             pipe.hset(self._k(job_id, "pending"), mapping={str(k): str(time.time()) for k in range(n_first)})
@@ -368,7 +377,7 @@ class JobStore:
                 pipe.expire(ikey, STOP_TTL_S)  # the job exists: the key holds it for a week
             pipe.execute()
         except Exception:
-            self._undo_create(job_id, ikey, owner)
+            self._undo_create(job_id, ikey, owner_id)
             raise
         try:
             for k in range(n_first):
@@ -440,9 +449,9 @@ class JobStore:
             self.r.zrem(self.keys.jobs, job_id)
             self.r.zrem(self.keys.webhooks, job_id)
             self.r.srem(self.keys.active, job_id)
-            if rec.get("owner"):
-                self.r.zrem(self.keys.owner_jobs(rec["owner"]), job_id)
-                self.r.srem(self.keys.owner_active(rec["owner"]), job_id)
+            if owner := owner_id_of(rec):
+                self.r.zrem(self.keys.owner_jobs(owner), job_id)
+                self.r.srem(self.keys.owner_active(owner), job_id)
             if rec.get("idempotency_key"):
                 self.r.delete(rec["idempotency_key"])
         self.storage.delete_prefix(job_prefix(job_id))
@@ -462,7 +471,7 @@ class JobStore:
         self._save(rec)
         self.r.set(self._k(job_id, "stop"), status.value, ex=STOP_TTL_S)
         self.r.delete(self._k(job_id, "pending"))
-        self.forget_active(job_id, rec.get("owner"))
+        self.forget_active(job_id, owner_id_of(rec))
         if rec.get("webhook"):
             self.r.zadd(self.keys.webhooks, {job_id: rec["webhook"]["next_attempt_at"]})
         counters.count(self.r, self.keys.prefix, "jobs_finished", model=counters.model_of(rec), status=status)

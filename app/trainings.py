@@ -12,9 +12,9 @@ Redis (``P`` = settings.redis_prefix, ``T`` = ``P:training:ID``):
     T:attempts      runs started (a SIGKILLed worker cannot count itself afterwards)
     T:enqueued      when it was last sent to the queue (the reconciler waits a grace period after)
     T:ver           incremented at every change (the ids of its event stream)
-    P:trainings     zset of ids by creation     P:owner:NAME:trainings  the same, per key
+    P:trainings     zset of ids by creation     P:owner:ID:trainings  the same, per key id
     P:trainings:active   set of the ids queued or running (what the reconciler sweeps)
-    P:owner:NAME:trainings:active   the same, per key (DIFFEXP_TRAIN_MAX_ACTIVE)
+    P:owner:ID:trainings:active   the same, per key id (DIFFEXP_TRAIN_MAX_ACTIVE)
     P:training:name:N    id of the latest training of model name N (``TrainingStore.status_of``)
     P:training:claim:N   id of the queued or running training of N: one at a time per name
     P:trainings:loaded   set once Redis holds the trainings of storage; missing = Redis lost its
@@ -26,8 +26,10 @@ Storage: ``trainings/ID/training.json`` (the record, at creation and at the end)
 uploaded every DIFFEXP_TRAIN_CHECKPOINT_S; removed once the bundle is published or canceled).
 
 Names: a name with a queued or running training is taken (409, whoever asks). A published name
-belongs to the key that published it first: that key may train new versions of it, any other key
-gets 409. A failed or canceled training leaves the name free.
+belongs to the key that published it first, a reserved one (the default model, a local bundle) to
+the admin (``app.registry``): its owner may train new versions of it, any other key gets 409. A
+failed or canceled training leaves the name free. Owners are key ids (``owner_id``; ``owner`` is the
+key's name, shown), see ``app.auth``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from app.core.config import Settings
 from app.datasets import DatasetNotFound, DatasetStore
-from app.layout import as_str
+from app.layout import as_str, owner_id_of
 from app.params import DEFAULT_UNLABELLED_SHARE
 from app.schemas import JOB_ID_PATTERN, JobStatus
 from app.storage import Storage
@@ -201,10 +203,20 @@ class TrainingStore:
         return f"trainings/{training_id}/checkpoints/"
 
     # ---- create
-    def create(self, body: TrainingCreate, *, owner: str, published_owner: str | None) -> dict[str, Any]:
-        """Store and enqueue a training; ``published_owner`` is the key that owns the name in the
-        registry (None: not published). Raises ``TrainingConflict`` or ``DatasetNotFound``."""
-        if published_owner is not None and published_owner != owner:
+    def create(
+        self,
+        body: TrainingCreate,
+        *,
+        owner: str,
+        published_owner: str | None,
+        owner_id: str | None = None,
+        admin: bool = False,
+    ) -> dict[str, Any]:
+        """Store and enqueue a training for the key ``owner`` (its name) of id ``owner_id`` (default:
+        ``owner``); ``published_owner`` is the id that owns the name in the registry (None: nobody).
+        Raises ``TrainingConflict`` or ``DatasetNotFound``."""
+        owner_id = owner_id or owner
+        if published_owner is not None and published_owner != owner_id and not admin:
             raise TrainingConflict(f"model name {body.name!r} belongs to another key; choose another name")
         training_id = uuid.uuid4().hex
         if not self.r.set(self.claim_key(body.name), training_id, nx=True):
@@ -216,6 +228,7 @@ class TrainingStore:
             rec: dict[str, Any] = {
                 "id": training_id,
                 "owner": owner,
+                "owner_id": owner_id,
                 "name": body.name,
                 "dataset": body.dataset,
                 "params": body.model_dump(exclude={"dataset", "name"}),
@@ -231,9 +244,9 @@ class TrainingStore:
             pipe = self.r.pipeline(transaction=True)
             pipe.set(self.k(training_id), json.dumps(rec, sort_keys=True))
             pipe.zadd(self.index, {training_id: now.timestamp()})
-            pipe.zadd(self.owner_index(owner), {training_id: now.timestamp()})
+            pipe.zadd(self.owner_index(owner_id), {training_id: now.timestamp()})
             pipe.sadd(self.active, training_id)
-            pipe.sadd(self.owner_active(owner), training_id)
+            pipe.sadd(self.owner_active(owner_id), training_id)
             pipe.set(self.name_key(body.name), training_id)
             pipe.incr(self.k(training_id, "ver"))
             pipe.execute()
@@ -292,6 +305,7 @@ class TrainingStore:
         return {
             "name": name,
             "owner": rec["owner"],  # the registry's route shows it to this key (and the admin) only
+            "owner_id": owner_id_of(rec),
             "status": "failed" if status is JobStatus.FAILED else "training",
             "error": rec["error"],
             "progress": rec["progress"],
@@ -360,7 +374,7 @@ class TrainingStore:
         if status is JobStatus.CANCELED:
             self.r.set(self.k(training_id, "stop"), "canceled")
         self.r.srem(self.active, training_id)
-        self.r.srem(self.owner_active(rec["owner"]), training_id)
+        self.r.srem(self.owner_active(owner_id_of(rec) or ""), training_id)
         claim = self.claim_key(rec["name"])
         if as_str(self.r.get(claim) or b"") == training_id:
             self.r.delete(claim)
@@ -376,6 +390,14 @@ class TrainingStore:
     def cancel(self, training_id: str) -> dict[str, Any]:
         self.finish(training_id, JobStatus.CANCELED, error="canceled")
         return self.get(training_id)
+
+    def cancel_all_of(self, owner_id: str) -> int:
+        """Cancel every queued or running training of the key ``owner_id`` (it was revoked)."""
+        n = 0
+        for raw in self.r.smembers(self.owner_active(owner_id)):
+            if self.finish(as_str(raw), JobStatus.CANCELED, error="canceled: its key was revoked"):
+                n += 1
+        return n
 
     def _release_dataset(self, dataset_id: str, training_id: str) -> None:
         try:
@@ -468,7 +490,7 @@ def rebuild_trainings(store: TrainingStore) -> int:
         except (LookupError, ValueError):
             continue
     for rec in sorted(recs, key=lambda r: str(r["created_at"])):  # the latest of a name wins
-        training_id, owner = rec["id"], rec["owner"]
+        training_id, owner = rec["id"], owner_id_of(rec) or ""
         created = datetime.fromisoformat(rec["created_at"]).timestamp()
         pipe = store.r.pipeline(transaction=True)
         if not JobStatus(rec["status"]).is_terminal():
@@ -492,8 +514,9 @@ def rebuild_trainings(store: TrainingStore) -> int:
 
 
 def check_dataset(datasets: DatasetStore, dataset_id: str, owner: str, admin: bool) -> dict[str, Any]:
-    """The dataset's record if the caller may train on it; another key's is ``DatasetNotFound``."""
+    """The dataset's record if the caller (``owner``: a key id) may train on it; another key's is
+    ``DatasetNotFound``."""
     rec = datasets.get(dataset_id)
-    if not (admin or rec.get("owner") == owner):
+    if not (admin or owner_id_of(rec) == owner):
         raise DatasetNotFound(dataset_id)
     return rec

@@ -4,7 +4,8 @@ service-wide counters in Redis (``app.counters``, which the API's ``/metrics`` r
 Served on ``DIFFEXP_WORKER_METRICS_HOST:DIFFEXP_WORKER_METRICS_PORT`` from the process that runs the
 shards (``--pool solo``; a prefork pool's children would count where no server reads). Each worker
 process on a host needs its own port; a port already taken is logged and the worker runs without its
-endpoint rather than not at all. Labels: model names, devices and outcomes only.
+endpoint rather than not at all. Labels: shared model names (a key's private model is ``other``,
+``app.counters.model_label``), devices and outcomes only.
 """
 
 from __future__ import annotations
@@ -55,16 +56,15 @@ class BundlesCollector:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        from worker.runtime import loaded_bundles
+        from worker.runtime import loaded_bundle_labels
 
         family = GaugeMetricFamily(
             "diffexp_worker_bundles_loaded",
-            "Bundles loaded in this worker (1 each).",
+            "Bundles loaded in this worker (shared models by name and version; private ones as 'other').",
             labels=["model", "version", "device"],
         )
-        for ref, device in sorted(loaded_bundles().items()):
-            model, _, version = ref.partition("@")
-            family.add_metric([model, version, device], 1)
+        for labels, n in sorted(loaded_bundle_labels().items()):
+            family.add_metric(list(labels), n)
         yield family
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import redis
 
+from app import counters
 from app.core.config import Settings, get_settings
+from app.layout import owner_id_of
 from app.queue import celery_enqueue
 from app.registry import Registry
 from app.storage import make_storage
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 # (name, version, digest) -> bundle, least recently used first; at most DIFFEXP_MAX_LOADED_BUNDLES
 _bundles: OrderedDict[tuple[str, str, str], Bundle] = OrderedDict()
+_labels: dict[tuple[str, str, str], str] = {}  # a loaded bundle -> its model label (app.counters)
 _store: JobStore | None = None
 _registry: Registry | None = None
 _trainings: TrainingStore | None = None
@@ -62,14 +65,29 @@ def get_bundle(ref: str, settings: Settings | None = None, registry: Registry | 
             log.info("compiling %s@%s for batches of %d", name, version, settings.batch_size)
             log.info("compiled %s@%s in %.0f s", name, version, bundle.compile(settings.batch_size))
         _bundles[key] = bundle
+        _labels[key] = counters.model_label(name, owner_id_of(rec))  # what /metrics shows of it
         while len(_bundles) > settings.max_loaded_bundles:
             old, _ = _bundles.popitem(last=False)
+            _labels.pop(old, None)
             log.info("unloading bundle %s@%s (least recently used)", old[0], old[1])
         if str(device).startswith("cuda"):
             import torch
 
             torch.cuda.empty_cache()  # give the evicted bundle's memory back to other processes
         return bundle
+
+
+def loaded_bundle_labels() -> dict[tuple[str, str, str], int]:
+    """``(model, version, device)`` label values -> how many bundles this process holds under them:
+    a shared model's name and version, and ``("other", "other", device)`` for every key's private
+    model (/metrics shows no name a key chose; ``app.counters``)."""
+    out: dict[tuple[str, str, str], int] = {}
+    for k, bundle in list(_bundles.items()):
+        model = _labels.get(k, counters.OTHER)
+        version = k[1] if model != counters.OTHER else counters.OTHER
+        labels = (model, version, str(bundle.device))
+        out[labels] = out.get(labels, 0) + 1
+    return out
 
 
 def loaded_bundles() -> dict[str, str]:

@@ -20,6 +20,7 @@ import redis
 from PIL import Image
 from pydantic import ValidationError
 
+from app import counters
 from app.layout import pair_meta
 from app.params import JobParams
 from app.registry import format_ref
@@ -274,7 +275,8 @@ def _attempt(
     )
     out_size = parse_size(params.size) if params.size else None  # None: the square output
     batch: list[tuple[dict[str, Any], bytes, bytes]] = []  # a batch's kept pairs, stored together
-    for pair in metered_pairs(pairs, store, params.model, bundle.device):  # counted for /metrics
+    label = counters.model_of(seen or store.record(job_id))  # a shared model's name, else "other"
+    for pair in metered_pairs(pairs, store, label, bundle.device):  # counted for /metrics
         generated += 1
         if pair.kept:
             meta = pair_meta(

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from app.layout import owner_id_of
 from app.params import DEFAULT_UNLABELLED_SHARE
 from app.registry import GRID_FILE, InvalidBundle, NameTaken, Registry
 from app.schemas import JobStatus
@@ -360,7 +361,9 @@ def publish(
         "sample_grid": GRID_FILE if n else None,
     }
     reg = registry(store) if registry is not None else Registry(store.storage, store.r, store.settings)
-    published: dict[str, Any] = reg.publish(out, rec["name"], owner=rec["owner"], extra=extra)
+    published: dict[str, Any] = reg.publish(
+        out, rec["name"], owner=owner_id_of(rec) or rec["owner"], owner_name=rec["owner"], extra=extra
+    )
     return {
         **{k: published.get(k) for k in ("name", "version", "digest")},
         "metrics": extra["metrics"],

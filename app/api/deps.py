@@ -12,9 +12,11 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.auth import ADMIN_PRINCIPAL, KeyStore, Principal, QuotaExceeded, Quotas
+from app.auth import ADMIN_PRINCIPAL, KEY_FORMAT, KeyStore, Principal, QuotaExceeded, Quotas
+from app.authlimit import FailureLimiter, client_address, key_digest
 from app.core.config import Settings
 from app.datasets import DatasetNotFound, DatasetStore
+from app.layout import owner_id_of
 from app.schemas import JOB_ID_PATTERN, is_job_id
 from app.store import JobNotFound, JobStore
 
@@ -181,18 +183,24 @@ def get_principal(
     """The caller, from ``Authorization: Bearer KEY``; counts the request against the key's rate.
 
     Every /v1 route depends on it (once per request: FastAPI caches a dependency within a request).
+    A failure counts against the client's address (``app.authlimit``); a malformed key costs no
+    Redis call.
     """
     if settings.auth == "off":
         return ADMIN_PRINCIPAL
+    limiter: FailureLimiter = request.app.state.auth_limiter
     if credentials is None:
+        limiter.fail(client_address(request.scope))
         raise unauthorized("missing bearer key: send 'Authorization: Bearer KEY'")
     key = credentials.credentials
     admin_key: str | None = request.app.state.admin_key
     if admin_key is not None and hmac.compare_digest(key.encode(), admin_key.encode()):
         return ADMIN_PRINCIPAL
-    rec = keys.lookup(key)
+    rec = keys.lookup(key) if KEY_FORMAT.match(key) else None
     if rec is None:
+        limiter.fail(client_address(request.scope))
         raise unauthorized("invalid or revoked key", "invalid_token")
+    limiter.remember(key_digest(key))
     who = Principal.from_record(rec)
     try:
         quotas.hit(who)
@@ -214,7 +222,7 @@ def owned_job(job_id: JobIdDep, store: StoreDep, who: PrincipalDep) -> dict[str,
     """The job's record if the caller may see it: its owner or the admin. Anyone else gets the same
     404 as for a job that does not exist, so job ids of other keys cannot be probed."""
     rec = store.get(job_id)  # JobNotFound: 404
-    if not (who.admin or rec.get("owner") == who.name):
+    if not (who.admin or owner_id_of(rec) == who.id):  # the key's id, never its name
         raise JobNotFound(job_id)
     return rec
 
@@ -226,7 +234,7 @@ def owned_dataset(dataset_id: DatasetIdDep, datasets: DatasetsDep, who: Principa
     """The dataset's record if the caller may see it (its owner or the admin); anyone else gets the
     404 of a dataset that does not exist."""
     rec = datasets.get(dataset_id)  # DatasetNotFound: 404
-    if not (who.admin or rec.get("owner") == who.name):
+    if not (who.admin or owner_id_of(rec) == who.id):
         raise DatasetNotFound(dataset_id)
     return rec
 

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     admin_key_file: Path | None = None
     # The address the API binds to (uvicorn --host); checked against `auth` at start-up.
     host: str = "127.0.0.1"
+    # Failed authentication per client address (app/authlimit.py): a burst of this many 401s, then
+    # auth_fail_rate per second; beyond, the address's requests get 429 before any work is done.
+    auth_fail_burst: int = Field(default=20, ge=1)
+    auth_fail_rate: float = Field(default=0.2, gt=0)
+    # How long such a 429 is held before it is sent (no CPU: a client that ignores Retry-After then
+    # sends one request per hold and connection, not as many as the API can answer).
+    auth_fail_hold_s: float = Field(default=1.0, ge=0, le=30)
     # Comma-separated browser origins allowed by CORS; unset = no CORS headers at all.
     cors_origins: str | None = None
 

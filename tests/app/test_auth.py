@@ -20,7 +20,7 @@ from app.core.config import Settings
 from app.main import UnsafeConfig, create_app
 from app.store import JobStore
 from tests.app.conftest import Enqueued
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_HEADERS, ADMIN_KEY
 
 ZERO_ID = "0123456789abcdef0123456789abcdef"
 
@@ -111,6 +111,7 @@ def test_keys_are_shown_once_and_stored_as_hashes(
         "max_active_jobs": 3,
         "pairs_per_day": 40,
         "requests_per_second": 5,
+        "id": created["id"],
         "created_at": created["created_at"],
     }
     assert key not in listing.text and digest not in listing.text
@@ -489,3 +490,163 @@ def test_a_keys_jobs_are_its_own_again_after_redis_lost_its_data(
     assert anon.get("/v1/jobs", headers=b).json()["count"] == 0
     assert anon.get(f"/v1/jobs/{job}", headers=b).status_code == 404
     assert_429(anon.post("/v1/jobs", headers=a, json={"count": 1}), "max_active_jobs")  # still counted
+
+
+# ---- identities outlive names (issue 20, item 3)
+
+
+def dataset_zip() -> bytes:
+    from tests.utils.archives import shapes_members, zip_bytes
+
+    return zip_bytes(shapes_members(8, size=16))
+
+
+def test_a_new_key_under_a_revoked_keys_name_owns_nothing_of_it(
+    client: TestClient, anon: TestClient, tiny_bundle: Path
+) -> None:
+    from tests.app.test_registry import push
+
+    old = bearer(new_key(client, "a", max_active_jobs=5))
+    job = anon.post("/v1/jobs", headers=old, json={"count": 1}).json()["id"]
+    resp = anon.post("/v1/datasets", headers=old, files={"file": ("d.zip", dataset_zip())})
+    assert resp.status_code == 201, resp.text
+    dataset = resp.json()["id"]
+    assert push(anon, tiny_bundle, "mine", headers=old).status_code == 201
+    assert client.delete("/v1/keys/a").status_code == 204
+
+    new = bearer(new_key(client, "a"))
+    ids = {k["name"]: k["id"] for k in client.get("/v1/keys").json()["data"]}
+    assert ids["a"].startswith("k.") and client.get(f"/v1/jobs/{job}").json()["owner"] == "a"
+    assert anon.get(f"/v1/jobs/{job}", headers=new).status_code == 404
+    assert anon.get("/v1/jobs", headers=new).json()["count"] == 0
+    assert anon.get(f"/v1/datasets/{dataset}", headers=new).status_code == 404
+    assert anon.get("/v1/datasets", headers=new).json()["count"] == 0
+    assert anon.get("/v1/models/mine", headers=new).status_code == 404
+    assert push(anon, tiny_bundle, "mine", headers=new).status_code == 409  # the old key's name
+    # the admin still sees what the old key made, under its name
+    assert client.get(f"/v1/jobs/{job}").json()["owner"] == "a"
+    assert client.get(f"/v1/datasets/{dataset}").json()["owner"] == "a"
+    # the new key's own things are its own
+    mine = anon.post("/v1/jobs", headers=new, json={"count": 1}).json()["id"]
+    assert [j["id"] for j in anon.get("/v1/jobs", headers=new).json()["data"]] == [mine]
+
+
+def test_records_from_before_key_ids_stay_their_keys(
+    client: TestClient, anon: TestClient, store: JobStore, settings: Settings
+) -> None:
+    """A key stored before ids has its name as its id: its records (``owner`` only) stay its own; a
+    key made later under that name, after a revocation, does not get them."""
+    from app.params import JobParams
+
+    key = new_key(client, "legacy")
+    path = settings.storage_dir / "keys/legacy/key.json"
+    rec = json.loads(path.read_text())
+    del rec["id"]
+    path.write_text(json.dumps(rec))  # as stored by the version before ids
+    store.r.delete(f"{settings.redis_prefix}:auth:key:legacy")  # the cache reads it again
+    params = client.post("/v1/jobs", json={"count": 1}).json()["params"]
+    job, _ = store.create(body={"count": 1}, params=JobParams.model_validate(params), owner="legacy")
+    stored = json.loads((settings.storage_dir / f"jobs/{job['id']}/job.json").read_text())
+    stored.pop("owner_id", None)  # a record from before ids names its owner only
+    store._save(stored)
+    assert anon.get(f"/v1/jobs/{job['id']}", headers=bearer(key)).status_code == 200
+    assert client.get("/v1/keys").json()["data"][0]["id"] == "legacy"  # its name is its id
+    assert [j["id"] for j in anon.get("/v1/jobs", headers=bearer(key)).json()["data"]] == [job["id"]]
+    assert client.delete("/v1/keys/legacy").status_code == 204
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "canceled"  # revocation reached it
+    again = bearer(new_key(client, "legacy"))
+    assert anon.get(f"/v1/jobs/{job['id']}", headers=again).status_code == 404
+    assert anon.get("/v1/jobs", headers=again).json()["count"] == 0
+
+
+def test_revoking_a_key_cancels_its_trainings(settings: Settings, enqueued: Enqueued) -> None:
+    sent: list[tuple[str, str]] = []
+    app = create_app(settings, enqueue=enqueued, train_enqueue=lambda i, q: sent.append((i, q)))
+    with TestClient(app, headers=ADMIN_HEADERS) as client:
+        a = bearer(new_key(client, "a"))
+        resp = client.post("/v1/datasets", headers=a, files={"file": ("d.zip", dataset_zip())})
+        dataset = resp.json()["id"]
+        body = {"dataset": dataset, "name": "a-model", "resolution": 16, "train_steps": 2}
+        resp = client.post("/v1/models", headers=a, json=body)
+        assert resp.status_code == 202, resp.text
+        training = resp.json()["id"]
+        mine = client.post("/v1/datasets", files={"file": ("d.zip", dataset_zip())}).json()["id"]
+        theirs = client.post("/v1/models", json={**body, "dataset": mine, "name": "admin-model"}).json()
+        assert client.delete("/v1/keys/a").status_code == 204
+        got = client.get(f"/v1/trainings/{training}").json()
+        assert got["status"] == "canceled" and "revoked" in got["error"]
+        assert app.state.trainings.stopped(training)  # its worker stops
+        assert client.get(f"/v1/trainings/{theirs['id']}").json()["status"] == "queued"
+        assert client.delete(f"/v1/datasets/{dataset}").status_code == 204  # released
+
+
+# ---- failed authentication, limited per address (issue 20, item 6)
+
+
+def test_failed_authentication_is_limited_per_client_address(
+    settings_factory: Callable[..., Settings], enqueued: Enqueued
+) -> None:
+    settings = settings_factory(auth_fail_burst=3, auth_fail_rate=0.01, auth_fail_hold_s=0.2)
+    app = create_app(settings, enqueue=enqueued)
+    with (
+        TestClient(app, headers=ADMIN_HEADERS) as admin,
+        TestClient(app, client=("203.0.113.7", 4000)) as attacker,
+        TestClient(app, client=("198.51.100.9", 4000)) as elsewhere,
+    ):
+        known = bearer(new_key(admin, "known"))
+        assert attacker.get("/v1/jobs", headers=known).status_code == 200  # authenticated once here
+        fresh = bearer(new_key(admin, "fresh"))  # never used from the attacker's address
+        bogus = ["dx_" + "A" * 43, "nonsense", None]
+        for key in bogus:  # a wrong key of the right shape, a malformed one, none at all
+            resp = attacker.get("/v1/jobs", headers=bearer(key) if key else {})
+            assert resp.status_code == 401, resp.text
+        started = time.monotonic()
+        resp = attacker.get("/v1/jobs", headers=bearer("dx_" + "B" * 43))
+        assert time.monotonic() - started >= 0.2  # held: a client that ignores Retry-After slows down
+        assert resp.status_code == 429 and resp.headers["content-type"] == "application/problem+json"
+        assert int(resp.headers["retry-after"]) >= 1 and "failed authentications" in resp.json()["detail"]
+        assert attacker.post("/v1/jobs", json={"count": 1}).status_code == 429  # no key: blocked too
+        # the address's known-good keys and the admin key still pass; a key new to it waits
+        assert attacker.get("/v1/jobs", headers=known).status_code == 200
+        assert attacker.get("/v1/jobs", headers=ADMIN_HEADERS).status_code == 200
+        assert attacker.get("/v1/jobs", headers=fresh).status_code == 429
+        # other addresses are not concerned
+        assert elsewhere.get("/v1/jobs", headers=fresh).status_code == 200
+        assert elsewhere.get("/v1/jobs", headers=bearer("dx_" + "C" * 43)).status_code == 401
+        assert attacker.get("/healthz").status_code == 200  # outside /v1: no key, no limit
+
+
+def test_a_malformed_key_is_refused_without_a_lookup(client: TestClient, anon: TestClient) -> None:
+    keys: Any = client.app.state.keys  # type: ignore[attr-defined]
+    looked_up: list[str] = []
+    real = keys.lookup
+    keys.lookup = lambda key: looked_up.append(key) or real(key)
+    try:
+        for key in ("x", "dx_short", "dx_" + "!" * 43, "dx_" + "A" * 44):
+            assert anon.get("/v1/models", headers=bearer(key)).status_code == 401
+        assert looked_up == []
+        assert anon.get("/v1/models", headers=bearer("dx_" + "A" * 43)).status_code == 401
+        assert looked_up == ["dx_" + "A" * 43]
+    finally:
+        keys.lookup = real
+
+
+def test_the_failure_buckets_refill_and_group_ipv6_by_64() -> None:
+    from app.authlimit import FailureLimiter, client_address
+
+    limiter = FailureLimiter(2, 0.5, max_addresses=3)
+    for _ in range(2):
+        assert limiter.retry_after("a", now=0.0) is None
+        limiter.fail("a", now=0.0)
+    assert limiter.retry_after("a", now=0.0) == 2  # one token in 2 s
+    assert limiter.retry_after("a", now=1.0) == 1
+    assert limiter.retry_after("a", now=2.0) is None
+    for address in ("b", "c", "d"):  # past max_addresses: refilled then oldest buckets go
+        limiter.fail(address, now=100.0)
+    assert len(limiter._buckets) <= 3
+    same = {client_address({"client": (f"2001:db8:1:2::{i}", 1)}) for i in range(1, 5)}
+    assert same == {"2001:db8:1:2::/64"}
+    assert client_address({"client": ("2001:db8:1:3::1", 1)}) != same.pop()
+    assert client_address({"client": ("::ffff:192.0.2.1", 1)}) == "192.0.2.1"
+    assert client_address({"client": ("192.0.2.1", 1)}) == "192.0.2.1"
+    assert client_address({}) == "unknown"

@@ -365,6 +365,15 @@ BAD_UPLOADS: list[tuple[str, Builder, dict[str, Any], int, str | None, str | Non
         "images/s00.png",
     ),
     (
+        # an unlabelled image is decoded in the same bounded way as a pair's (it was a NameError: 500)
+        "deflated-dicom-bomb-unlabelled",
+        lambda t: zip_bytes({**good(), "unlabelled/extra.dcm": _deflated_bomb(t)}),
+        {"decode_memory_mb": 16},
+        422,
+        "decode_too_large",
+        "unlabelled/extra.dcm",
+    ),
+    (
         "unreadable-image",
         lambda t: zip_bytes(replaced("images/s00.png", b"not a png")),
         {},

@@ -237,3 +237,61 @@ def test_counter_fields_name_their_labels_and_unknown_fields_are_skipped() -> No
     }
     with pytest.raises(ValueError, match="labels"):
         counters.field("jobs_finished", model="m")
+
+
+def test_a_keys_private_model_name_never_becomes_a_label_value(
+    client: TestClient,
+    store: JobStore,
+    enqueued: Enqueued,
+    settings: Settings,
+    bundle: Bundle,
+    tiny_bundle: Path,
+) -> None:
+    """/metrics is readable without a key: a key's model name shows there as ``other`` (the API's
+    counters and a worker's own metrics alike); shared models keep their names."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from tests.app.test_auth import bearer, new_key
+    from tests.app.test_registry import push
+    from worker import runtime
+
+    secret = "secret-lung-of-lab-a"
+    a = bearer(new_key(client, "lab-a", max_active_jobs=5))
+    assert push(client, tiny_bundle, secret, headers=a).status_code == 201
+    done = client.post("/v1/jobs", headers=a, json={"count": 2, "model": secret, "steps": 4}).json()
+    drain(store, enqueued, lambda name: bundle)
+    canceled = client.post("/v1/jobs", headers=a, json={"count": 2, "model": secret, "steps": 4}).json()
+    client.post(f"/v1/jobs/{canceled['id']}/cancel", headers=a)
+    admins = client.post(
+        "/v1/jobs", json={"count": 1, "model": secret, "steps": 4}
+    ).json()  # the admin, on it
+    client.post(f"/v1/jobs/{admins['id']}/cancel")
+    shared = client.post("/v1/jobs", headers=a, json={"count": 1, "steps": 4}).json()  # the default model
+    drain(store, enqueued, lambda name: bundle)
+    assert {client.get(f"/v1/jobs/{j['id']}").json()["status"] for j in (done, shared)} == {"succeeded"}
+
+    text, m = scrape(client)
+    assert secret not in text
+    assert value(m, "diffexp_jobs_finished_total", model="other", status="succeeded") == 1
+    assert value(m, "diffexp_jobs_finished_total", model="other", status="canceled") == 2
+    assert value(m, "diffexp_jobs_finished_total", model=settings.default_model, status="succeeded") == 1
+    assert value(m, "diffexp_pairs_generated_total", model="other") >= 2
+    assert value(m, "diffexp_shard_runs_total", model="other", outcome="done") >= 1
+
+    # the worker's own endpoint: its histograms, counters and the bundles it holds
+    worker_settings = settings.model_copy(update={"bundle_cache_dir": settings.storage_dir / "cache"})
+    runtime._bundles.clear()
+    try:
+        runtime.get_bundle(f"{secret}@1", worker_settings, client.app.state.registry)  # type: ignore[attr-defined]
+        runtime.get_bundle(f"{settings.default_model}@local", worker_settings, client.app.state.registry)  # type: ignore[attr-defined]
+        worker_text = generate_latest(REGISTRY).decode()
+    finally:
+        runtime._bundles.clear()
+    assert secret not in worker_text
+    w = parse(worker_text)
+    assert value(w, "diffexp_worker_bundles_loaded", model="other", version="other", device="cpu") == 1
+    assert (
+        value(w, "diffexp_worker_bundles_loaded", model=settings.default_model, version="local", device="cpu")
+        == 1
+    )
+    assert value(w, "diffexp_worker_pairs_generated_total", model="other", device="cpu") >= 2

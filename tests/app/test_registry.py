@@ -322,3 +322,95 @@ def test_a_training_in_progress_answers_through_the_hook(
     assert client.get("/v1/models/other").status_code == 404
     b = bearer(new_key(client, "lab-b"))
     assert client.get("/v1/models/soon", headers=b).status_code == 404  # another key's training
+
+
+# ---- owners of names (issue 20, item 2: squatting)
+
+
+@pytest.fixture()
+def two_local(
+    settings_factory: Any, enqueued: Any, tiny_bundle: Path, tmp_path: Path
+) -> Iterator[tuple[TestClient, Settings]]:
+    """The API with two local bundles: the default model and a second one (like cxr-lungs3-64)."""
+    from app.main import create_app
+    from tests.conftest import ADMIN_HEADERS
+
+    root = tmp_path / "local"
+    shutil.copytree(tiny_bundle, root / "cxr-lung-64")
+    variant(tiny_bundle, root / "cxr-lungs3-64", "local3")
+    settings = settings_factory(bundles_dir=root, default_model="cxr-lung-64")
+    with TestClient(create_app(settings, enqueue=enqueued), headers=ADMIN_HEADERS) as c:
+        yield c, settings
+
+
+def test_a_key_cannot_squat_a_local_bundle_or_the_default_model(
+    two_local: tuple[TestClient, Settings], bundles: list[Path]
+) -> None:
+    client, _ = two_local
+    a, b = bearer(new_key(client, "lab-a")), bearer(new_key(client, "lab-b"))
+    for name in ("cxr-lungs3-64", "cxr-lung-64"):
+        resp = push(client, bundles[0], name, headers=a)
+        assert resp.status_code == 409 and "reserved for the admin" in resp.json()["detail"], resp.text
+        for who in (a, b, {}):  # nothing changed, for anyone: the local folder, shared
+            got = client.get(f"/v1/models/{name}", headers=who).json()
+            assert (got["source"], got["owner"]) == ("local", "admin"), got
+    from tests.utils.archives import shapes_members, zip_bytes
+
+    data = zip_bytes(shapes_members(8, size=16))
+    dataset = client.post("/v1/datasets", headers=a, files={"file": ("d.zip", data)}).json()["id"]
+    for name in ("cxr-lungs3-64", "cxr-lung-64"):  # nor train under them
+        resp = client.post("/v1/models", headers=a, json={"dataset": dataset, "name": name, "resolution": 16})
+        assert resp.status_code == 409 and "another key" in resp.json()["detail"], resp.text
+    for who in (a, {}):  # a job without a model runs the default model's folder
+        job = client.post("/v1/jobs", json={"count": 1}, headers=who).json()
+        assert (job["params"]["model"], job["params"]["model_version"]) == ("cxr-lung-64", "local")
+    resp = push(client, bundles[0], "cxr-lungs3-64")  # the admin publishes under it
+    assert resp.status_code == 201 and resp.json()["owner"] == "admin"
+    assert client.get("/v1/models/cxr-lungs3-64", headers=b).json()["version"] == "1"
+
+
+def test_a_name_squatted_before_the_fix_shadows_nothing(
+    two_local: tuple[TestClient, Settings], bundles: list[Path], tmp_path: Path
+) -> None:
+    """A version a key pushed into a reserved name earlier (stored: a stray) is nobody's latest: the
+    shared folder stays what every key and the admin's jobs get, and the admin may publish."""
+    client, settings = two_local
+    a, b = bearer(new_key(client, "lab-a")), bearer(new_key(client, "lab-b"))
+    (lab_a,) = [k for k in client.app.state.keys.records() if k["name"] == "lab-a"]  # type: ignore[attr-defined]
+    # what the unfixed service let lab-a do: publish into a name then not reserved
+    before = settings.model_copy(update={"bundles_dir": tmp_path / "none", "default_model": "x"})
+    old = Registry(LocalStorage(settings.storage_dir), redis.Redis.from_url(settings.redis_url), before)
+    for name in ("cxr-lungs3-64", "cxr-lung-64"):
+        old.publish(bundles[0], name, owner=lab_a["id"], owner_name="lab-a")
+    for name in ("cxr-lungs3-64", "cxr-lung-64"):
+        for who in (a, b, {}):
+            got = client.get(f"/v1/models/{name}", headers=who).json()
+            assert (got["source"], got["version"]) == ("local", "local"), (name, who, got)
+        assert name in {m["name"] for m in client.get("/v1/models", headers=b).json()["data"]}
+    admin_job = client.post("/v1/jobs", json={"count": 1, "model": "cxr-lungs3-64"}).json()
+    assert admin_job["params"]["model_version"] == "local"  # not lab-a's bundle
+    default_job = client.post("/v1/jobs", json={"count": 1}, headers=b).json()
+    assert default_job["params"]["model_version"] == "local"
+    # the stray is lab-a's by number only; the admin publishes the name's next version
+    assert client.get("/v1/models/cxr-lungs3-64/1", headers=a).json()["owner"] == "lab-a"
+    assert client.get("/v1/models/cxr-lungs3-64/1", headers=b).status_code == 404
+    resp = push(client, bundles[1], "cxr-lungs3-64")
+    assert resp.status_code == 201 and resp.json()["version"] == "2", resp.text
+    got = client.get("/v1/models/cxr-lungs3-64", headers=b).json()
+    assert (got["version"], got["versions"], got["owner"]) == ("2", ["2"], "admin")
+    assert client.delete("/v1/models/cxr-lungs3-64", headers=a).status_code == 204  # its stray only
+    assert client.get("/v1/models/cxr-lungs3-64/2", headers=b).status_code == 200
+
+
+def test_only_the_owner_or_the_admin_pushes_versions_of_a_name(
+    client: TestClient, bundles: list[Path]
+) -> None:
+    a, b = bearer(new_key(client, "lab-a")), bearer(new_key(client, "lab-b"))
+    assert push(client, bundles[0], "mine", headers=a).status_code == 201
+    assert push(client, bundles[1], "mine", headers=b).status_code == 409
+    resp = push(client, bundles[1], "mine")  # the admin: a version of lab-a's model
+    assert resp.status_code == 201 and resp.json()["owner"] == "lab-a", resp.text
+    got = client.get("/v1/models/mine", headers=a).json()
+    assert (got["version"], got["versions"]) == ("2", ["1", "2"])
+    assert client.get("/v1/models/mine", headers=b).status_code == 404  # still private
+    assert push(client, bundles[0], "mine", headers=a).json()["version"] == "3"

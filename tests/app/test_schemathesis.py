@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,13 @@ def light_bundle(src: Path) -> bytes:
         out = io.BytesIO()
         pack_bundle(root, out)
     return out.getvalue()
+
+
+@pytest.fixture(name="settings")
+def settings_without_a_failure_limit(settings_factory: Callable[..., Settings]) -> Settings:
+    """Schemathesis sends hundreds of requests without a key or with a wrong one, each answered 401:
+    past DIFFEXP_AUTH_FAIL_BURST they would be 429 (tests/app/test_auth.py checks that limit)."""
+    return settings_factory(auth_fail_burst=1_000_000)
 
 
 @pytest.fixture()

@@ -144,7 +144,7 @@ async def create_dataset(
         async with decodes.slot():
             root, checked = await anyio.to_thread.run_sync(unpack_and_check, upload.file, tmp, settings)
         rec = await anyio.to_thread.run_sync(
-            functools.partial(datasets.create, checked, root, owner=who.name, name=upload.name)
+            functools.partial(datasets.create, checked, root, owner=who.name, owner_id=who.id, name=upload.name)
         )
     finally:
         await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, tmp, ignore_errors=True))
@@ -166,7 +166,7 @@ def list_datasets(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> DatasetsPublic:
     """The caller's datasets (the admin: every dataset), newest first."""
-    recs, total = datasets.page(owner=None if who.admin else who.name, limit=limit, offset=offset)
+    recs, total = datasets.page(owner=None if who.admin else who.id, limit=limit, offset=offset)
     return DatasetsPublic(data=[public(request, r) for r in recs], count=total, limit=limit, offset=offset)
 
 

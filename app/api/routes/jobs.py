@@ -4,13 +4,14 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, StreamingResponse
 
+from app import counters
 from app.api.deps import JsonBody, OwnedJob, PrincipalDep, QuotasDep, SettingsDep, StoreDep, too_many
 from app.auth import QuotaExceeded
 from app.bundles import resolve_params
 from app.core.config import Settings
 from app.errors import ErrorResponses
 from app.exports import ExportFormat, Labels
-from app.layout import rows_num_classes, zip_key
+from app.layout import owner_id_of, rows_num_classes, zip_key
 from app.schemas import JobCreate, JobCreated, JobPublic, JobsPublic, job_public
 from app.store import JobConflict
 from app.webhooks import Unresolvable, WebhookError, new_secret, resolve_target
@@ -75,8 +76,11 @@ def create_job(
     ``429`` (with ``Retry-After``) when the key has ``max_active_jobs`` jobs queued or running, or
     the job would take it past ``pairs_per_day``."""
     registry = request.app.state.registry
-    viewer = None if who.admin else who.name
+    viewer = None if who.admin else who.id
     params = resolve_params(body, settings, registry, viewer)  # 422 before anything is stored
+    label = counters.model_label(
+        params.model, owner_id_of(registry.get(params.model, params.model_version, viewer))
+    )  # what /metrics may show: a shared model's name, else "other"
     webhook = callback(body, settings)
     if who.pairs_per_day is not None and params.count > who.pairs_per_day:
         raise HTTPException(
@@ -84,7 +88,7 @@ def create_job(
             detail=f"count {params.count} is more than this key's pairs_per_day ({who.pairs_per_day})",
         )
     # An Idempotency-Key is scoped to the key using it: another key's same header is another job.
-    scoped_key = f"{who.name}:{idempotency_key}" if idempotency_key is not None else None
+    scoped_key = f"{who.id}:{idempotency_key}" if idempotency_key is not None else None
 
     def create() -> tuple[dict[str, Any], bool]:
         return store.create(
@@ -92,6 +96,8 @@ def create_job(
             params=params,
             idempotency_key=scoped_key,
             owner=who.name,
+            owner_id=who.id,
+            model_label=label,
             webhook=webhook,
         )
 
@@ -121,7 +127,7 @@ def list_jobs(
 ) -> JobsPublic:
     """The caller's jobs (the admin: every job), newest first. Page with ``cursor`` (stable while jobs
     are added or deleted) or ``offset``."""
-    index = None if who.admin else store.keys.owner_jobs(who.name)
+    index = None if who.admin else store.keys.owner_jobs(who.id)
     try:
         recs, total, next_cursor = store.list_jobs(limit=limit, offset=offset, cursor=cursor, index=index)
     except ValueError:  # a bad parameter like any other: 422 naming it

@@ -1,9 +1,9 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
 
 from app.api.deps import JsonBody, KeysDep, StoreDep, require_admin
-from app.auth import ADMIN, KeyExists, KeyNotFound, cancel_jobs
+from app.auth import ADMIN, KeyExists, KeyNotFound, cancel_jobs, key_id
 from app.errors import ErrorResponses, problem_responses
 from app.schemas import KEY_NAME_PATTERN, KeyCreate, KeyCreated, KeyLimits, KeyPublic, KeysPublic
 
@@ -27,24 +27,27 @@ def create_key(body: KeyCreate, keys: KeysDep) -> KeyCreated:
         rec, key = keys.create(body.name, limits)
     except KeyExists:
         raise HTTPException(status_code=409, detail=f"a key named {body.name!r} exists") from None
-    return KeyCreated.model_validate({**rec, "key": key})
+    return KeyCreated.model_validate({**rec, "id": key_id(rec), "key": key})
 
 
 @router.get("", response_model=KeysPublic)
 def list_keys(keys: KeysDep) -> KeysPublic:
     """Every key's name, limits and creation time (admin only); never a key or its hash."""
-    return KeysPublic(data=[KeyPublic.model_validate(rec) for rec in keys.records()])
+    return KeysPublic(data=[KeyPublic.model_validate({**rec, "id": key_id(rec)}) for rec in keys.records()])
 
 
 @router.delete("/{name}", status_code=204, responses=problem_responses(404, 422))
 def revoke_key(
-    name: Annotated[str, Path(pattern=KEY_NAME_PATTERN)], keys: KeysDep, store: StoreDep
+    request: Request, name: Annotated[str, Path(pattern=KEY_NAME_PATTERN)], keys: KeysDep, store: StoreDep
 ) -> Response:
     """Revoke a key (admin only): it fails from the next request on, and its queued and running jobs
-    are canceled. Its finished jobs stay, visible to the admin."""
+    and trainings are canceled. Its finished jobs stay, visible to the admin. What it owned stays its
+    id's: a key created later under the same name does not see it."""
     try:
-        keys.revoke(name)
+        rec = keys.revoke(name)
     except KeyNotFound:
         raise HTTPException(status_code=404, detail=f"no key named {name!r}") from None
-    cancel_jobs(store, name)
+    owner = key_id(rec)
+    cancel_jobs(store, owner)
+    request.app.state.trainings.cancel_all_of(owner)
     return Response(status_code=204)

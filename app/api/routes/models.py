@@ -18,10 +18,11 @@ from starlette.datastructures import UploadFile
 
 from app.api.deps import MultipartBody, PrincipalDep, SettingsDep
 from app.archive import Limits, extract
-from app.auth import Principal
+from app.auth import ADMIN, Principal
 from app.bundles import links_of, model_public
 from app.dataset_check import common_folder
 from app.errors import ErrorResponses
+from app.layout import owner_id_of
 from app.openapi import upload_body
 from app.registry import (
     GRID_FILE,
@@ -84,7 +85,7 @@ RegistryDep = Annotated[Registry, Depends(get_registry)]
 
 
 def viewer(who: Principal) -> str | None:
-    return None if who.admin else who.name
+    return None if who.admin else who.id
 
 
 @router.get("", response_model=ModelsPublic, responses=ErrorResponses.MODEL)
@@ -99,7 +100,7 @@ def training_status(request: Request, name: str, who: Principal) -> dict[str, An
     """The status of a model that has no published version yet but a training under this name
     (``name``, ``status`` — training|failed — ``owner`` and the training's progress), or None (a 404)."""
     status: dict[str, Any] | None = request.app.state.trainings.status_of(name)
-    if status is None or not (who.admin or status.get("owner") in (None, who.name, "admin")):
+    if status is None or not (who.admin or owner_id_of(status) in (None, who.id, ADMIN)):
         return None
     return status
 
@@ -208,8 +209,8 @@ def publish_model(
     who: PrincipalDep,
 ) -> ModelPublic:
     """Publish a locally trained bundle (a zip or tar.gz of its folder) as the next version of
-    ``name``; 201 with the version. 409 when the name belongs to another key, 422 when the archive is
-    not a complete bundle."""
+    ``name``; 201 with the version. 409 when the name belongs to another key, or is reserved for the
+    admin (the default model, a local bundle), 422 when the archive is not a complete bundle."""
     limits = Limits(
         max_bytes=settings.max_dataset_mb << 20,
         max_members=settings.max_dataset_members,
@@ -220,7 +221,7 @@ def publish_model(
         size = upload.size if upload.size is not None else fileobj.seek(0, 2)
         members = extract(fileobj, size, Path(tmp), limits)
         top = common_folder(members)
-        rec = registry.publish(Path(tmp) / top if top else Path(tmp), name, owner=who.name)
+        rec = registry.publish(Path(tmp) / top if top else Path(tmp), name, owner=who.id, owner_name=who.name)
     model = model_public(registry.get(name, rec["version"], viewer(who)))
     response.headers["Location"] = f"{settings.api_v1_str}/models/{name}/{rec['version']}"
     return model

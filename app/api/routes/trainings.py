@@ -16,6 +16,7 @@ from app.api.routes.events import events_200
 from app.auth import QuotaExceeded
 from app.errors import ErrorResponses
 from app.events import MAX_EVENT_ID, job_events
+from app.layout import owner_id_of
 from app.registry import Registry
 from app.schemas import JOB_ID_PATTERN, JobStatus, is_job_id
 from app.trainings import (
@@ -118,7 +119,7 @@ def owned_training(
 ) -> dict[str, Any]:
     """The training if the caller may see it (its owner or the admin); else the 404 of no training."""
     rec = trainings.get(training_id)
-    if not (who.admin or rec.get("owner") == who.name):
+    if not (who.admin or owner_id_of(rec) == who.id):
         raise TrainingNotFound(training_id)
     return rec
 
@@ -127,7 +128,8 @@ OwnedTraining = Annotated[dict[str, Any], Depends(owned_training)]
 
 
 def published_owner(trainings: TrainingStore, name: str) -> str | None:
-    """The key that published ``name`` in the registry, or None when it was never published."""
+    """The id of the key that owns ``name`` in the registry (the admin for a reserved name: the
+    default model, a local bundle), or None when nobody does."""
     return Registry(trainings.storage, trainings.r, trainings.settings).owner_of(name)
 
 
@@ -154,7 +156,7 @@ def create_training(
     ``DIFFEXP_TRAIN_MAX_ACTIVE`` trainings queued or running."""
     if errors := too_many_steps(body, settings):
         raise RequestValidationError(errors)
-    if not who.admin and (active := trainings.active_count(who.name)) >= settings.train_max_active:
+    if not who.admin and (active := trainings.active_count(who.id)) >= settings.train_max_active:
         raise too_many(
             QuotaExceeded(
                 "train_max_active",
@@ -163,8 +165,14 @@ def create_training(
                 retry_after=60,
             )
         )
-    check_dataset(datasets, body.dataset, who.name, who.admin)
-    rec = trainings.create(body, owner=who.name, published_owner=published_owner(trainings, body.name))
+    check_dataset(datasets, body.dataset, who.id, who.admin)
+    rec = trainings.create(
+        body,
+        owner=who.name,
+        owner_id=who.id,
+        admin=who.admin,
+        published_owner=published_owner(trainings, body.name),
+    )
     training = public(request, trainings.get(rec["id"]))
     response.headers["Location"] = training.links.self
     return training
@@ -183,7 +191,7 @@ def list_trainings(
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> TrainingsPublic:
     """The caller's trainings (the admin: every one), newest first."""
-    recs, total = trainings.page(owner=None if who.admin else who.name, limit=limit, offset=offset)
+    recs, total = trainings.page(owner=None if who.admin else who.id, limit=limit, offset=offset)
     return TrainingsPublic(data=[public(request, r) for r in recs], count=total, limit=limit, offset=offset)
 
 
