@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve bench clean browser
+.PHONY: install test test-fast lint serve bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(STAMP)
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q --durations=25 tests
+
+# The inner loop: no servers (Redis, S3, the service's processes, the browser; tests/conftest.py marks
+# them) and not the slow end-to-end runs (marked slow): about a minute and a half on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q --durations=10 -m "not servers and not slow" tests
 
 # The page's tests drive Debian's chromium + chromium-driver (never a downloaded browser). Installed here
 # when missing and we are root; otherwise those tests skip and say why.
