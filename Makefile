@@ -20,7 +20,7 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q --durations=25 tests
 
 # The inner loop: no servers (Redis, S3, the service's processes, the browser; tests/conftest.py marks
-# them) and not the slow end-to-end runs (marked slow): about a minute and a half on 2 cores.
+# them) and not the slow end-to-end runs (marked slow); docs/development.md has its figures.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q --durations=10 -m "not servers and not slow" tests
 
