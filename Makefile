@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SERVE_STAMP := $(VENV)/.installed-serve
 
-.PHONY: install test lint serve bench clean browser
+.PHONY: install test test-fast lint serve bench clean browser
 
 # What `make serve` needs: the package and its dependencies, without the test and dev extras.
 $(SERVE_STAMP): pyproject.toml
@@ -25,6 +25,11 @@ install: $(STAMP)
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q --durations=25 tests
+
+# The inner loop: no servers (Redis, S3, the service's processes, the browser; tests/conftest.py marks
+# them) and not the slow end-to-end runs (marked slow); docs/development.md has its figures.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q --durations=10 -m "not servers and not slow" tests
 
 # The page's tests drive Debian's chromium + chromium-driver (never a downloaded browser). Installed here
 # when missing and we are root; otherwise those tests skip and say why.

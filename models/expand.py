@@ -172,10 +172,10 @@ def _generate_group(
         assert training_masks is not None
         labels, names = real_masks_for(training_masks, seed, real)
         encoded = encode(torch.from_numpy(labels).long()[:, None], bundle.num_classes).to(dev)
-        for k, i in enumerate(real):
-            masks[at[i]] = encoded[k]
-            noise[at[i]] = pair_noise(seed, i, r, c)[1].to(dev)
-            sources[at[i]] = f"real:{names[k]}"
+        for k, pair_index in enumerate(real):
+            masks[at[pair_index]] = encoded[k]
+            noise[at[pair_index]] = pair_noise(seed, pair_index, r, c)[1].to(dev)
+            sources[at[pair_index]] = f"real:{names[k]}"
     generated = [i for i in pool if sources[at[i]] == "generated"]
     # the mask phase runs for generated masks only; a pair keeps its batch row (slot_batches) either way
     batches = slot_batches(pool, batch_size)

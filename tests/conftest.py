@@ -10,6 +10,19 @@ from tests.utils.tiny import make_shapes_dataset, make_tiny_bundle, make_tiny_mu
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+# A test that uses one of these fixtures (directly or through another) needs a server: Redis, SeaweedFS
+# or the service's processes. Such tests, and those marked ``integration``, are marked ``servers``;
+# `make test-fast` runs the others (-m "not servers").
+SERVER_FIXTURES = frozenset({"redis_server", "seaweed", "stack"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        if uses & SERVER_FIXTURES or item.get_closest_marker("integration") is not None:
+            item.add_marker(pytest.mark.servers)
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 16x16 bundle trained for a few steps, shared by every test that samples."""

@@ -23,7 +23,7 @@ from app.store import JobStore
 from models.bundle import Bundle
 from tests.app.conftest import Enqueued
 from tests.conftest import ADMIN_HEADERS
-from tests.integration.servers import RedisServer
+from tests.integration.servers import RedisServer, wait_for
 from tests.utils.prom import Samples, names, parse, value
 from worker.shard import run_shard
 
@@ -157,8 +157,9 @@ def test_a_lost_shard_requeued_by_the_reconciler_is_counted(
     _, shard, _ = enqueued.pop(0)
     # its worker took the shard and was killed (SIGKILL): the lease expires, nothing finishes it
     store.shard_started(job_id, shard)
-    store.r.set(store.keys.job(job_id, "lease", str(shard)), "dead-worker", px=100)
-    time.sleep(0.2)
+    lease = store.keys.job(job_id, "lease", str(shard))
+    store.r.set(lease, "dead-worker", px=100)
+    wait_for(lambda: not store.r.exists(lease), 10, "the dead worker's lease to expire")
     assert sweep(store).requeued == [(job_id, shard)]
     _, m = scrape(client)
     assert value(m, "diffexp_shards_lost_total", model=settings.default_model) == 1

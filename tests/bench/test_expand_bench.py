@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # the benchmark scripts, run end to end in a subprocess
 
 
 def test_compare_reference_prints_the_ratio_line(tiny_bundle: Path) -> None:

@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from models.bundle import Bundle
 from models.expand import generate_pairs
 from models.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # the benchmark script in a subprocess; torch.compile
 
 
 def test_gpu_bench_runs_on_the_cpu_at_a_small_size() -> None:

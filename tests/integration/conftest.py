@@ -20,7 +20,7 @@ from tests.integration.servers import (
     RedisServer,
     SeaweedS3,
     free_port,
-    kill,
+    kill_all,
     spawn,
     wait_for,
     worker_env,
@@ -118,9 +118,7 @@ def stack(
         )
     finally:
         client.close()
-        kill(api)
-        for w in workers.values():
-            w.stop()
+        kill_all([api, *(w.proc for w in workers.values())])
 
 
 def wait_job(

@@ -78,6 +78,27 @@ def kill(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, timeout: f
     _children.pop(proc.pid, None)
 
 
+def kill_all(
+    procs: list[subprocess.Popen[bytes]], *, sig: int = signal.SIGTERM, timeout: float = 10.0
+) -> None:
+    """``kill`` for several processes at once: ``sig`` goes to all of them first, so that their
+    shutdowns overlap; any still running after ``timeout`` gets SIGKILL. Always reaped."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=timeout)
+        _children.pop(proc.pid, None)
+
+
 @atexit.register
 def _kill_all() -> None:
     for proc in list(_children.values()):

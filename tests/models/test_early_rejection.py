@@ -79,6 +79,7 @@ def signature(pairs: list[GeneratedPair]) -> list[tuple[int, bool, int | None, b
     return [(p.index, p.kept, p.rejected_at, p.image.tobytes(), p.mask.tobytes()) for p in pairs]
 
 
+@pytest.mark.slow
 def test_early_rejection_is_the_same_across_shard_splits_and_only_drops(bundle: Bundle) -> None:
     eta = 1.0  # every finished pair is kept: what is dropped shows plainly
     rule = rule_dropping_some(bundle, PARAMS, eta)

@@ -28,6 +28,7 @@ torch.set_num_threads(1)
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_on_the_tiny_bundle(tmp_path: Path, tiny_bundle: Path) -> None:
     data_dir = read_meta(tiny_bundle)["data"]["folder"]
     out = tmp_path / "eval"
@@ -185,6 +186,7 @@ def test_subsets_duplicates_and_variant_selection() -> None:
         select_variants(["cf", "magic"])
 
 
+@pytest.mark.slow
 def test_fewshot_protocol_end_to_end_with_groups_retraining_and_cache(
     tmp_path: Path, tiny_bundle: Path
 ) -> None:

