@@ -144,7 +144,9 @@ async def create_dataset(
         async with decodes.slot():
             root, checked = await anyio.to_thread.run_sync(unpack_and_check, upload.file, tmp, settings)
         rec = await anyio.to_thread.run_sync(
-            functools.partial(datasets.create, checked, root, owner=who.name, owner_id=who.id, name=upload.name)
+            functools.partial(
+                datasets.create, checked, root, owner=who.name, owner_id=who.id, name=upload.name
+            )
         )
     finally:
         await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, tmp, ignore_errors=True))
