@@ -73,6 +73,7 @@ def stand_in_pairs(
     eta: float,
     batch_size: int = 8,
     callback: Any = None,
+    masks: Any = None,
 ) -> Iterator[GeneratedPair]:
     """What ``models.expand.generate_pairs`` yields, instantly: batches of fixed kept pairs, with the
     end-of-phase events of a one-step sampler (``worker.progress`` reports a phase change on them)."""
