@@ -190,13 +190,18 @@ def _channels_differ(rgb: Image.Image) -> bool:
     return bool((a[..., 0] != a[..., 1]).any() or (a[..., 1] != a[..., 2]).any())
 
 
-def _read_pil(path: Path, max_pixels: int | None, as_image: bool = True) -> Grey:
+def _open_pil(path: Path, max_pixels: int | None) -> Image.Image:
+    """The image with its header read (no pixels yet), or PixelsError."""
     try:
-        img = Image.open(path)  # reads the header only
+        return Image.open(path)  # reads the header only
     except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours
         raise PixelsError("too_many_pixels", f"{exc} (DIFFEXP_MAX_IMAGE_PIXELS: {max_pixels})") from None
     except Exception as exc:  # a broken file can raise nearly anything from a decoder
         raise PixelsError("unreadable", f"unreadable image file ({exc})") from None
+
+
+def _read_pil(path: Path, max_pixels: int | None, as_image: bool = True) -> Grey:
+    img = _open_pil(path, max_pixels)
     with img:
         width, height = img.size
         _check_pixels(width, height, max_pixels)
@@ -433,12 +438,7 @@ def _row_strips(height: int, width: int) -> list[tuple[int, int]]:
 
 
 def _check_pil(path: Path, max_pixels: int, max_bytes: int, as_mask: bool) -> FileCheck:
-    try:
-        img = Image.open(path)  # reads the header only
-    except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours
-        raise PixelsError("too_many_pixels", f"{exc} (DIFFEXP_MAX_IMAGE_PIXELS: {max_pixels})") from None
-    except Exception as exc:  # a broken file can raise nearly anything from a decoder
-        raise PixelsError("unreadable", f"unreadable image file ({exc})") from None
+    img = _open_pil(path, max_pixels)
     with img:
         width, height = img.size
         _check_pixels(width, height, max_pixels)
